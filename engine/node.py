@@ -1,0 +1,144 @@
+"""The node contract: what a node type declares, and the calls the engine makes on it.
+
+Like a MediaPipe calculator, a node type states its typed inputs, outputs and
+params as class attributes, so a spec can be checked against every contract
+before any node is constructed or any weight is read. The engine then calls:
+
+    node = NodeType(name, params, device)      # cheap: no weights
+    node.estimate_bytes()                      # for `device: auto`
+    node.load()                                # heavy: weights onto node.device
+    state = node.new_state()                   # per-session (KV cache, decoder memory)
+    outputs = node.run(inputs, state, step)    # once per session or once per block
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+from .types import PortType
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+SESSION = "session"  # runs once per session (and again when one of its inputs changes)
+BLOCK = "block"      # runs once per autoregressive block
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    type: PortType
+    doc: str = ""
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type | tuple[type, ...]
+    default: Any = REQUIRED
+    doc: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    nullable: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def type_name(self) -> str:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        return " | ".join(t.__name__ for t in types) + (" | null" if self.nullable else "")
+
+    def check(self, value: Any) -> str | None:
+        """Return why ``value`` is not acceptable, or None when it is."""
+        if value is None:
+            return None if (self.nullable or self.default is None) else f"must be {self.type_name()}, got null"
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
+            ok = True  # an int literal is a fine float
+        if not ok:
+            return f"must be {self.type_name()}, got {type(value).__name__} {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {list(self.choices)}, got {value!r}"
+        if self.min is not None and isinstance(value, (int, float)) and value < self.min:
+            return f"must be >= {self.min}, got {value!r}"
+        if self.max is not None and isinstance(value, (int, float)) and value > self.max:
+            return f"must be <= {self.max}, got {value!r}"
+        return None
+
+
+@dataclass
+class Step:
+    """What a node is told about the call it is in."""
+    block: int | None          # None in the session phase
+    inputs: dict[str, Any]     # the run inputs (prompt, seed, ...) as they are now
+    first_in_session: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Node:
+    """Base class of every node type. Subclasses set the ClassVars and override what they need."""
+
+    type_name: ClassVar[str] = ""
+    doc: ClassVar[str] = ""
+    inputs: ClassVar[tuple[Port, ...]] = ()
+    outputs: ClassVar[tuple[Port, ...]] = ()
+    params: ClassVar[tuple[Param, ...]] = ()
+    phase: ClassVar[str] = BLOCK
+    # run() has static shapes and no host sync once warm: the planner may capture it as a CUDA graph.
+    capturable: ClassVar[bool] = False
+    # The node can split its sequence across a context-parallel group (``parallel: {context: N}``).
+    context_parallel: ClassVar[bool] = False
+    # A sink writes outputs; only rank 0 runs sinks under torch.distributed.
+    is_sink: ClassVar[bool] = False
+
+    def __init__(self, name: str, params: dict[str, Any], device: Any = "cpu", parallel: Any = None):
+        self.name = name
+        values = {p.name: p.default for p in self.params if not p.required}
+        values.update(params)
+        self.p = SimpleNamespace(**values)
+        self.device = device
+        self.parallel = parallel  # engine.parallel.ParallelGroup or None
+
+    # --- contract lookups -------------------------------------------------
+    @classmethod
+    def input_port(cls, name: str) -> Port | None:
+        return next((p for p in cls.inputs if p.name == name), None)
+
+    @classmethod
+    def output_port(cls, name: str) -> Port | None:
+        return next((p for p in cls.outputs if p.name == name), None)
+
+    @classmethod
+    def param(cls, name: str) -> Param | None:
+        return next((p for p in cls.params if p.name == name), None)
+
+    # --- lifecycle ----------------------------------------------------------
+    def estimate_bytes(self) -> int:
+        """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
+        return 0
+
+    def load(self) -> None:
+        """Read weights onto ``self.device``. Called once, after validation and placement."""
+
+    def offload(self) -> None:
+        """Give device memory back after a once-per-session node has run (``offload: true``)."""
+
+    def new_state(self) -> Any:
+        """Fresh per-session state; ``Session.reset()`` calls it again."""
+        return None
+
+    def run(self, inputs: dict[str, Any], state: Any, step: Step) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def close(self, state: Any) -> None:
+        """End of session: flush and finalise (sinks commit their files here)."""

@@ -1,0 +1,19 @@
+"""Built-in node types of fd.
+
+Each module listed in ``_NODE_MODULES`` exposes ``NODE_TYPES``, a tuple of
+``engine.node.Node`` subclasses. Importing is deferred to ``builtin_node_types``
+so ``import nodes`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_NODE_MODULES: tuple[str, ...] = (
+)
+
+
+def builtin_node_types() -> list:
+    out = []
+    for mod in _NODE_MODULES:
+        out.extend(importlib.import_module(mod).NODE_TYPES)
+    return out
