@@ -142,3 +142,6 @@ class Node:
 
     def close(self, state: Any) -> None:
         """End of session: flush and finalise (sinks commit their files here)."""
+
+    def abort(self, state: Any) -> None:
+        """The session failed: drop partial work (sinks delete their temporary files)."""

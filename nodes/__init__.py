@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 
 _NODE_MODULES: tuple[str, ...] = (
+    "nodes.basic.noise",
+    "nodes.basic.tensor_ops",
+    "nodes.sinks",
 )
 
 

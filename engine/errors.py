@@ -1,0 +1,67 @@
+"""User-facing errors: each one names where in which file, which node and which field.
+
+The CLI prints these and exits 2; it never shows a traceback for a user mistake.
+Several are collected and reported at once, like ComfyUI's per-node validation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    file: str
+    line: int | None = None    # 1-based
+    column: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        s = self.file
+        if self.line is not None:
+            s += f":{self.line}"
+            if self.column is not None:
+                s += f":{self.column}"
+        return s
+
+
+@dataclass(frozen=True)
+class SpecError:
+    code: str                  # machine-readable class, e.g. "unknown_node_type"
+    message: str
+    location: Location
+    node: str | None = None
+    field: str | None = None
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.location}"
+        who = f" [{self.node}{'.' + self.field if self.field else ''}]" if self.node else (
+            f" [{self.field}]" if self.field else "")
+        s = f"{where}:{who} {self.message}"
+        if self.hint:
+            s += f" ({self.hint})"
+        return s
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        loc = d.pop("location")
+        d.update(file=loc["file"], line=loc["line"], column=loc["column"])
+        return d
+
+
+class FdError(Exception):
+    """Base of every error the CLI reports without a traceback (exit code 2)."""
+
+
+class SpecErrors(FdError):
+    def __init__(self, errors: list[SpecError]):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class NodeRuntimeError(FdError):
+    """A node failed while loading or running; names the node and the spec location."""
+
+    def __init__(self, node: str, where: Location | None, what: str, cause: BaseException):
+        self.node, self.where, self.cause = node, where, cause
+        loc = f"{where}: " if where else ""
+        super().__init__(f"{loc}node {node!r} failed while {what}: {type(cause).__name__}: {cause}")

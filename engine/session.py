@@ -1,0 +1,203 @@
+"""Running a plan: a Pipeline holds loaded nodes; a Session holds one rollout's state.
+
+The session phase (text/image encoding, cache setup) runs before the first block
+and again only for nodes whose inputs changed (a prompt switch re-encodes the
+prompt; nothing else). The block phase runs once per ``step()``, node by node in
+topological order, and its outputs reach the sinks block by block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from .errors import FdError, NodeRuntimeError
+from .node import SESSION, Step
+from .plan import Plan
+from .timing import NodeTimer
+
+
+@dataclass
+class BlockResult:
+    block: int
+    outputs: dict[str, dict[str, Any]]           # node -> port -> value (block-phase nodes)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Loaded nodes of a plan. ``load()`` reads weights; sessions share the loaded nodes."""
+
+    def __init__(self, plan: Plan, rank: int = 0):
+        self.plan = plan
+        self.rank = rank
+        self.loaded = False
+        self.load_ms: dict[str, float] = {}
+
+    def load(self, progress: Callable[[str, int, int], None] | None = None) -> "Pipeline":
+        total = len(self.plan.order)
+        for i, name in enumerate(self.plan.order):
+            if progress:
+                progress(name, i, total)
+            np_ = self.plan.nodes[name]
+            timer = NodeTimer("cpu")
+            timer.start()
+            try:
+                np_.node.load()
+            except FdError:
+                raise
+            except Exception as e:
+                raise NodeRuntimeError(name, self.plan.spec.node_where(name), "loading", e) from e
+            timer.stop()
+            self.load_ms[name] = timer.ms()
+        if progress:
+            progress("", total, total)
+        self.loaded = True
+        return self
+
+    def open_session(self, **inputs) -> "Session":
+        if not self.loaded:
+            self.load()
+        return Session(self, inputs)
+
+
+class Session:
+    """One rollout: run inputs, per-node state, the values on every edge, and the block counter."""
+
+    def __init__(self, pipeline: Pipeline, inputs: dict[str, Any] | None = None):
+        self.pipeline = pipeline
+        self.plan = pipeline.plan
+        self.inputs = dict(self.plan.spec.inputs)
+        for k, v in (inputs or {}).items():
+            self._check_input(k)
+            self.inputs[k] = v
+        self.closed = False
+        self._init_state()
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self) -> None:
+        self.block = 0
+        self.states = {n: self.plan.nodes[n].node.new_state() for n in self.plan.order}
+        self.values: dict[str, dict[str, Any]] = {}
+        self._last_inputs: dict[str, dict[str, int]] = {}
+        self._dirty = set(self.plan.session_nodes)
+
+    def reset(self) -> None:
+        """Start the rollout again from block 0 with fresh node state (KV caches, decoder memory)."""
+        self._init_state()
+
+    def _check_input(self, name: str) -> None:
+        if name not in self.plan.spec.inputs:
+            raise FdError(f"{self.plan.spec.file}: the spec has no input {name!r} "
+                          f"(inputs: {', '.join(self.plan.spec.inputs)})")
+
+    def set_input(self, name: str, value: Any) -> None:
+        """Change a run input between blocks (e.g. the prompt); dependent session nodes re-run before the next
+        block, block nodes see it at once. Node state such as the self-attention KV cache is kept."""
+        self._check_input(name)
+        self.inputs[name] = value
+        for n in self.plan.session_nodes:
+            if any(r.node == "inputs" and r.port == name for r in self.plan.nodes[n].wires.values()):
+                self._dirty.add(n)
+
+    # ------------------------------------------------------------------ running
+    def _gather(self, name: str) -> tuple[dict[str, Any], set[str]]:
+        vals, changed = {}, set()
+        last = self._last_inputs.setdefault(name, {})
+        for port, ref in self.plan.nodes[name].wires.items():
+            v = self.inputs[ref.port] if ref.node == "inputs" else self.values[ref.node][ref.port]
+            vals[port] = v
+            ident = id(v) if not isinstance(v, (str, int, float, bool)) else hash((type(v), v))
+            if last.get(port) != ident:
+                changed.add(port)
+                last[port] = ident
+        return vals, changed
+
+    def _run_node(self, name: str, block: int | None, timings: dict[str, float], timers: dict) -> None:
+        np_ = self.plan.nodes[name]
+        if np_.node.is_sink and self.pipeline.rank != 0:
+            return
+        vals, changed = self._gather(name)
+        step = Step(block=block, inputs=self.inputs, first_in_session=(self.block == 0),
+                    extra={"changed": changed})
+        timer = NodeTimer(np_.placement.device)
+        timer.start()
+        try:
+            out = np_.node.run(vals, self.states[name], step) or {}
+        except FdError:
+            raise
+        except Exception as e:
+            raise NodeRuntimeError(name, self.plan.spec.node_where(name), f"running block {block}"
+                                   if block is not None else "running its session phase", e) from e
+        timer.stop()
+        timers[name] = timer
+        self.values[name] = out
+
+    def _run_session_phase(self, timings, timers) -> None:
+        if not self._dirty:
+            return
+        graph = self.plan.graph
+        rerun = set(self._dirty)
+        for n in list(self._dirty):
+            rerun |= {d for d in _descendants(graph, n) if self.plan.nodes[d].phase == SESSION}
+        for n in self.plan.session_nodes:
+            if n in rerun:
+                self._run_node(n, None, timings, timers)
+                if self.plan.nodes[n].offload:
+                    self.plan.nodes[n].node.offload()
+        self._dirty.clear()
+
+    def step(self) -> BlockResult:
+        """Run one autoregressive block (and, first, any session node whose inputs changed)."""
+        if self.closed:
+            raise FdError("this session is closed")
+        timings: dict[str, float] = {}
+        timers: dict[str, NodeTimer] = {}
+        try:
+            self._run_session_phase(timings, timers)
+            for n in self.plan.block_nodes:
+                self._run_node(n, self.block, timings, timers)
+        except BaseException:
+            self.abort()
+            raise
+        for n, t in timers.items():
+            timings[n] = t.ms()
+            self.plan.nodes[n].timings_ms.append(timings[n])
+        result = BlockResult(self.block, {n: self.values.get(n, {}) for n in self.plan.block_nodes}, timings)
+        self.block += 1
+        return result
+
+    def stream(self, num_blocks: int | None = None) -> Iterator[BlockResult]:
+        n = num_blocks if num_blocks is not None else int(self.inputs.get("num_blocks", 1))
+        for _ in range(n):
+            yield self.step()
+
+    def close(self) -> None:
+        """Finish the session: sinks commit their files (atomically)."""
+        if self.closed:
+            return
+        self.closed = True
+        for n in self.plan.order:
+            np_ = self.plan.nodes[n]
+            if np_.node.is_sink and self.pipeline.rank != 0:
+                continue
+            np_.node.close(self.states[n])
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for n in self.plan.order:
+            self.plan.nodes[n].node.abort(self.states[n])
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _descendants(graph, n):
+    import networkx as nx
+    return nx.descendants(graph, n)

@@ -1,0 +1,285 @@
+"""Reading a spec: YAML + ``extends:`` + ``--set`` files + dotlist overrides, with source locations.
+
+omegaconf does the merging and ``${...}`` interpolation; PyYAML's composer gives
+every key its file/line/column so that validation can point at the exact place a
+person has to edit. Nothing here knows about node types: that is validate.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import Location, SpecError, SpecErrors
+
+TOP_LEVEL_KEYS = ("name", "description", "extends", "inputs", "nodes", "sinks")
+NODE_FIELDS = ("type", "params", "params_by_type", "in", "device", "parallel", "capture", "offload", "main", "doc")
+Path_ = tuple  # a key path like ("nodes", "dit", "params", "dim")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A wire's source: ``node.port`` or ``inputs.name``."""
+    node: str   # "inputs" for run inputs
+    port: str
+
+    def __str__(self) -> str:
+        return f"{self.node}.{self.port}"
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    type: Any
+    params: dict
+    wires: dict[str, Any]          # port -> "node.port" string as written
+    device: Any = "auto"
+    parallel: Any = None
+    capture: Any = "auto"
+    offload: Any = False
+    main: Any = False
+    is_sink: bool = False
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def section(self) -> str:
+        return "sinks" if self.is_sink else "nodes"
+
+
+@dataclass
+class Spec:
+    name: str
+    description: str
+    file: str
+    inputs: dict[str, Any]
+    nodes: dict[str, NodeSpec]        # sinks included (is_sink=True), in file order
+    raw: dict
+    locations: dict[Path_, Location]
+
+    def where(self, *path) -> Location:
+        """Best location for ``path``: the deepest prefix that has one."""
+        p = tuple(path)
+        while p:
+            if p in self.locations:
+                return self.locations[p]
+            p = p[:-1]
+        return Location(self.file)
+
+    def node_where(self, node: str, *path) -> Location:
+        ns = self.nodes.get(node)
+        section = ns.section if ns else "nodes"
+        if ns is not None and len(path) == 2 and path[0] == "params" and (section, node, *path) not in self.locations:
+            alt = (section, node, "params_by_type", str(ns.type), path[1])
+            if alt in self.locations:
+                return self.locations[alt]
+        return self.where(section, node, *path)
+
+
+# --------------------------------------------------------------------------- locations
+def _compose_locations(text: str, file: str) -> dict[Path_, Location]:
+    root = yaml.compose(text)
+    locs: dict[Path_, Location] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                locs[p] = Location(file, k.start_mark.line + 1, k.start_mark.column + 1)
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                locs[p] = Location(file, v.start_mark.line + 1, v.start_mark.column + 1)
+                walk(v, p)
+
+    if root is not None:
+        walk(root, ())
+    return locs
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[Path_, Location]]:
+    file = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecErrors([SpecError("unreadable_spec", f"cannot read spec: {e.strerror}", Location(file))])
+    try:
+        data = yaml.safe_load(text)
+        locs = _compose_locations(text, file)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+        msg = getattr(e, "problem", None) or str(e)
+        raise SpecErrors([SpecError("yaml_syntax", f"YAML syntax error: {msg}", loc)])
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecErrors([SpecError("bad_spec", "a spec must be a mapping (name:, inputs:, nodes:, sinks:)",
+                                    Location(file, 1, 1))])
+    return data, locs
+
+
+# --------------------------------------------------------------------------- finding specs
+def packaged_spec_dir() -> Path:
+    return Path(str(resources.files("specs")))
+
+
+def packaged_spec_names() -> list[str]:
+    return sorted(p.stem for p in packaged_spec_dir().glob("*.yaml"))
+
+
+def find_spec(ref: str | Path, relative_to: Path | None = None) -> Path:
+    """A path, or a bare name of a packaged spec (``self_forcing`` -> specs/self_forcing.yaml)."""
+    p = Path(ref).expanduser()
+    candidates = [p]
+    if relative_to is not None and not p.is_absolute():
+        candidates.insert(0, relative_to / p)
+    if p.suffix == "" and len(p.parts) == 1:
+        candidates.append(packaged_spec_dir() / f"{p.name}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    import difflib
+    near = difflib.get_close_matches(str(ref), packaged_spec_names(), n=3)
+    hint = f"did you mean {', '.join(near)}?" if near else f"packaged specs: {', '.join(packaged_spec_names())}"
+    raise SpecErrors([SpecError("spec_not_found", f"no spec file or packaged spec named {str(ref)!r}",
+                                Location(str(ref)), hint=hint)])
+
+
+# --------------------------------------------------------------------------- loading
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, dict[Path_, Location]]:
+    path = path.resolve()
+    if path in chain:
+        names = " -> ".join(str(p) for p in chain + (path,))
+        raise SpecErrors([SpecError("extends_cycle", f"extends: forms a cycle: {names}", Location(str(path)))])
+    data, locs = _read_yaml(path)
+    parent_ref = data.pop("extends", None)
+    cfg = OmegaConf.create(data)
+    if parent_ref is None:
+        return cfg, locs
+    if not isinstance(parent_ref, str):
+        raise SpecErrors([SpecError("bad_extends", "extends: must be a spec path or name",
+                                    locs.get(("extends",), Location(str(path))))])
+    try:
+        parent_path = find_spec(parent_ref, relative_to=path.parent)
+    except SpecErrors as e:
+        err = e.errors[0]
+        raise SpecErrors([SpecError("extends_not_found", err.message, locs.get(("extends",), Location(str(path))),
+                                    field="extends", hint=err.hint)])
+    parent_cfg, parent_locs = _load_with_extends(parent_path, chain + (path,))
+    merged = OmegaConf.merge(parent_cfg, cfg)
+    return merged, {**parent_locs, **locs}
+
+
+def _check_override_path(cfg, key: str, where: Location) -> SpecError | None:
+    parts = key.split(".")
+    if parts[0] not in TOP_LEVEL_KEYS:
+        return SpecError("unknown_override", f"override {key!r}: no top-level section {parts[0]!r}", where,
+                         hint=f"sections: {', '.join(TOP_LEVEL_KEYS)}")
+    if parts[0] in ("inputs",) and len(parts) >= 2 and parts[1] not in (cfg.get("inputs") or {}):
+        near = _near(parts[1], list(cfg.get("inputs") or {}))
+        return SpecError("unknown_override", f"override {key!r}: the spec has no input {parts[1]!r}", where,
+                         field=key, hint=near)
+    if parts[0] in ("nodes", "sinks") and len(parts) >= 2:
+        section = cfg.get(parts[0]) or {}
+        if parts[1] not in section:
+            return SpecError("unknown_override", f"override {key!r}: the spec has no {parts[0][:-1]} {parts[1]!r}",
+                             where, field=key, hint=_near(parts[1], list(section)))
+        if len(parts) >= 3 and parts[2] not in NODE_FIELDS:
+            return SpecError("unknown_override", f"override {key!r}: {parts[2]!r} is not a node field", where,
+                             node=parts[1], field=parts[2], hint=f"fields: {', '.join(NODE_FIELDS)}")
+    return None
+
+
+def _near(word: str, options: list[str]) -> str | None:
+    import difflib
+    m = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(m)}?" if m else None
+
+
+def load_spec(ref: str | Path, overrides: list[str] = (), set_files: list[str | Path] = ()) -> Spec:
+    """Read a spec (path or packaged name), merge ``--set`` files and dotlist overrides, resolve ``${...}``."""
+    path = find_spec(ref)
+    cfg, locs = _load_with_extends(path)
+    for f in set_files:
+        fp = find_spec(f)
+        extra, extra_locs = _load_with_extends(fp)
+        cfg = OmegaConf.merge(cfg, extra)
+        locs.update(extra_locs)
+    errors: list[SpecError] = []
+    for i, ov in enumerate(overrides):
+        where = Location(f"<override {i + 1}: {ov}>")
+        if "=" not in ov:
+            errors.append(SpecError("bad_override", f"override {ov!r} must look like key.path=value", where))
+            continue
+        key, value_text = ov.split("=", 1)
+        err = _check_override_path(cfg, key.strip(), where)
+        if err:
+            errors.append(err)
+            continue
+        try:
+            value = yaml.safe_load(value_text) if value_text.strip() else ""
+        except yaml.YAMLError:
+            value = value_text
+        OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
+        locs[tuple(key.strip().split("."))] = where
+    if errors:
+        raise SpecErrors(errors)
+    data = _resolve(cfg, locs, str(path))
+    return _build(data, locs, str(path))
+
+
+def _resolve(cfg, locs, file) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        pass
+    errors = []
+
+    def walk(node, path):
+        for k in list(node.keys()) if OmegaConf.is_dict(node) else range(len(node)):
+            p = path + (str(k) if OmegaConf.is_dict(node) else k,)
+            try:
+                child = node[k]
+            except OmegaConfBaseException as e:
+                msg = str(e).splitlines()[0]
+                errors.append(SpecError("bad_interpolation", f"cannot resolve {'.'.join(map(str, p))}: {msg}",
+                                        locs.get(p, Location(file)), field=".".join(map(str, p))))
+                continue
+            if OmegaConf.is_config(child):
+                walk(child, p)
+
+    walk(cfg, ())
+    raise SpecErrors(errors or [SpecError("bad_interpolation", "cannot resolve interpolations", Location(file))])
+
+
+def _build(data: dict, locs: dict, file: str) -> Spec:
+    nodes: dict[str, NodeSpec] = {}
+    for section in ("nodes", "sinks"):
+        for name, body in (data.get(section) or {}).items() if isinstance(data.get(section), dict) else []:
+            body = body if isinstance(body, dict) else {}
+            by_type = body.get("params_by_type") or {}
+            params = dict(by_type.get(body.get("type")) or {}) if isinstance(by_type, dict) else {}
+            params.update(body.get("params") or {} if isinstance(body.get("params") or {}, dict) else {})
+            nodes[str(name)] = NodeSpec(
+                name=str(name), type=body.get("type"),
+                params=params, wires=body.get("in") or {},
+                device=body.get("device", "auto"), parallel=body.get("parallel"),
+                capture=body.get("capture", "auto"), offload=body.get("offload", False),
+                main=body.get("main", False), is_sink=(section == "sinks"), raw=body)
+    inputs = data.get("inputs") or {}
+    return Spec(name=str(data.get("name") or Path(file).stem), description=str(data.get("description") or ""),
+                file=file, inputs=inputs if isinstance(inputs, dict) else {}, nodes=nodes, raw=data,
+                locations=locs)
+
+
+def parse_ref(text: Any) -> Ref | None:
+    if not isinstance(text, str) or "." not in text:
+        return None
+    node, port = text.split(".", 1)
+    return Ref(node, port) if node and port else None

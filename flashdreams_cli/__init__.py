@@ -1,0 +1,1 @@
+"""The `fd` command line."""

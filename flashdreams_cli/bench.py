@@ -1,0 +1,107 @@
+"""`fd bench`: per-block and per-node latency after warmup, cold start, peak memory, graph replay.
+
+On CUDA, node times come from CUDA events (no sync inside a block); the block
+time is wall time between synchronisations around the block. Medians over the
+measured blocks; the environment (GPU, torch, cuDNN, commit) is recorded.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from statistics import median
+
+
+def add_parser(sub, spec_args) -> None:
+    p = sub.add_parser("bench", help="time a spec: per-block and per-node latency (CUDA events after warmup)")
+    spec_args(p)
+    p.add_argument("--warmup", type=int, default=2, help="untimed blocks first (graphs get captured here)")
+    p.add_argument("--blocks", type=int, default=8, help="timed blocks after warmup")
+    p.add_argument("--report-block", type=int, action="append", default=[],
+                   help="also report this block index alone (e.g. 5)")
+
+
+def environment() -> dict:
+    import torch
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": "cpu"}
+    if torch.cuda.is_available():
+        env.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    return env
+
+
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_bench(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine import Registry
+    from engine.plan import make_plan
+    from engine.session import Pipeline
+
+    from .run import resolve_spec
+
+    spec = resolve_spec(args)
+    plan = make_plan(spec, Registry.default())
+    pipe = Pipeline(plan)
+    t0 = time.perf_counter()
+    pipe.load()
+    _sync()
+    load_s = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    with pipe.open_session() as session:
+        first_block_s = None
+        for i in range(args.warmup + args.blocks):
+            _sync()
+            t = time.perf_counter()
+            r = session.step()
+            _sync()
+            wall = (time.perf_counter() - t) * 1e3
+            if i == 0:
+                first_block_s = wall / 1e3
+            rows.append({"block": r.block, "wall_ms": wall, "nodes_ms": r.timings_ms,
+                         "warmup": i < args.warmup, "graphs": _graph_status(plan)})
+    timed = [r for r in rows if not r["warmup"]]
+    per_node = {n: median(r["nodes_ms"][n] for r in timed if n in r["nodes_ms"])
+                for n in plan.block_nodes if any(n in r["nodes_ms"] for r in timed)}
+    report = {"spec": plan.spec.file, "env": environment(), "load_s": load_s,
+              "cold_start_s": load_s + (first_block_s or 0.0), "first_block_s": first_block_s,
+              "block_ms_median": median(r["wall_ms"] for r in timed) if timed else None,
+              "node_ms_median": per_node, "blocks": rows,
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+              "graphs": _graph_status(plan)}
+    report["report_blocks"] = {b: next((r for r in rows if r["block"] == b), None) for b in args.report_block}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    table = Table("node", "median ms", "graph")
+    for n, ms in per_node.items():
+        table.add_row(n, f"{ms:.2f}", report["graphs"].get(n, "eager"))
+    table.add_row("[bold]block (wall)[/]", f"{report['block_ms_median']:.2f}", "")
+    c = Console()
+    c.print(table)
+    c.print(f"load {load_s:.2f} s, cold start to first block {report['cold_start_s']:.2f} s, "
+            f"peak {report['peak_mem_gib'] or 0:.2f} GiB, env {report['env']}")
+    return 0
+
+
+def _graph_status(plan) -> dict:
+    out = {}
+    for n, np_ in plan.nodes.items():
+        status = getattr(np_.node, "graph_status", None)
+        out[n] = status() if callable(status) else ("captured" if np_.capture.captured else "eager")
+    return out

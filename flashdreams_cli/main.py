@@ -1,0 +1,187 @@
+"""`fd`: run, check, draw and list declarative video-model pipelines.
+
+Exit codes: 0 success, 2 a user error (bad spec, bad override, missing file),
+1 an internal failure. User errors never print a Python traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+EPILOG = """examples:
+  fd exec preview_cpu                              run a packaged spec (writes out/preview_cpu.mp4)
+  fd exec spec.yaml inputs.prompt="a red fox" --out fox.mp4
+  fd exec spec.yaml nodes.decoder.type=taehv       swap a node from the command line
+  fd validate spec.yaml --json                     every error with file, line, column, node, field
+  fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot)
+  fd nodes wan.dit                                 a node type's ports and params
+"""
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="spec file, or the name of a packaged spec (see `fd exec --list`)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. inputs.prompt='a cat' nodes.dit.device=cpu")
+    p.add_argument("--set", dest="set_files", action="append", default=[], metavar="FILE",
+                   help="merge another YAML file over the spec (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks of internal errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fd", description="fd: a declarative engine for real-time "
+                                     "autoregressive video and world models.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("exec", help="run a spec end to end")
+    _spec_args(p)
+    p.add_argument("--out", help="send the spec's main video sink to this path")
+    p.add_argument("--blocks", type=int, help="number of blocks (default: inputs.num_blocks)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=int, default=1, help="run on N local processes (context parallelism)")
+    p = sub.add_parser("validate", help="check a spec without loading any weight")
+    _spec_args(p)
+    p.add_argument("--world-size", type=int, default=1, help="world size to check parallel groups against")
+    p.add_argument("--no-device-check", action="store_true", help="do not require the spec's devices to exist here")
+    p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot)")
+    _spec_args(p)
+    p.add_argument("-o", "--output", help="write a drawing: .svg, .html or .dot")
+    p = sub.add_parser("nodes", help="list node types, or describe one")
+    p.add_argument("type", nargs="?", help="a node type name")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    from . import bench as _bench
+    _bench.add_parser(sub, _spec_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import FdError, SpecErrors
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    console = Console(stderr=True)
+    try:
+        return COMMANDS[args.command](args)
+    except SpecErrors as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "errors": [x.to_json() for x in e.errors]}, indent=2))
+        else:
+            console.print(f"[bold red]{len(e.errors)} error(s) in the spec:[/]")
+            from rich.text import Text
+            for x in e.errors:
+                console.print(Text("  ✗ ", style="red") + Text(str(x)), highlight=False)
+        return 2
+    except FdError as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": str(e)}))
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        if getattr(args, "debug", False):
+            console.print_exception()
+        else:
+            console.print("[dim](run with --debug for the traceback)[/]")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; partial outputs were discarded[/]")
+        return 130
+
+
+def cmd_validate(args) -> int:
+    from engine import load_plan
+
+    plan = load_plan(args.spec, args.overrides, args.set_files, world_size=args.world_size,
+                     check_devices=not args.no_device_check)
+    if args.json:
+        print(json.dumps({"ok": True, "spec": plan.spec.file, "nodes": plan.order, "errors": []}, indent=2))
+    else:
+        Console().print(f"[green]✓[/] {plan.spec.file}: {len(plan.order)} nodes "
+                        f"({len(plan.session_nodes)} once per session, {len(plan.block_nodes)} per block)")
+    return 0
+
+
+def cmd_viz(args) -> int:
+    from engine import load_plan
+    from engine import viz
+
+    plan = load_plan(args.spec, args.overrides, args.set_files, check_devices=False)
+    if args.output:
+        out = Path(args.output)
+        writers = {".svg": viz.to_svg, ".html": viz.to_html, ".dot": viz.to_dot}
+        if out.suffix not in writers:
+            from engine.errors import FdError
+            raise FdError(f"-o {out}: unknown drawing format {out.suffix!r} (use .svg, .html or .dot)")
+        from nodes.sinks.atomic import AtomicPath
+        target = AtomicPath(out)
+        target.tmp.write_text(writers[out.suffix](plan))
+        target.commit()
+        Console(stderr=True).print(f"wrote {out}")
+    else:
+        Console().print(viz.to_rich_tree(plan))
+    return 0
+
+
+def cmd_nodes(args) -> int:
+    from engine import Registry
+    from engine.errors import FdError
+
+    reg = Registry.default()
+    if args.type is None:
+        if args.json:
+            print(json.dumps({t.type_name: t.doc for t in reg}, indent=2))
+            return 0
+        from rich.table import Table
+        table = Table("type", "phase", "description")
+        for t in reg:
+            table.add_row(t.type_name, "sink" if t.is_sink else t.phase, t.doc.split(". ")[0])
+        Console().print(table)
+        return 0
+    t = reg.get(args.type)
+    if t is None:
+        near = reg.suggest(args.type)
+        raise FdError(f"unknown node type {args.type!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    info = {"type": t.type_name, "doc": t.doc, "phase": t.phase, "sink": t.is_sink, "capturable": t.capturable,
+            "context_parallel": t.context_parallel,
+            "inputs": [{"name": p.name, "type": str(p.type), "optional": p.optional, "doc": p.doc} for p in t.inputs],
+            "outputs": [{"name": p.name, "type": str(p.type), "doc": p.doc} for p in t.outputs],
+            "params": [{"name": p.name, "type": p.type_name(), "required": p.required,
+                        "default": None if p.required else p.default, "min": p.min, "max": p.max,
+                        "choices": list(p.choices) if p.choices else None, "doc": p.doc} for p in t.params]}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    c = Console()
+    c.print(f"[bold]{t.type_name}[/] ({'sink' if t.is_sink else t.phase})\n{t.doc}")
+    for section in ("inputs", "outputs"):
+        c.print(f"[cyan]{section}[/]")
+        for p in info[section]:
+            c.print(f"  {p['name']}: {p['type']}{' (optional)' if p.get('optional') else ''} — {p['doc']}")
+    c.print("[cyan]params[/]")
+    for p in info["params"]:
+        dflt = "required" if p["required"] else f"default {p['default']!r}"
+        bounds = "".join([f", >= {p['min']}" if p["min"] is not None else "",
+                          f", <= {p['max']}" if p["max"] is not None else "",
+                          f", one of {p['choices']}" if p["choices"] else ""])
+        c.print(f"  {p['name']}: {p['type']} ({dflt}{bounds}) — {p['doc']}", highlight=False)
+    return 0
+
+
+def cmd_exec(args) -> int:
+    from .run import run_exec
+    return run_exec(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    return run_bench(args)
+
+
+COMMANDS = {"exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

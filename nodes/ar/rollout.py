@@ -1,0 +1,168 @@
+"""Autoregressive block sampler of Self-Forcing / Causal-Forcing, independent of the model.
+
+Per block of ``frames_per_block`` latent frames (pipeline/causal_inference.py):
+
+    x = noise of the block
+    for each planned t_i:  flow = denoise(x, t_i, frame_start); x0 = x - sigma(t_i) flow
+                           if not last: x = (1 - sigma(t_{i+1})) x0 + sigma(t_{i+1}) draw
+    denoise(x0, context_noise, frame_start)      # rewrites the block's KV rows, output unused
+    emit x0
+
+The causal model keeps its KV cache behind ``denoise``: every call of a block writes the
+same cache rows at ``frame_start``, and the context pass leaves the clean block's K/V there
+for the next block to attend to. The rollout never touches the cache.
+
+I2V (Causal-Forcing ``initial_latent``): before block 0 the image latent is passed at t=0 in
+chunks of ``frames_per_block`` from frame 0 (its output is unused); generated frames then
+start after it, and ``run_all`` prepends the image latent to the result.
+
+Randomness, in call order, exactly where upstream calls ``torch.randn_like``: one draw per
+re-noise, i.e. after every denoise step but the last of each block, plus one per context
+pass when ``context_noise > 0`` (the training pipeline's re-noising; upstream inference
+only runs context_noise 0, where nothing is drawn). Each draw has the shape
+``[B * f, C, H, W]`` (upstream flattens batch and frames); injected draws are reshaped to
+the block. By default draws come from a ``torch.Generator`` on the latents' device seeded
+with ``seed``; seed it and draw the initial noise from it first (``initial_noise``) to
+follow upstream's global-RNG order (noise, then re-noise draws).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from nodes.ar.schedule import ARSchedule, StepPlan
+
+# denoise(x [B, f, C, H, W], t [B, f] float32, frame_start) -> flow [B, f, C, H, W]
+Denoiser = Callable[[Tensor, Tensor, int], Tensor]
+
+
+@dataclass(frozen=True)
+class CallTrace:
+    """What one denoiser call saw and returned (for parity tests and debugging)."""
+    index: int
+    kind: str               # "image" | "denoise" | "context"
+    block: int | None       # generated block index (None for image passes)
+    step: int | None        # step within the block (denoise calls only)
+    x: Tensor
+    t: Tensor
+    frame_start: int
+    flow: Tensor
+    x0: Tensor | None       # denoise calls only
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, torch.Generator]:
+    """Initial noise from a fresh generator, returned with it so re-noise draws continue the stream."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device, dtype=dtype), g
+
+
+class ARRollout:
+    """Streaming block sampler: ``step()`` generates one block, ``run_all()`` the whole video."""
+
+    def __init__(self, denoise: Denoiser, schedule: ARSchedule, frames_per_block: int,
+                 noise: Tensor | None = None, *, initial_latent: Tensor | None = None,
+                 draws: Iterable[Tensor] | None = None, generator: torch.Generator | None = None,
+                 seed: int = 0, trace: Callable[[CallTrace], None] | None = None):
+        """``noise`` [B, F, C, H, W] with F a multiple of ``frames_per_block`` (or None when every
+        ``step`` gets its block's noise). ``draws`` replaces the generator (recorded draws)."""
+        if noise is not None and noise.shape[1] % frames_per_block:
+            raise ValueError(f"{noise.shape[1]} noise frames is not a multiple of {frames_per_block}")
+        if initial_latent is not None and initial_latent.shape[1] % frames_per_block:
+            raise ValueError("initial_latent frames must be a multiple of frames_per_block")
+        self.denoise = denoise
+        self.schedule = schedule
+        self.nfpb = frames_per_block
+        self.noise = noise
+        self.initial_latent = initial_latent
+        self._draws: Iterator[Tensor] | None = iter(draws) if draws is not None else None
+        self._generator = generator
+        self.seed = seed
+        self.trace = trace
+        self.block_index = 0
+        self.num_calls = 0
+        self.num_draws = 0
+        self._primed = initial_latent is None
+        self._t_cache: dict[tuple, Tensor] = {}
+
+    @property
+    def first_frame(self) -> int:
+        """Absolute frame index of generated block 0 (after any image/video prefix)."""
+        return 0 if self.initial_latent is None else self.initial_latent.shape[1]
+
+    @property
+    def num_blocks(self) -> int | None:
+        return None if self.noise is None else self.noise.shape[1] // self.nfpb
+
+    def _timestep(self, value: float, like: Tensor) -> Tensor:
+        key = (value, like.shape[:2], like.device)
+        if key not in self._t_cache:
+            self._t_cache[key] = torch.full(like.shape[:2], value, dtype=torch.float32, device=like.device)
+        return self._t_cache[key]
+
+    def _draw(self, like: Tensor) -> Tensor:
+        self.num_draws += 1
+        if self._draws is not None:
+            return next(self._draws).to(like.device, like.dtype).reshape(like.shape)
+        if self._generator is None:
+            self._generator = torch.Generator(device=like.device).manual_seed(self.seed)
+        flat = (like.shape[0] * like.shape[1],) + tuple(like.shape[2:])
+        return torch.randn(flat, generator=self._generator, device=like.device,
+                           dtype=like.dtype).reshape(like.shape)
+
+    def _call(self, kind: str, x: Tensor, t: Tensor, frame_start: int, block: int | None = None,
+              step: int | None = None, sigma_x0: float | None = None) -> tuple[Tensor, Tensor | None]:
+        flow = self.denoise(x, t, frame_start)
+        x0 = None
+        if sigma_x0 is not None:
+            x0 = (x.double() - sigma_x0 * flow.double()).to(flow.dtype)
+        if self.trace is not None:
+            self.trace(CallTrace(self.num_calls, kind, block, step, x, t, frame_start, flow, x0))
+        self.num_calls += 1
+        return flow, x0
+
+    def _prime(self) -> None:
+        """Image/video prefix passes at t=0 (upstream passes int64 zeros; the value is what matters)."""
+        lat = self.initial_latent
+        for f0 in range(0, lat.shape[1], self.nfpb):
+            chunk = lat[:, f0:f0 + self.nfpb]
+            self._call("image", chunk, self._timestep(0.0, chunk), f0)
+        self._primed = True
+
+    @staticmethod
+    def _renoise(x0: Tensor, draw: Tensor, sigma: float) -> Tensor:
+        return ((1 - sigma) * x0 + sigma * draw).to(draw.dtype)
+
+    def step(self, noise_block: Tensor | None = None) -> Tensor:
+        """Generate the next block; returns its clean latents [B, nfpb, C, H, W]."""
+        b = self.block_index
+        if noise_block is None:
+            if self.noise is None or b >= self.num_blocks:
+                raise IndexError(f"no noise for block {b}")
+            noise_block = self.noise[:, b * self.nfpb:(b + 1) * self.nfpb]
+        if not self._primed:
+            self._prime()
+        plan: StepPlan = self.schedule.for_block(b)
+        frame_start = self.first_frame + b * self.nfpb
+        x, x0 = noise_block, None
+        for i, t in enumerate(plan.t):
+            _, x0 = self._call("denoise", x, self._timestep(t, x), frame_start, b, i, plan.sigma_x0[i])
+            if i + 1 < len(plan):
+                x = self._renoise(x0, self._draw(x0), plan.sigma_noise[i + 1])
+        ctx_t = self.schedule.context_t
+        ctx_x = x0 if ctx_t <= 0 else self._renoise(x0, self._draw(x0), self.schedule.context_sigma_noise)
+        self._call("context", ctx_x, self._timestep(ctx_t, x0), frame_start, b)
+        self.block_index += 1
+        return x0
+
+    def run_all(self) -> Tensor:
+        """Every remaining block concatenated along frames; from block 0 the initial latent comes first."""
+        if self.noise is None:
+            raise ValueError("run_all needs the full noise tensor")
+        out = [] if self.initial_latent is None or self.block_index > 0 else [self.initial_latent.to(self.noise.dtype)]
+        while self.block_index < self.num_blocks:
+            out.append(self.step())
+        return torch.cat(out, dim=1)

@@ -1,0 +1,1 @@
+"""Generic nodes that need no weights."""

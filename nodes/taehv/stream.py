@@ -1,0 +1,69 @@
+"""Block-by-block TAEHV decoding for autoregressive video.
+
+Two modes:
+
+- ``"exact"``: the per-MemBlock memory (each MemBlock's input at the last frame
+  decoded) is carried in the state, so decoding the latents block by block
+  gives exactly the frames of one full decode (upstream ``decode_video``), with
+  upstream's ``frames_to_trim`` leading frames dropped once, on the first block.
+- ``"demo"``: what Self-Forcing's demo.py does: decode every block from fresh
+  memory, warmed up on the previous ``context_latents`` latents, and keep only
+  the new frames. Cheaper to reason about but an approximation: a MemBlock's
+  receptive field is longer than 3 latent frames, so it drifts from the full
+  decode from the second block on. Kept because reference outputs record it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import TAEHV, Memory
+
+MODES = ("exact", "demo")
+
+
+@dataclass
+class TAEHVStreamState:
+    memory: Memory | None = None          # exact mode: MemBlock index -> last input frame
+    context: torch.Tensor | None = None   # demo mode: the last latents decoded [N, k, C, h, w]
+    blocks_decoded: int = 0
+
+
+class StreamingTAEHVDecoder:
+    def __init__(self, model: TAEHV, mode: str = "exact", frames_to_trim: int | None = None,
+                 context_latents: int = 3, signed_output: bool = False):
+        """``frames_to_trim`` defaults to the model's (3: the first latent's 4 frames -> 1).
+
+        ``context_latents`` is the demo mode's warm-up length. ``signed_output``
+        maps the nominal [0, 1] frames to [-1, 1] (``*2 - 1``, as the demo's
+        diffusers-style wrapper does).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.frames_to_trim = model.frames_to_trim if frames_to_trim is None else frames_to_trim
+        self.context_latents = context_latents
+        self.signed_output = signed_output
+
+    def new_state(self) -> TAEHVStreamState:
+        return TAEHVStreamState()
+
+    @torch.no_grad()
+    def decode(self, state: TAEHVStreamState, latents: torch.Tensor) -> torch.Tensor:
+        """Decode one block of latents [N, T, C, h, w] -> new frames [N, F, 3, 8h, 8w]; updates ``state``.
+
+        F is ``4T`` (``4T - frames_to_trim`` on the first block).
+        """
+        if self.mode == "exact":
+            frames, state.memory = self.model.decode_chunk(latents, state.memory)
+            drop = self.frames_to_trim if state.blocks_decoded == 0 else 0
+        else:
+            x = latents if state.context is None else torch.cat([state.context, latents], 1)
+            frames, _ = self.model.decode_chunk(x)
+            drop = self.frames_to_trim if state.context is None else self.model.t_upscale * state.context.shape[1]
+            state.context = x[:, -self.context_latents:]
+        state.blocks_decoded += 1
+        frames = frames[:, drop:]
+        return frames * 2 - 1 if self.signed_output else frames

@@ -1,0 +1,240 @@
+"""Wan 2.1 diffusion transformer, bidirectional and causal (KV-cached) in one module.
+
+Parameter names are upstream's (wan/modules/model.py), so Wan-AI checkpoints and
+Self-Forcing / Causal-Forcing generators load with strict=True. Numerics follow
+upstream's mixed precision: the timestep sinusoid in float64, time embedding,
+AdaLN modulation, gates and the head in float32, the residual stream in float32
+(as official Wan's autocast leaves it); projections, attention and FFN run in the
+weights' dtype (bf16 on GPU). The causal path is Self-Forcing's CausalWanModel:
+per-frame timesteps, self-attention over [cached K/V + the block's own], cross-
+attention K/V computed once per prompt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import WanConfig
+from .kv_cache import CrossCache, SelfKVCache
+from .rope import apply_rope, rope_cos_sin
+
+CLIP_DIM = 1280  # CLIP ViT-H penultimate width, hard-coded upstream (MLPProj(1280, dim))
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] = cat(cos, sin), float64 as upstream (t may be fractional)."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    ang = torch.outer(t, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half))
+    return torch.cat([ang.cos(), ang.sin()], dim=1)
+
+
+def _linear32(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """Affine LayerNorm evaluated in float32 (upstream WanLayerNorm / autocast)."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with optional RMS qk-norm; image K/V too for I2V cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image_kv: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        norm = (lambda: RMSNorm(dim, eps)) if qk_norm else nn.Identity
+        self.norm_q, self.norm_k = norm(), norm()
+        if image_kv:
+            self.k_img, self.v_img, self.norm_k_img = nn.Linear(dim, dim), nn.Linear(dim, dim), norm()
+
+    def heads(self, x):
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def kv(self, x, image: bool = False):
+        if image:
+            return self.heads(self.norm_k_img(self.k_img(x))), self.heads(self.v_img(x))
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def query(self, x):
+        return self.heads(self.norm_q(self.q(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d = cfg.dim
+        self.dim, self.eps = d, cfg.eps
+        self.self_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = FP32LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, image_kv=cfg.model_type == "i2v")
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, e0, rope, cross: CrossCache, layer: int, backend: str,
+                cache: SelfKVCache | None = None, plan=None):
+        """x [B, L, dim] float32 residual; e0 [B, Fm, 6, dim] float32 (Fm = 1 or frames)."""
+        fm, wd = e0.shape[1], self.ffn[0].weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3).unbind(2)
+
+        def modulate(h, shift, scale):
+            h = F.layer_norm(h, (self.dim,), eps=self.eps).unflatten(1, (fm, -1))
+            return (h * (1 + scale) + shift).flatten(1, 2).to(wd)
+
+        def gated(y, gate):
+            return (y.float().unflatten(1, (fm, -1)) * gate).flatten(1, 2)
+
+        sa = self.self_attn
+        h = modulate(x, shift1, scale1)
+        q, (k, v) = apply_rope(sa.query(h), *rope), sa.kv(h)
+        k = apply_rope(k, *rope)
+        if cache is not None:
+            cache.write(layer, plan, k, v)
+            k, v = cache.keys_values(layer, plan)
+        x = x + gated(sa.o(attention(q, k, v, backend).flatten(2)), gate1)
+
+        ca = self.cross_attn
+        q = ca.query(self.norm3(x).to(wd))
+        y = attention(q, cross.k[layer], cross.v[layer], backend)
+        if cross.k_img is not None:
+            y = y + attention(q, cross.k_img[layer], cross.v_img[layer], backend)
+        x = x + ca.o(y.flatten(2)).float()
+        return x + gated(self.ffn(modulate(x, shift2, scale2)), gate2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.dim, self.eps = cfg.dim, cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        """x [B, L, dim]; e [B, Fm, dim] float32 -> [B, L, prod(patch) * out_dim] float32."""
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)
+        h = F.layer_norm(x.float(), (self.dim,), eps=self.eps).unflatten(1, (e.shape[1], -1))
+        return _linear32(self.head, (h * (1 + scale) + shift).flatten(1, 2))
+
+
+class MLPProj(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class WanDiT(nn.Module):
+    """Wan 2.1 DiT. `backend` (an attention.BACKENDS name) may be set after construction."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg, self.backend = cfg, "auto"
+        d, p = cfg.dim, cfg.patch_size
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.model_type == "i2v":
+            self.img_emb = MLPProj(CLIP_DIM, d)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] (one per sample) or [B, F] (per frame) -> e [B, Fm, dim], e0 [B, Fm, 6, dim] (float32)."""
+        t = t.reshape(t.shape[0], -1)
+        s = sinusoidal_embedding(self.cfg.freq_dim, t.flatten()).float()
+        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], s)))
+        e0 = _linear32(self.time_projection[1], F.silu(e))
+        return e.unflatten(0, t.shape), e0.unflatten(0, t.shape).unflatten(-1, (6, self.cfg.dim))
+
+    def prepare_cross(self, context, clip_fea: torch.Tensor | None = None) -> CrossCache:
+        """Cross-attention K/V for a prompt: context [B, L<=text_len, text_dim] or a list of [L_b, text_dim].
+
+        Zero-pads to text_len and keeps every row (no mask, as upstream: padding rows
+        attend as text_embedding(0)). I2V also needs clip_fea [B, 257, 1280].
+        """
+        if self.cfg.model_type == "i2v" and clip_fea is None:
+            raise ValueError("an i2v model needs clip_fea")
+        rows = list(context)
+        if any(r.shape[0] > self.cfg.text_len for r in rows):
+            raise ValueError(f"context longer than text_len={self.cfg.text_len}")
+        ctx = torch.stack([F.pad(r, (0, 0, 0, self.cfg.text_len - r.shape[0])) for r in rows])
+        c = self.text_embedding(ctx.to(self.dtype))
+        kv = [blk.cross_attn.kv(c) for blk in self.blocks]
+        cross = CrossCache([k for k, _ in kv], [v for _, v in kv])
+        if self.cfg.model_type == "i2v":
+            img = self.img_emb(clip_fea.to(self.dtype))
+            kv = [blk.cross_attn.kv(img, image=True) for blk in self.blocks]
+            cross.k_img, cross.v_img = [k for k, _ in kv], [v for _, v in kv]
+        return cross
+
+    def _run(self, x, t, cross, frame_start=0, cache=None):
+        """x [B, C, F, H, W] -> [B, out_dim, F, H, W] float32."""
+        x = self.patch_embedding(x.to(self.dtype))
+        b, _, f, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2).float()
+        e, e0 = self.embed_time(t)
+        rope = rope_cos_sin(self.cfg.head_dim, frame_start, f, h, w, device=x.device)
+        plan = None
+        if cache is not None:
+            if h * w != cache.frame_tokens:
+                raise ValueError(f"{h}x{w} tokens per frame, cache was built for {cache.frame_tokens}")
+            plan = cache.plan(frame_start, f)
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, e0, rope, cross, i, self.backend, cache, plan)
+        out = self.head(tokens, e)
+        pt, ph, pw = self.cfg.patch_size
+        out = out.view(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def forward(self, x, t, context, clip_fea=None, y=None, cross: CrossCache | None = None):
+        """Bidirectional Wan: x [B, C, F, H, W] (or list of [C, F, H, W]), t [B] or [B, F],
+        context as prepare_cross (ignored when a prepared `cross` is given), I2V: clip_fea
+        [B, 257, 1280] and y [B, C_y, F, H, W] concatenated to x on channels.
+        Returns the flow prediction [B, out_dim, F, H, W] float32."""
+        x = torch.stack(list(x)) if isinstance(x, (list, tuple)) else x
+        if y is not None:
+            x = torch.cat([x, torch.stack(list(y)) if isinstance(y, (list, tuple)) else y], dim=1)
+        return self._run(x, t, cross if cross is not None else self.prepare_cross(context, clip_fea))
+
+    def forward_causal(self, x, t, cross: CrossCache, cache: SelfKVCache, frame_start: int, y=None):
+        """One causal call on a block of latent frames (Self-Forcing CausalWanModel semantics).
+
+        x [B, f, C, H, W] (frame-major, the AR pipelines' layout), t [B, f] per-frame (or [B]),
+        frame_start = absolute index of the block's first latent frame (upstream
+        current_start // tokens-per-frame). Writes the block's post-RoPE K/V into `cache`
+        (every call of a block rewrites the same rows) and attends over the cached
+        window + itself. Returns the flow prediction [B, f, out_dim, H, W] float32.
+        """
+        if self.cfg.patch_size[0] != 1:
+            raise ValueError("causal mode needs temporal patch size 1")
+        x = x.transpose(1, 2)
+        if y is not None:
+            x = torch.cat([x, y.transpose(1, 2)], dim=1)
+        return self._run(x, t, cross, frame_start, cache).transpose(1, 2)

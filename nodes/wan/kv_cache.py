@@ -1,0 +1,140 @@
+"""Caches for causal (block-autoregressive) Wan inference.
+
+SelfKVCache holds every layer's self-attention K/V in one preallocated buffer
+per tensor, rows laid out [sink | ring]: frames < sink_frames live at their own
+slot forever; later frames go round a ring of window_frames - sink_frames slots.
+Where a block's rows go is a pure function of (frame_start, num_frames), so the
+cache carries no mutable indices: no .item(), no host sync, a static attended
+length per block (CUDA-graph buckets by it), and a new rollout simply starts at
+frame 0 again. Keys are stored after RoPE.
+
+Upstream (Self-Forcing CausalWanSelfAttention) appends and, when a block does
+not fit, rolls the non-sink part left to evict the oldest frames. The ring keeps
+the same SET of frames (the sink, then the newest window_frames - sink_frames
+frames), only in another row order; attention is permutation-invariant over
+post-RoPE keys, so results agree without the roll copy. `chronological` returns
+upstream's row order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rope import apply_rope, frame_shift_cos_sin
+
+ROPE_MODES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where one block of frames goes in a SelfKVCache; Python ints only."""
+    frame_start: int
+    num_frames: int
+    writes: tuple[tuple[int, int, int], ...]  # (cache row, row within the block, rows)
+    attend_rows: int                          # keys attended = cache rows [0, attend_rows)
+    sink_shift: int                           # 'relative' mode: frames the sink keys move forward
+
+
+@dataclass
+class CrossCache:
+    """Per-layer cross-attention K/V of one prompt ([B, L, H, D] each).
+
+    Built once per prompt by WanDiT.prepare_cross and reused by every call;
+    swapping it for another prompt leaves the self-attention cache alone.
+    k_img / v_img are the I2V image-token K/V (None for T2V).
+    """
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    k_img: list[torch.Tensor] | None = None
+    v_img: list[torch.Tensor] | None = None
+
+
+class SelfKVCache:
+    """Self-attention K/V of all layers for one rollout.
+
+    window_frames counts ALL cached frames, sink included (upstream's
+    local_attn_size); None keeps every frame of the rollout, which then needs
+    max_frames. rope_mode:
+      'absolute' (upstream): queries and keys rotate at their absolute frame index.
+      'relative': as 'absolute', except that once frames are evicted the sink keys
+        are moved forward in time by the number of evicted frames, i.e. the window
+        is positioned as if sink and retained frames were contiguous. Query-to-
+        window distances are unchanged (RoPE depends on differences only) and the
+        query-to-sink distance stays bounded in unbounded rollouts. Without sink
+        frames it equals 'absolute'. A float32 copy of the unshifted sink keys is
+        kept so repeated shifts never accumulate rounding.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int, *,
+                 sink_frames: int = 0, window_frames: int | None = None, max_frames: int | None = None,
+                 batch_size: int = 1, rope_mode: str = "absolute",
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if rope_mode not in ROPE_MODES:
+            raise ValueError(f"rope_mode must be one of {ROPE_MODES}, got {rope_mode!r}")
+        if window_frames is None:
+            if max_frames is None:
+                raise ValueError("window_frames=None (keep all frames) needs max_frames")
+            window_frames, self.bounded = max_frames, True
+        else:
+            self.bounded = False
+        if window_frames - sink_frames < 1:
+            raise ValueError(f"window_frames ({window_frames}) must exceed sink_frames ({sink_frames})")
+        self.num_layers, self.head_dim, self.frame_tokens = num_layers, head_dim, frame_tokens
+        self.sink_frames, self.window_frames = sink_frames, window_frames
+        self.ring_frames = window_frames - sink_frames
+        self.rope_mode = rope_mode
+        shape = (num_layers, batch_size, window_frames * frame_tokens, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.sink_k = None
+        if rope_mode == "relative" and sink_frames:
+            self.sink_k = torch.zeros(shape[:2] + (sink_frames * frame_tokens,) + shape[3:],
+                                      dtype=torch.float32, device=device)
+
+    def _slot(self, frame: int) -> int:
+        s = self.sink_frames
+        return frame if frame < s else s + (frame - s) % self.ring_frames
+
+    def plan(self, frame_start: int, num_frames: int) -> BlockPlan:
+        end, s, ft = frame_start + num_frames, self.sink_frames, self.frame_tokens
+        if self.bounded and end > self.window_frames:
+            raise ValueError(f"frame {end - 1} is beyond the cache's {self.window_frames} frames")
+        in_ring = end - max(s, frame_start)
+        if in_ring > self.ring_frames:
+            raise ValueError(f"a block of {num_frames} frames does not fit the {self.ring_frames}-frame "
+                             f"window after {s} sink frames (upstream fails here too)")
+        writes: list[list[int]] = []
+        for i in range(num_frames):
+            f = frame_start + i
+            dst = self._slot(f) * ft
+            last = writes[-1] if writes else None
+            if last and last[0] + last[2] == dst and (dst >= s * ft) == (last[0] >= s * ft):
+                last[2] += ft
+            else:
+                writes.append([dst, i * ft, ft])
+        return BlockPlan(frame_start, num_frames, tuple(tuple(w) for w in writes),
+                         min(end, self.window_frames) * ft, max(0, end - self.ring_frames - s))
+
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the block's post-RoPE k and its v ([B, rows, H, D]) at the plan's rows."""
+        for dst, src, n in plan.writes:
+            self.k[layer, :, dst:dst + n] = k[:, src:src + n]
+            self.v[layer, :, dst:dst + n] = v[:, src:src + n]
+            if self.sink_k is not None and dst < self.sink_k.shape[2]:
+                self.sink_k[layer, :, dst:dst + n] = k[:, src:src + n]
+
+    def keys_values(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attended K/V (views into the cache, ring order) for a block already written."""
+        if self.sink_k is not None:
+            cos, sin = frame_shift_cos_sin(self.head_dim, plan.sink_shift, self.k.device)
+            rows = self.sink_k.shape[2]
+            self.k[layer, :, :rows] = apply_rope(self.sink_k[layer], cos, sin).to(self.k.dtype)
+        return self.k[layer, :, :plan.attend_rows], self.v[layer, :, :plan.attend_rows]
+
+    def chronological(self, layer: int, frame_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached K/V after frames [0, frame_end) in upstream's row order (for tests/debugging)."""
+        s, ft = self.sink_frames, self.frame_tokens
+        frames = list(range(min(s, frame_end))) + list(range(max(s, frame_end - self.ring_frames), frame_end))
+        idx = torch.tensor([self._slot(f) * ft + j for f in frames for j in range(ft)], device=self.k.device)
+        return self.k[layer].index_select(1, idx), self.v[layer].index_select(1, idx)

@@ -1,0 +1,277 @@
+"""Building blocks of the Wan 2.1 causal video VAE (encoder and decoder trunks).
+
+Parameter names and shapes follow upstream ``wan/modules/vae.py`` so the real
+``Wan2.1_VAE.pth`` loads strictly. The temporal state differs by design: every
+temporal-kernel-3 conv reads its history from a ``ConvCache`` that the caller owns
+(one fixed-size tensor per conv, updated in place), instead of a list hung on the
+module. That keeps streaming state explicit and the shapes static after the first
+chunk (CUDA-graph friendly).
+
+Equivalence with upstream: upstream starts every cache as ``None`` and zero-pads the
+missing history, which is exactly a zero-initialised 2-frame history. Only the two
+temporal resamplers treat the very first frame of a stream specially (the decoder's
+'Rep' path passes it through without the temporal conv; the encoder's stride-2
+temporal conv also passes it through); ``ConvCache.first`` marks that chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HISTORY = 2  # frames of past input a temporal-kernel-3 causal conv needs
+
+
+def _zeros_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Zero history shaped like ``x`` with ``frames`` time steps, in x's memory format."""
+    b, c, _, h, w = x.shape
+    z = x.new_zeros((b, c, frames, h, w))
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        z = z.contiguous(memory_format=torch.channels_last_3d)
+    return z
+
+
+class ConvCache:
+    """Per-conv temporal history of one stream, consumed in forward order.
+
+    ``tensors`` is the caller's list (one entry per cached conv, decoder order equals
+    upstream's ZERO_VAE_CACHE order). Missing entries are created as zeros on first
+    use; later calls update them in place so their storage never moves.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], first: bool):
+        self.tensors = tensors
+        self.first = first
+        self.index = 0
+
+    def slot(self, like: torch.Tensor, frames: int) -> torch.Tensor:
+        if self.index == len(self.tensors):
+            self.tensors.append(_zeros_frames(like, frames))
+        t = self.tensors[self.index]
+        self.index += 1
+        return t
+
+    def extend(self, x: torch.Tensor, frames: int = HISTORY) -> torch.Tensor:
+        """Return cat(history, x) along time and roll the history to its last frames."""
+        hist = self.slot(x, frames)
+        xin = torch.cat([hist, x], dim=2)
+        hist.copy_(xin[:, :, -frames:])
+        return xin
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d causal in time: left temporal context comes from the cache (zeros at start).
+
+    Spatial padding is done by the conv itself (no extra F.pad copy); only
+    ``2 * padding[0]`` frames of history are concatenated in front.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
+        k = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+        p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        super().__init__(cin, cout, k, stride=stride, padding=(0, p[1], p[2]))
+        self.history = 2 * p[0]
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        if self.history:
+            if cache is None:
+                x = F.pad(x, (0, 0, 0, 0, self.history, 0))
+            else:
+                x = cache.extend(x, self.history)
+        return super().forward(x)
+
+
+class RMS_norm(nn.Module):  # noqa: N801 - upstream class name kept for key parity
+    """L2-normalise over channels times sqrt(C) and a learned gain (no bias in Wan)."""
+
+    def __init__(self, dim: int, images: bool = True):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gamma.view(-1, *([1] * (x.dim() - 2)))
+        return F.normalize(x, dim=1) * self.scale * g
+
+
+def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Apply a Conv2d to every frame of [B,C,T,H,W] as a (1,k,k) Conv3d: no (b t) reshuffle."""
+    pad = conv.padding[0]
+    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride),
+                    padding=(0, pad, pad))
+
+
+class ResidualBlock(nn.Module):
+    """norm-SiLU-conv-norm-SiLU-conv plus a 1x1x1 shortcut when channels change."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        # Sequential indices (0 norm, 2 conv, 3 norm, 6 conv) are the checkpoint's.
+        self.residual = nn.Sequential(
+            RMS_norm(in_dim, images=False), nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMS_norm(out_dim, images=False), nn.SiLU(), nn.Identity(),
+            CausalConv3d(out_dim, out_dim, 3, padding=1))
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        r = self.residual
+        h = self.shortcut(x)
+        x = r[2](F.silu(r[0](x)), cache)
+        x = r[6](F.silu(r[3](x)), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no temporal mixing)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMS_norm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        qkv = _conv2d_per_frame(self.to_qkv, self.norm(x))            # [b, 3c, t, h, w]
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)                     # [bt, 1, hw, c]
+        y = y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        return _conv2d_per_frame(self.proj, y) + x
+
+
+class Resample(nn.Module):
+    """Spatial x2 up/down sampling, plus the temporal x2 step for the '3d' modes.
+
+    upsample3d: a (3,1,1) causal conv doubles the channels, which are interleaved into
+    two frames per input frame (time_conv before the spatial step). downsample3d: a
+    stride-2 (3,1,1) conv over [previous frame, chunk] after the spatial step. On the
+    first chunk of a stream both pass frame 0 through unchanged (upstream semantics),
+    unless the cache was handed in already warm (``first=False``: the demo's zeros).
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        assert mode in ("upsample2d", "upsample3d", "downsample2d", "downsample3d"), mode
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
+                                          nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def _time_up(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
+        head = None
+        if cache.first:
+            head, x = x[:, :, :1], x[:, :, 1:]
+        if x.shape[2] == 0:  # first chunk of one frame: history stays zero
+            cache.slot(head, HISTORY)
+            return head
+        b, c, t, h, w = x.shape
+        y = self.time_conv(x, cache).view(b, 2, c, t, h, w)
+        y = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        return y if head is None else torch.cat([head, y], dim=2)
+
+    def _time_down(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
+        hist = cache.slot(x, 1)
+        head = None
+        if cache.first:
+            head, x = x[:, :, :1], x[:, :, 1:]
+            hist.copy_(head)
+        if x.shape[2] == 0:
+            return head
+        xin = torch.cat([hist, x], dim=2)
+        hist.copy_(x[:, :, -1:])
+        y = self.time_conv(xin)
+        return y if head is None else torch.cat([head, y], dim=2)
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            x = self._time_up(x, cache)
+        conv = self.resample[1]
+        if self.mode.startswith("upsample"):
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+            x = _conv2d_per_frame(conv, x)
+        else:
+            x = _conv2d_per_frame(conv, F.pad(x, (0, 1, 0, 1)), stride=2)
+        if self.mode == "downsample3d":
+            x = self._time_down(x, cache)
+        return x
+
+
+def _run(layers, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x, cache)
+    return x
+
+
+class Encoder3d(nn.Module):
+    """Video -> 2*z_dim moments at 1/8 resolution and 1/4 frame rate (+1)."""
+
+    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int,
+                 attn_scales, temperal_downsample):
+        super().__init__()
+        dims = [dim * u for u in [1] + list(dim_mult)]
+        scale = 1.0
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                blocks.append(Resample(out_dim, "downsample3d" if temperal_downsample[i]
+                                       else "downsample2d"))
+                scale /= 2.0
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim), AttentionBlock(out_dim),
+                                    ResidualBlock(out_dim, out_dim))
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
+                                  CausalConv3d(out_dim, z_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.middle, _run(self.downsamples, x, cache), cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)
+
+
+class Decoder3d(nn.Module):
+    """z_dim latent -> RGB at 8x resolution, 4x frame rate (frame 0 -> 1 frame)."""
+
+    def __init__(self, dim: int, z_dim: int, dim_mult, num_res_blocks: int,
+                 attn_scales, temperal_upsample):
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1]] + list(dim_mult)[::-1]]
+        scale = 1.0 / 2 ** (len(dim_mult) - 2)
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:  # the previous Resample halved the channels
+                in_dim //= 2
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                if scale in attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                blocks.append(Resample(out_dim, "upsample3d" if temperal_upsample[i]
+                                       else "upsample2d"))
+                scale *= 2.0
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
+                                  CausalConv3d(out_dim, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.upsamples, _run(self.middle, x, cache), cache)
+        return self.head[2](F.silu(self.head[0](x)), cache)

@@ -1,0 +1,98 @@
+"""Streaming Wan VAE: decode / encode a clip chunk by chunk with explicit conv caches.
+
+The state of a stream is ``cache`` (a list with one [B,C,n,H,W] tensor per temporal
+conv, created at the first chunk, then updated in place: fixed shapes and addresses,
+so later chunks of a fixed size can be CUDA-graph captured) and ``first`` (whether the
+next chunk starts the clip). Concatenating the chunk outputs equals the whole-clip
+``WanVAE.decode`` / ``encode`` for any chunking (up to conv rounding).
+
+Decoder modes:
+- default: upstream ``WanVAE_.decode`` / ``cached_decode`` semantics (latent frame 0
+  -> 1 pixel frame, every later latent frame -> 4).
+- ``zero_init=True``: Self-Forcing's demo ``VAEDecoderWrapper`` (demo_utils/vae_block3.py):
+  the cache starts as zeros instead of None, so the temporal upsamplers never take
+  the first-frame 'Rep' path: latent frame 0 already yields 4 frames (the demo drops
+  the first 3) and frame 1 sees frame 0. Not equal to the full decode; ``demo()``
+  also clamps and uses its [B,T,C,H,W] layout.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .vae_blocks import ConvCache
+
+if TYPE_CHECKING:
+    from .vae import WanVAE
+
+
+def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.permute(0, 2, 1, 3, 4) if layout == "btchw" else x
+
+
+class StreamingDecoder:
+    """Decode latent chunks of any size; outputs concatenate to the whole-clip decode."""
+
+    def __init__(self, vae: "WanVAE", zero_init: bool = False, clamp: bool = False,
+                 layout: str = "bcthw", cache: list[torch.Tensor] | None = None):
+        if layout not in ("bcthw", "btchw"):
+            raise ValueError(f"layout must be 'bcthw' or 'btchw', got {layout!r}")
+        self.vae = vae
+        self.zero_init = zero_init
+        self.clamp = clamp
+        self.layout = layout
+        self.cache: list[torch.Tensor] = [] if cache is None else cache
+        self.first = not zero_init
+
+    @classmethod
+    def demo(cls, vae: "WanVAE") -> "StreamingDecoder":
+        """Self-Forcing demo decoder: zero cache, clamped, [B,T,C,H,W] in and out."""
+        return cls(vae, zero_init=True, clamp=True, layout="btchw")
+
+    def reset(self) -> None:
+        """Start a new clip, keeping the cache storage (zeroed) for reuse."""
+        for t in self.cache:
+            t.zero_()
+        self.first = not self.zero_init
+
+    @torch.no_grad()
+    def decode_chunk(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [B,z,f,h,w] (or [B,f,z,h,w]) -> pixels, same layout.
+
+        f latent frames give 4f pixel frames, except 1+4(f-1) for the clip's first chunk
+        in the default mode.
+        """
+        z = _to_bcthw(latent, self.layout)
+        cursor = ConvCache(self.cache, first=self.first)
+        out = self.vae.decode_step(z, cursor)
+        self.first = False
+        if self.clamp:
+            out = out.float().clamp_(-1, 1)
+        return _to_bcthw(out, self.layout)
+
+
+class StreamingEncoder:
+    """Encode a clip as frame 0 then chunks of 4k frames (first chunk may be 1+4k)."""
+
+    def __init__(self, vae: "WanVAE", cache: list[torch.Tensor] | None = None):
+        self.vae = vae
+        self.cache: list[torch.Tensor] = [] if cache is None else cache
+        self.first = True
+
+    def reset(self) -> None:
+        for t in self.cache:
+            t.zero_()
+        self.first = True
+
+    @torch.no_grad()
+    def encode_chunk(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels [B,3,t,H,W] -> normalised latent [B,z,t',H/8,W/8] (t'=(t-1)/4+1 first, t/4 after)."""
+        t, step = video.shape[2], self.vae.temporal_factor
+        if (t - 1 if self.first else t) % step or t == 0:
+            want = f"1+{step}k" if self.first else f"a multiple of {step}"
+            raise ValueError(f"chunk has {t} frames; this chunk needs {want}")
+        cursor = ConvCache(self.cache, first=self.first)
+        out = self.vae.encode_step(video, cursor)
+        self.first = False
+        return out

@@ -1,0 +1,1 @@
+"""Packaged specs: `fd exec <name>` finds specs/<name>.yaml here after install."""
