@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         return COMMANDS[args.command](args)
     except SpecErrors as e:

@@ -7,7 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from engine.parallel import (make_context_groups, ring_attention, ring_attention_gather, ulysses_attention)
+from engine.parallel import make_context_groups, ring_attention, ring_attention_gather, ulysses_attention
 
 
 def frame_split(frames: int, n: int) -> list[int]:
@@ -46,23 +46,43 @@ def attention_cases(world, cases: dict) -> dict:
     return out
 
 
-def raise_on_rank1(world) -> None:
+def _note_pid(pid_dir: str, rank: int) -> None:
+    with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def subgroup_cases(world, qs: list, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """World of 4 cut into two context groups of 2: each pair attends its own query, never the other's."""
+    groups = make_context_groups(world.world_size, {"pair": 2, "all": world.world_size})
+    g = groups["pair"]
+    pair = world.rank // 2
+    half = k.shape[1] // 2
+    sl = slice(g.rank * half, (g.rank + 1) * half)
+    return {"pair": pair, "ranks": groups["pair"].ranks, "all_size": groups["all"].size,
+            "out": ring_attention_gather(qs[pair], k[:, sl], v[:, sl], g)}
+
+
+def raise_on_rank1(world, pid_dir: str) -> None:
     """Rank 1 raises while rank 0 waits in a collective for it: without handling, rank 0 hangs."""
+    _note_pid(pid_dir, world.rank)
     if world.rank == 1:
         raise RuntimeError("boom from rank 1")
     t = torch.ones(1)
     dist.all_reduce(t)
 
 
-def die_on_rank1(world) -> None:
+def die_on_rank1(world, pid_dir: str) -> None:
     """Rank 1 dies without a Python exception (as with a segfault or the OOM killer)."""
+    _note_pid(pid_dir, world.rank)
     if world.rank == 1:
         os._exit(7)
     dist.all_reduce(torch.ones(1))
 
 
-def hang_on_rank1(world) -> None:
-    """Rank 1 never arrives; only the launch deadline can end this."""
+def hang_on_rank1(world, pid_dir: str) -> None:
+    """Rank 1 never arrives; only the launch deadline can end this (the group timeout is set longer)."""
+    _note_pid(pid_dir, world.rank)
     if world.rank == 1:
         time.sleep(1000)
     dist.all_reduce(torch.ones(1))
+

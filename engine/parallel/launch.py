@@ -8,6 +8,7 @@ deadline after which every child is killed.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import sys
@@ -47,21 +48,28 @@ def _worker(local_rank: int, fn: Callable, args: tuple, nproc: int, port: int, b
             dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), backend: str = "gloo",
-           timeout_s: float = 60.0, pg_timeout_s: float | None = None) -> list[Any]:
+def spawn_ranks(fn: Callable[..., Any], nproc: int, args: tuple = (), backend: str = "gloo",
+           timeout_s: float = 60.0, pg_timeout_s: float | None = None,
+           start_method: str = "forkserver") -> list[Any]:
     """Call ``fn(world: WorldInfo, *args)`` on ``nproc`` spawned processes; return their results by rank.
 
     ``fn`` must be importable by name (module-level), its args and result picklable. Raises
     ``LaunchError`` naming the first failing rank (with its traceback) or the timeout; in both cases
     every child has been terminated when it returns. ``backend='auto'`` picks nccl with CUDA
     (rank r on cuda:r) and gloo otherwise.
+
+    ``forkserver`` (default) imports torch once in a server process and forks ranks from it: a launch
+    costs milliseconds instead of seconds of ``import torch`` per rank, and stays CUDA-safe because the
+    server never touches CUDA. ``spawn`` is the fallback for platforms without it.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     pg_timeout_s = timeout_s if pg_timeout_s is None else pg_timeout_s
+    if start_method == "forkserver":
+        multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "engine.parallel"])
     with tempfile.TemporaryDirectory(prefix="fd-launch-") as result_dir:
         ctx = tmp.start_processes(_worker, args=(fn, args, nproc, free_port(), backend, pg_timeout_s, result_dir),
-                                  nprocs=nproc, join=False, daemon=True, start_method="spawn")
+                                  nprocs=nproc, join=False, daemon=True, start_method=start_method)
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=min(0.2, max(0.0, deadline - time.monotonic())), grace_period=2.0):
@@ -90,12 +98,12 @@ def _stop(procs) -> None:
 
 
 def main_or_exit(fn: Callable[..., Any], nproc: int, args: tuple = (), **kw) -> list[Any]:
-    """``launch`` for command lines: on failure print the clear message and exit 1 instead of a traceback."""
+    """``spawn_ranks`` for command lines: on failure print the clear message and exit 1 instead of a traceback."""
     try:
-        return launch(fn, nproc, args, **kw)
+        return spawn_ranks(fn, nproc, args, **kw)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
-__all__ = ["LaunchError", "WorldInfo", "free_port", "launch", "main_or_exit"]
+__all__ = ["LaunchError", "WorldInfo", "free_port", "main_or_exit", "spawn_ranks"]

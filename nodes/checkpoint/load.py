@@ -112,7 +112,9 @@ def open_checkpoint(source: str | os.PathLike | Iterable[str | os.PathLike], *,
 
     ``source``: a ``.safetensors`` file, a ``*.safetensors.index.json`` (sharded),
     a folder (its index, else its ``*.safetensors`` shards, else its one torch file),
-    a ``.pth/.pt/.bin/.ckpt`` file, a list of any of these, or an ``hf://`` reference.
+    a ``.pth/.pt/.bin/.ckpt`` file, a list of any of these, or an ``hf://`` reference
+    (for a sharded DiT in a repo that also holds the VAE and T5, name its
+    ``...safetensors.index.json``: only the shards it lists are downloaded).
     ``select``: for torch files holding a dict of state dicts (Self-Forcing's
     ``{'generator': ..., 'generator_ema': ...}``), the entry to use; '/' separates levels.
     ``strip_prefix``: removed from every key that starts with it (e.g. ``"model."``).
@@ -319,8 +321,9 @@ def _layout_hint(have: set[str], want: set[str], keymap: KeyMap | None) -> str |
         text = (f"the checkpoint keys carry an extra prefix {p!r}; pass strip_prefix={p!r}" if kind == "strip"
                 else f"the module keys carry a prefix {p!r} that the checkpoint lacks")
         best = (len(want), text)
-    from .wan_layouts import KNOWN_KEYMAPS
-    for km in KNOWN_KEYMAPS:
+    from . import wan_layouts
+    symbols = {id(v): n for n, v in vars(wan_layouts).items() if isinstance(v, KeyMap)}
+    for km in wan_layouts.KNOWN_KEYMAPS:
         if keymap is not None and km.name == keymap.name:
             continue
         try:
@@ -328,7 +331,8 @@ def _layout_hint(have: set[str], want: set[str], keymap: KeyMap | None) -> str |
         except CheckpointError:
             continue
         if fit > base and (best is None or fit > best[0]):
-            best = (fit, f"the checkpoint looks like another layout: keymap {km.name!r} makes "
+            best = (fit, f"the checkpoint looks like another layout: keymap {km.name!r} "
+                         f"(nodes.checkpoint.wan_layouts.{symbols.get(id(km), '?')}) makes "
                          f"{fit}/{len(want)} module keys fit (now {base})")
     return best[1] if best else None
 

@@ -44,7 +44,8 @@ class HfRef:
         return " ".join(parts)
 
     def __str__(self) -> str:
-        return f"{HF_SCHEME}{self.repo_id}" + (f"/{self.path}" if self.path else "") + (
+        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        return f"{HF_SCHEME}{kind}{self.repo_id}" + (f"/{self.path}" if self.path else "") + (
             f"@{self.revision}" if self.revision else "")
 
 

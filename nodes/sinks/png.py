@@ -32,8 +32,10 @@ class PngSink(Node):
         if state.target is None:
             state.target = AtomicPath(self.p.path, directory=True)
         for f in to_uint8_frames(inputs["frames"]):
-            av.VideoFrame.from_ndarray(f, format="rgb24").to_image().save(
-                state.target.tmp / f"frame_{state.frames:06d}.png")
+            codec = av.CodecContext.create("png", "w")  # PyAV's own PNG encoder: no imaging library needed
+            codec.width, codec.height, codec.pix_fmt = f.shape[1], f.shape[0], "rgb24"
+            packets = codec.encode(av.VideoFrame.from_ndarray(f, format="rgb24")) + codec.encode(None)
+            (state.target.tmp / f"frame_{state.frames:06d}.png").write_bytes(b"".join(bytes(p) for p in packets))
             state.frames += 1
         return {}
 

@@ -191,7 +191,7 @@ class Resample(nn.Module):
         y = self.time_conv(xin)
         return y if head is None else torch.cat([head, y], dim=2)
 
-    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
         if self.mode == "upsample3d":
             x = self._time_up(x, cache)
         conv = self.resample[1]

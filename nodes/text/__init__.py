@@ -1,0 +1,1 @@
+"""Text encoders (Wan's UMT5-XXL in ``umt5``)."""
