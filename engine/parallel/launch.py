@@ -59,8 +59,11 @@ def _worker(rank: int, fn: Callable, args: tuple, nproc: int, port: int, backend
         dist.destroy_process_group()
     except BaseException:
         # The wall-clock time orders failures across ranks: the earliest is the cause.
-        with open(os.path.join(run_dir, f"rank{rank}.err"), "w") as f:
+        # Written whole then renamed: the parent may terminate this rank while it writes.
+        path = os.path.join(run_dir, f"rank{rank}.err")
+        with open(path + ".tmp", "w") as f:
             json.dump({"time": time.time(), "trace": traceback.format_exc()}, f)
+        os.replace(path + ".tmp", path)
         sys.exit(1)
 
 

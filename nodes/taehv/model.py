@@ -207,8 +207,12 @@ class TAEHV(nn.Module):
         return x
 
     def decode_chunk(self, x: torch.Tensor, memory: Memory | None = None) -> tuple[torch.Tensor, Memory]:
-        """Decode latents [N, T, C, h, w] continuing from ``memory``; raw output, no trim."""
-        return run_layers(self.decoder, self.prepare_latents(x), memory)
+        """Decode latents [N, T, C, h, w] continuing from ``memory``; raw output, no trim.
+
+        Latents are cast to the model's device and dtype; output is in the model's dtype.
+        """
+        w = self.decoder[1].weight
+        return run_layers(self.decoder, self.prepare_latents(x.to(device=w.device, dtype=w.dtype)), memory)
 
     def decode_video(self, x: torch.Tensor, parallel: bool = True) -> torch.Tensor:
         """[N, T, C, h, w] latents -> [N, 4T, 3, 8h, 8w], ~[0, 1], not clamped, not trimmed.
@@ -228,6 +232,8 @@ class TAEHV(nn.Module):
         """[N, T, 3, H, W] frames in [0, 1] -> latents [N, T/4, C, H/8, W/8] (T a multiple of 4)."""
         if not hasattr(self, "encoder"):
             raise RuntimeError("this TAEHV was built without an encoder (decoder-only checkpoint)")
+        w = self.encoder[0].weight
+        x = x.to(device=w.device, dtype=w.dtype)
         if parallel:
             return run_layers(self.encoder, x)[0]
         step = 1
