@@ -8,6 +8,14 @@ AdaLN modulation, gates and the head in float32, the residual stream in float32
 weights' dtype (bf16 on GPU). The causal path is Self-Forcing's CausalWanModel:
 per-frame timesteps, self-attention over [cached K/V + the block's own], cross-
 attention K/V computed once per prompt.
+
+Speed (CUDA): the elementwise stages between the matmuls (AdaLN modulation, qk
+RMS-norm + RoPE, gated residual adds) are plain functions collected in
+``Kernels`` so that ``WanDiT.compile_elementwise()`` can hand them to
+torch.compile (one compile per shape, shared by all layers: short cold start);
+RoPE tables are built on the device; the causal cache is written through a
+device row index. ``CausalDenoiser`` wraps the causal call for ARRollout and
+replays it as CUDA graphs keyed by the attended length (engine.capture).
 """
 from __future__ import annotations
 
@@ -17,10 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.capture import GraphCache, StaticTensors
+
 from .attention import attention
 from .config import WanConfig
-from .kv_cache import CrossCache, SelfKVCache
-from .rope import apply_rope, rope_cos_sin
+from .kv_cache import CrossCache, DeviceRows, SelfKVCache
+from .rope import RopeTable, apply_rope
 
 CLIP_DIM = 1280  # CLIP ViT-H penultimate width, hard-coded upstream (MLPProj(1280, dim))
 
@@ -35,6 +45,50 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
 
 def _linear32(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+
+
+def _modulate(x, shift, scale, fm: int, eps: float, dtype: torch.dtype):
+    """AdaLN: LayerNorm(x) * (1 + scale) + shift per frame, cast to the matmul dtype."""
+    h = F.layer_norm(x, (x.shape[-1],), eps=eps).unflatten(1, (fm, -1))
+    return (h * (1 + scale) + shift).flatten(1, 2).to(dtype)
+
+
+def _gated_add(x, y, gate, fm: int):
+    """Residual x + y * gate (per frame), in float32."""
+    return x + (y.float().unflatten(1, (fm, -1)) * gate).flatten(1, 2)
+
+
+def _norm_rope(x, weight, eps: float, heads: int, cos, sin):
+    """q or k: optional RMS qk-norm (upstream WanRMSNorm), split heads, rotate."""
+    if weight is not None:
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+    return apply_rope(x.unflatten(-1, (heads, -1)), cos, sin)
+
+
+def _ln_cast(x, weight, bias, eps: float, dtype: torch.dtype):
+    """Cross-attention input: float32 affine LayerNorm (or none) cast to the matmul dtype."""
+    if weight is not None:
+        x = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    return x.to(dtype)
+
+
+def _add_float(x, y):
+    return x + y.float()
+
+
+class Kernels:
+    """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``)."""
+
+    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float")
+
+    def __init__(self, compile: bool = False, mode: str | None = None):
+        self.compiled = compile
+        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float)
+        for name, fn in zip(self.NAMES, fns):
+            setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
+
+
+EAGER = Kernels()
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +114,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image_kv: bool = False):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.eps = num_heads, eps
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         norm = (lambda: RMSNorm(dim, eps)) if qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
@@ -90,35 +144,37 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, e0, rope, cross: CrossCache, layer: int, backend: str,
-                cache: SelfKVCache | None = None, plan=None):
+    def forward(self, x, e0, rope, cross: CrossCache, layer: int, backend: str, kern: Kernels = EAGER,
+                cache: SelfKVCache | None = None, plan=None, rows: DeviceRows | None = None):
         """x [B, L, dim] float32 residual; e0 [B, Fm, 6, dim] float32 (Fm = 1 or frames)."""
-        fm, wd = e0.shape[1], self.ffn[0].weight.dtype
+        fm, wd, eps = e0.shape[1], self.ffn[0].weight.dtype, self.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3).unbind(2)
 
-        def modulate(h, shift, scale):
-            h = F.layer_norm(h, (self.dim,), eps=self.eps).unflatten(1, (fm, -1))
-            return (h * (1 + scale) + shift).flatten(1, 2).to(wd)
-
-        def gated(y, gate):
-            return (y.float().unflatten(1, (fm, -1)) * gate).flatten(1, 2)
-
         sa = self.self_attn
-        h = modulate(x, shift1, scale1)
-        q, (k, v) = apply_rope(sa.query(h), *rope), sa.kv(h)
-        k = apply_rope(k, *rope)
+        h = kern.modulate(x, shift1, scale1, fm, eps, wd)
+        q = kern.norm_rope(sa.q(h), _norm_weight(sa.norm_q), sa.eps, sa.num_heads, *rope)
+        k = kern.norm_rope(sa.k(h), _norm_weight(sa.norm_k), sa.eps, sa.num_heads, *rope)
+        v = sa.heads(sa.v(h))
         if cache is not None:
-            cache.write(layer, plan, k, v)
-            k, v = cache.keys_values(layer, plan)
-        x = x + gated(sa.o(attention(q, k, v, backend).flatten(2)), gate1)
+            cache.write(layer, plan, k, v, rows)
+            k, v = cache.keys_values(layer, plan, rows)
+        x = kern.gated_add(x, sa.o(attention(q, k, v, backend).flatten(2)), gate1, fm)
 
         ca = self.cross_attn
-        q = ca.query(self.norm3(x).to(wd))
+        if isinstance(self.norm3, FP32LayerNorm):
+            h = kern.ln_cast(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, wd)
+        else:
+            h = kern.ln_cast(x, None, None, eps, wd)
+        q = ca.query(h)
         y = attention(q, cross.k[layer], cross.v[layer], backend)
         if cross.k_img is not None:
             y = y + attention(q, cross.k_img[layer], cross.v_img[layer], backend)
-        x = x + ca.o(y.flatten(2)).float()
-        return x + gated(self.ffn(modulate(x, shift2, scale2)), gate2)
+        x = kern.add_float(x, ca.o(y.flatten(2)))
+        return kern.gated_add(x, self.ffn(kern.modulate(x, shift2, scale2, fm, eps, wd)), gate2, fm)
+
+
+def _norm_weight(norm: nn.Module):
+    return norm.weight if isinstance(norm, RMSNorm) else None
 
 
 class Head(nn.Module):
@@ -151,6 +207,8 @@ class WanDiT(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.cfg, self.backend = cfg, "auto"
+        self.kernels = EAGER
+        self.rope_table = RopeTable(cfg.head_dim)
         d, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
@@ -164,6 +222,12 @@ class WanDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
+
+    def compile_elementwise(self, enabled: bool = True, mode: str | None = None) -> "WanDiT":
+        """Run the elementwise stages through torch.compile (CUDA; each distinct shape
+        compiles once on first use, shared by all layers)."""
+        self.kernels = Kernels(compile=True, mode=mode) if enabled else EAGER
+        return self
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] (one per sample) or [B, F] (per frame) -> e [B, Fm, dim], e0 [B, Fm, 6, dim] (float32)."""
@@ -194,20 +258,20 @@ class WanDiT(nn.Module):
             cross.k_img, cross.v_img = [k for k, _ in kv], [v for _, v in kv]
         return cross
 
-    def _run(self, x, t, cross, frame_start=0, cache=None):
-        """x [B, C, F, H, W] -> [B, out_dim, F, H, W] float32."""
+    def _run(self, x, t, cross, frame_start=0, cache=None, rope=None, plan=None, rows=None):
+        """x [B, C, F, H, W] -> [B, out_dim, F, H, W] float32. A captured caller passes the
+        block's rope (cos, sin), plan and device rows in; otherwise they are looked up here."""
         x = self.patch_embedding(x.to(self.dtype))
         b, _, f, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2).float()
         e, e0 = self.embed_time(t)
-        rope = rope_cos_sin(self.cfg.head_dim, frame_start, f, h, w, device=x.device)
-        plan = None
-        if cache is not None:
-            if h * w != cache.frame_tokens:
-                raise ValueError(f"{h}x{w} tokens per frame, cache was built for {cache.frame_tokens}")
-            plan = cache.plan(frame_start, f)
+        if rope is None:
+            rope = self.rope_table.get(frame_start, f, h, w, x.device)
+        if cache is not None and plan is None:
+            plan = self.causal_plan(cache, frame_start, f, h * w)
+            rows = cache.device_rows(plan)
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, rope, cross, i, self.backend, cache, plan)
+            tokens = blk(tokens, e0, rope, cross, i, self.backend, self.kernels, cache, plan, rows)
         out = self.head(tokens, e)
         pt, ph, pw = self.cfg.patch_size
         out = out.view(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
@@ -222,6 +286,12 @@ class WanDiT(nn.Module):
         if y is not None:
             x = torch.cat([x, torch.stack(list(y)) if isinstance(y, (list, tuple)) else y], dim=1)
         return self._run(x, t, cross if cross is not None else self.prepare_cross(context, clip_fea))
+
+    @staticmethod
+    def causal_plan(cache: SelfKVCache, frame_start: int, frames: int, frame_tokens: int):
+        if frame_tokens != cache.frame_tokens:
+            raise ValueError(f"{frame_tokens} tokens per frame, cache was built for {cache.frame_tokens}")
+        return cache.plan(frame_start, frames)
 
     def forward_causal(self, x, t, cross: CrossCache, cache: SelfKVCache, frame_start: int, y=None):
         """One causal call on a block of latent frames (Self-Forcing CausalWanModel semantics).
@@ -238,3 +308,68 @@ class WanDiT(nn.Module):
         if y is not None:
             x = torch.cat([x, y.transpose(1, 2)], dim=1)
         return self._run(x, t, cross, frame_start, cache).transpose(1, 2)
+
+
+class CausalDenoiser:
+    """``denoise(x, t, frame_start) -> flow`` for ARRollout over one KV cache and one prompt,
+    replayed as CUDA graphs on CUDA (eager elsewhere, or with ``graphs=False``).
+
+    A call's only Python-level variation is the attended length (and, in 'relative' mode,
+    which sink rows it writes): that is the graph key. Everything else goes in as copied-in
+    tensors: the block latents, its timesteps, its RoPE table, its cache row index. So the
+    cache filling takes one graph per attended length and, once the window is full, one graph
+    replays for every later block. The prompt's cross-attention K/V live in static buffers:
+    ``set_prompt`` copies a new prompt into them (no re-capture).
+    """
+
+    def __init__(self, model: WanDiT, cache: SelfKVCache, cross: CrossCache | None = None, *,
+                 graphs: bool = True, warmup: int = 1):
+        self.model, self.cache = model, cache
+        self.static = StaticTensors()
+        self.cross: CrossCache | None = None
+        self.graphs = GraphCache(self._core, cache.k.device, enabled=graphs, warmup=warmup, name="dit")
+        self._plan = None
+        if cross is not None:
+            self.set_prompt(cross)
+
+    def set_prompt(self, cross: CrossCache) -> None:
+        """Copy a prompt's cross-attention K/V into the static buffers the graphs read."""
+        moved, lists = False, {}
+        for kind in ("k", "v", "k_img", "v_img"):
+            src = getattr(cross, kind)
+            if src is None:
+                lists[kind] = None
+                continue
+            for i, t in enumerate(src):
+                moved |= self.static.put(f"{kind}{i}", t)
+            lists[kind] = [self.static[f"{kind}{i}"] for i in range(len(src))]
+        if moved:
+            self.graphs.clear()
+        self.cross = CrossCache(**lists)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, y: torch.Tensor | None = None):
+        """x [B, f, C, H, W], t [B, f] (or [B]) -> flow [B, f, out_dim, H, W] float32."""
+        if self.cross is None:
+            raise RuntimeError("CausalDenoiser needs set_prompt() before the first call")
+        m, cache = self.model, self.cache
+        pt, ph, pw = m.cfg.patch_size
+        f, h, w = x.shape[1] // pt, x.shape[3] // ph, x.shape[4] // pw
+        plan = m.causal_plan(cache, frame_start, f, h * w)
+        rows = cache.device_rows(plan)
+        cos, sin = m.rope_table.get(frame_start, f, h, w, x.device)
+        extra = () if y is None else (y,)
+        key = (tuple(x.shape), tuple(t.shape), y is not None, plan.attend_rows, cache.sink_writes(plan),
+               cache.k.data_ptr())
+        self._plan = plan  # read by _core while warming up / capturing; replays never call it
+        return self.graphs(key, x, t, cos, sin, *extra, *rows.tensors())
+
+    def _core(self, x, t, cos, sin, *rest):
+        y, rows = (rest[0], rest[1:]) if len(rest) in (2, 4) else (None, rest)
+        if y is not None:
+            x = torch.cat([x, y], dim=2)
+        out = self.model._run(x.transpose(1, 2), t, self.cross, self._plan.frame_start, self.cache,
+                              rope=(cos, sin), plan=self._plan, rows=DeviceRows.from_tensors(rows))
+        return out.transpose(1, 2)
+
+    def graph_status(self) -> str:
+        return self.graphs.status()

@@ -14,9 +14,15 @@ the same SET of frames (the sink, then the newest window_frames - sink_frames
 frames), only in another row order; attention is permutation-invariant over
 post-RoPE keys, so results agree without the roll copy. `chronological` returns
 upstream's row order.
+
+For CUDA graphs the per-block variation travels as tensors (``DeviceRows``): the
+block's cache rows as an index (``index_copy_``) and, in 'relative' mode, the sink
+shift's rotation. A captured call then depends on the attended length only, so
+once the window is full one graph serves every later block.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +40,21 @@ class BlockPlan:
     writes: tuple[tuple[int, int, int], ...]  # (cache row, row within the block, rows)
     attend_rows: int                          # keys attended = cache rows [0, attend_rows)
     sink_shift: int                           # 'relative' mode: frames the sink keys move forward
+
+
+@dataclass
+class DeviceRows:
+    """Device-side data of a BlockPlan: what a captured call takes as copied-in inputs."""
+    index: torch.Tensor                 # [num_frames * frame_tokens] int64: cache row of each block token
+    shift_cos: torch.Tensor | None = None  # 'relative' mode with sink: [1, 1, D/2] rotation of the sink keys
+    shift_sin: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.index,) if self.shift_cos is None else (self.index, self.shift_cos, self.shift_sin)
+
+    @classmethod
+    def from_tensors(cls, tensors) -> "DeviceRows":
+        return cls(*tensors)
 
 
 @dataclass
@@ -88,6 +109,7 @@ class SelfKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.sink_k = None
+        self._rows: OrderedDict[tuple, DeviceRows] = OrderedDict()
         if rope_mode == "relative" and sink_frames:
             self.sink_k = torch.zeros(shape[:2] + (sink_frames * frame_tokens,) + shape[3:],
                                       dtype=torch.float32, device=device)
@@ -116,20 +138,52 @@ class SelfKVCache:
         return BlockPlan(frame_start, num_frames, tuple(tuple(w) for w in writes),
                          min(end, self.window_frames) * ft, max(0, end - self.ring_frames - s))
 
-    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the block's post-RoPE k and its v ([B, rows, H, D]) at the plan's rows."""
-        for dst, src, n in plan.writes:
-            self.k[layer, :, dst:dst + n] = k[:, src:src + n]
-            self.v[layer, :, dst:dst + n] = v[:, src:src + n]
-            if self.sink_k is not None and dst < self.sink_k.shape[2]:
-                self.sink_k[layer, :, dst:dst + n] = k[:, src:src + n]
+    def device_rows(self, plan: BlockPlan) -> DeviceRows:
+        """The plan's row index (and sink shift rotation) on the cache's device, memoised: the
+        ring makes them periodic, so a handful of entries serve an unbounded rollout."""
+        key = (plan.writes, plan.sink_shift if self.sink_k is not None else None)
+        rows = self._rows.get(key)
+        if rows is None:
+            dev = self.k.device
+            index = torch.cat([torch.arange(dst, dst + n, device=dev) for dst, _, n in plan.writes])
+            shift = (None, None)
+            if self.sink_k is not None:
+                shift = frame_shift_cos_sin(self.head_dim, plan.sink_shift, dev)
+            rows = self._rows[key] = DeviceRows(index, *shift)
+            while len(self._rows) > 64:
+                self._rows.popitem(last=False)
+        return rows
 
-    def keys_values(self, layer: int, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def sink_writes(self, plan: BlockPlan) -> tuple[tuple[int, int, int], ...]:
+        """The plan's writes that land in the sink ('relative' mode keeps a float32 copy of those)."""
+        if self.sink_k is None:
+            return ()
+        return tuple(w for w in plan.writes if w[0] < self.sink_k.shape[2])
+
+    def write(self, layer: int, plan: BlockPlan, k: torch.Tensor, v: torch.Tensor,
+              rows: DeviceRows | None = None) -> None:
+        """Store the block's post-RoPE k and its v ([B, rows, H, D]) at the plan's rows
+        (through ``rows.index`` when given: one launch per tensor, capture-friendly)."""
+        if rows is None:
+            for dst, src, n in plan.writes:
+                self.k[layer, :, dst:dst + n] = k[:, src:src + n]
+                self.v[layer, :, dst:dst + n] = v[:, src:src + n]
+        else:
+            self.k[layer].index_copy_(1, rows.index, k.to(self.k.dtype))
+            self.v[layer].index_copy_(1, rows.index, v.to(self.v.dtype))
+        for dst, src, n in self.sink_writes(plan):
+            self.sink_k[layer, :, dst:dst + n] = k[:, src:src + n]
+
+    def keys_values(self, layer: int, plan: BlockPlan,
+                    rows: DeviceRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attended K/V (views into the cache, ring order) for a block already written."""
         if self.sink_k is not None:
-            cos, sin = frame_shift_cos_sin(self.head_dim, plan.sink_shift, self.k.device)
-            rows = self.sink_k.shape[2]
-            self.k[layer, :, :rows] = apply_rope(self.sink_k[layer], cos, sin).to(self.k.dtype)
+            if rows is None:
+                cos, sin = frame_shift_cos_sin(self.head_dim, plan.sink_shift, self.k.device)
+            else:
+                cos, sin = rows.shift_cos, rows.shift_sin
+            n = self.sink_k.shape[2]
+            self.k[layer, :, :n] = apply_rope(self.sink_k[layer], cos, sin).to(self.k.dtype)
         return self.k[layer, :, :plan.attend_rows], self.v[layer, :, :plan.attend_rows]
 
     def chronological(self, layer: int, frame_end: int) -> tuple[torch.Tensor, torch.Tensor]:

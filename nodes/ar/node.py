@@ -1,0 +1,192 @@
+"""`ar.sampler`: one autoregressive block of a causal Wan DiT per engine block (Self-Forcing / Causal-Forcing).
+
+Per session the node owns the self-attention KV cache, the prompt's cross-attention
+K/V, the block rollout (``nodes.ar.ARRollout``) and the RNG. A prompt switch rebuilds
+only the cross-attention K/V: the frames already generated stay in the self-attention
+cache, so the video continues under the new prompt.
+
+Noise: with a global cache (``window_frames: null``) the rollout length is known, so the
+noise of all ``num_blocks`` blocks is drawn first from a generator seeded with the seed
+and the re-noise draws continue that stream - upstream's RNG order. With a window
+(unbounded rollouts) each block's noise is drawn from the same generator just before
+the block, so memory does not grow with the number of blocks.
+
+Timing: every denoiser call is timed (CUDA events on GPU, perf counters on CPU) and
+sorted by kind, so ``last_breakdown_ms()`` gives the last block's DiT time (all
+denoising steps) apart from the KV (context) pass - what ``fd bench`` reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.errors import FdError
+from engine.node import Node, Param, Port
+from engine.timing import NodeTimer
+from engine.types import DENOISER, INT, LATENT, TEXT_EMBEDDING
+
+from .rollout import ARRollout, CallTrace
+from .schedule import ARSchedule
+
+KIND_KEYS = {"denoise": "dit_ms", "context": "kv_ms", "image": "image_ms"}
+
+
+@dataclass
+class ARState:
+    """One session's rollout: caches, RNG, and the timers of the last block."""
+    handle: Any = None
+    cache: Any = None                 # nodes.wan.kv_cache.SelfKVCache
+    cross: Any = None                 # nodes.wan.kv_cache.CrossCache of the current prompt
+    rollout: ARRollout | None = None
+    generator: torch.Generator | None = None
+    noise: torch.Tensor | None = None  # all blocks' noise (global cache only)
+    prompt_switches: int = 0
+    pending: NodeTimer | None = None
+    timers: dict[str, list[NodeTimer]] = field(default_factory=dict)
+
+
+class ARSamplerNode(Node):
+    type_name = "ar.sampler"
+    doc = ("Autoregressive few-step sampler of Self-Forcing / Causal-Forcing on a causal Wan DiT: per block, "
+           "warped FlowMatch denoising steps then a KV (context) pass. Owns the KV cache; a prompt switch keeps it.")
+    inputs = (
+        Port("model", DENOISER, "a causal-capable Wan DiT (wan.dit)"),
+        Port("text", TEXT_EMBEDDING, "prompt embeddings [B, L, text_dim]; a new value switches the prompt"),
+        Port("image_latent", LATENT, "I2V: image latent frames [B, F, C, h, w] written to the cache first "
+             "(Causal-Forcing initial_latent)", optional=True),
+        Port("seed", INT, "noise seed (else the seed param)", optional=True),
+    )
+    outputs = (Port("latent", LATENT, "clean latents of this block [B, frames_per_block, C, h, w] (I2V block 0: "
+                    "the image frames first)"),)
+    params = (
+        Param("steps", list, [1000, 750, 500, 250], "denoising step list (1000 = pure noise)"),
+        Param("first_chunk_steps", list, None, "step list of the first generated block (Causal-Forcing++)",
+              nullable=True),
+        Param("warp", bool, True, "map steps through the shifted FlowMatch table (warp_denoising_step)"),
+        Param("shift", float, 5.0, "FlowMatch timestep shift", min=0.0),
+        Param("frames_per_block", int, 3, "latent frames per block (3 chunkwise, 1 framewise)", min=1),
+        Param("latent_channels", int, 16, "latent channels", min=1),
+        Param("latent_height", int, 60, "latent height (pixel height / 8)", min=1),
+        Param("latent_width", int, 104, "latent width (pixel width / 8)", min=1),
+        Param("num_blocks", int, 7, "blocks the global KV cache is sized for (window_frames: null)", min=1),
+        Param("sink_frames", int, 0, "frames kept forever at the start of the cache (attention sink)", min=0),
+        Param("window_frames", int, None, "frames the cache keeps, sink included (null: every frame of "
+              "num_blocks, upstream's default); set it for unbounded rollouts", min=1, nullable=True),
+        Param("rope_mode", str, "absolute", "RoPE of evicted windows: absolute (upstream) or relative",
+              choices=("absolute", "relative")),
+        Param("context_noise", float, 0.0, "timestep of the KV pass (0 = clean, upstream inference)", min=0.0),
+        Param("batch", int, 1, "videos per session", min=1),
+        Param("seed", int, 0, "noise seed when the seed input is not wired"),
+    )
+    capturable = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._last: dict[str, list[NodeTimer]] = {}
+
+    def new_state(self) -> ARState:
+        return ARState()
+
+    # ------------------------------------------------------------------ setup
+    def _schedule(self) -> ARSchedule:
+        from nodes.samplers.flow_match import FlowMatchTable
+        return ARSchedule.build(FlowMatchTable(self.p.shift), self.p.steps, first_chunk_steps=self.p.first_chunk_steps,
+                                warp=self.p.warp, context_noise=self.p.context_noise)
+
+    def _start(self, state: ARState, inputs: dict) -> None:
+        from nodes.wan.kv_cache import SelfKVCache
+
+        h = inputs["model"]
+        cfg, dev = h.config, h.module.patch_embedding.weight.device
+        _, ph, pw = cfg.patch_size
+        lh, lw, nfpb = self.p.latent_height, self.p.latent_width, self.p.frames_per_block
+        if lh % ph or lw % pw:
+            raise FdError(f"node {self.name!r}: latent {lh}x{lw} is not divisible by the DiT patch {ph}x{pw}")
+        image = inputs.get("image_latent")
+        prefix = 0 if image is None else image.shape[1]
+        if image is not None and prefix % nfpb:
+            raise FdError(f"node {self.name!r}: image_latent has {prefix} frames, not a multiple of "
+                          f"frames_per_block={nfpb}")
+        max_frames = prefix + self.p.num_blocks * nfpb
+        try:
+            state.cache = SelfKVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, (lh // ph) * (lw // pw),
+                                      sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
+                                      max_frames=max_frames, batch_size=self.p.batch, rope_mode=self.p.rope_mode,
+                                      dtype=h.dtype, device=dev)
+        except ValueError as e:
+            raise FdError(f"node {self.name!r}: {e}") from e
+        if self.p.window_frames is not None and self.p.window_frames - self.p.sink_frames < nfpb:
+            raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of {nfpb} frames")
+        seed = int(inputs.get("seed", self.p.seed))
+        state.generator = torch.Generator(device=dev).manual_seed(seed)
+        if self.p.window_frames is None:
+            state.noise = torch.randn(self._noise_shape(self.p.num_blocks * nfpb), generator=state.generator,
+                                      device=dev)
+        state.handle = h
+        state.cross = self._cross(h, inputs["text"])
+        init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
+        state.rollout = ARRollout(self._denoiser(state), self._schedule(), nfpb, initial_latent=init,
+                                  generator=state.generator, trace=lambda tr: self._classify(state, tr))
+
+    def _noise_shape(self, frames: int) -> tuple[int, ...]:
+        return (self.p.batch, frames, self.p.latent_channels, self.p.latent_height, self.p.latent_width)
+
+    def _cross(self, h, text: torch.Tensor):
+        text = text.to(h.module.patch_embedding.weight.device)
+        if text.shape[0] != self.p.batch:
+            text = text.expand(self.p.batch, -1, -1)
+        with torch.no_grad():
+            return h.module.prepare_cross(text)
+
+    def _denoiser(self, state: ARState):
+        module = state.handle.module
+        device = str(module.patch_embedding.weight.device)
+
+        def denoise(x, t, frame_start):
+            timer = NodeTimer(device)
+            timer.start()
+            with torch.no_grad():
+                flow = module.forward_causal(x, t, state.cross, state.cache, frame_start)
+            timer.stop()
+            state.pending = timer
+            return flow
+        return denoise
+
+    def _classify(self, state: ARState, tr: CallTrace) -> None:
+        state.timers.setdefault(KIND_KEYS[tr.kind], []).append(state.pending)
+        state.pending = None
+
+    # ------------------------------------------------------------------ running
+    def run(self, inputs, state: ARState, step):
+        changed = step.extra.get("changed", set())
+        if state.rollout is None:
+            self._start(state, inputs)
+        elif "text" in changed:
+            state.cross = self._cross(state.handle, inputs["text"])
+            state.prompt_switches += 1
+        roll, nfpb = state.rollout, self.p.frames_per_block
+        b = roll.block_index
+        if state.noise is not None:
+            if b >= self.p.num_blocks:
+                raise FdError(f"node {self.name!r}: block {b} is past num_blocks={self.p.num_blocks}, which sizes "
+                              "the global KV cache; raise num_blocks, or set window_frames for an unbounded rollout")
+            noise = state.noise[:, b * nfpb:(b + 1) * nfpb]
+        else:
+            noise = torch.randn(self._noise_shape(nfpb), generator=state.generator, device=state.cache.k.device)
+        state.timers = {}
+        x0 = roll.step(noise)
+        self._last = state.timers
+        if b == 0 and roll.initial_latent is not None:
+            x0 = torch.cat([roll.initial_latent.to(x0.dtype), x0], dim=1)
+        return {"latent": x0}
+
+    def last_breakdown_ms(self, state: ARState | None = None) -> dict[str, float]:
+        """Milliseconds of the last block by kind: dit_ms (all denoising steps), kv_ms (context pass),
+        image_ms (I2V image pass, block 0 only). On CUDA this waits for the block's events."""
+        timers = self._last if state is None else state.timers
+        return {k: sum(t.ms() for t in ts) for k, ts in timers.items()}
+
+
+NODE_TYPES = (ARSamplerNode,)

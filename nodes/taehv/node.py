@@ -1,0 +1,94 @@
+"""`taehv.decode`: madebyollin's tiny Wan 2.1 autoencoder as a streaming per-block decoder.
+
+Much cheaper than the Wan VAE (a preview-quality decoder, as in Self-Forcing's demo).
+The MemBlock memory is carried in the session state, so block-by-block decoding equals
+one full decode with upstream's leading-frame trim applied once (``mode: exact``);
+``mode: demo`` is the demo's re-decode of the last 3 latents instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.errors import FdError
+from engine.node import Node, Param, Port
+from engine.types import LATENT, PIXELS
+from nodes.wan.node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+
+TAEW2_1 = "hf://lightx2v/Autoencoders/taew2_1.pth"
+
+
+class TAEHVDecodeNode(Node):
+    type_name = "taehv.decode"
+    doc = ("Streaming TAEHV decoder (taew2_1 / lighttaew2_1) for Wan 2.1 latents: fast preview-quality frames, "
+           "memory carried across blocks (first block trimmed as upstream).")
+    inputs = (Port("latent", LATENT, "latents of this block [B, f, C, h, w] (normalised, as the DiT makes them)"),)
+    outputs = (Port("pixels", PIXELS, "frames [B, T, 3, 8h, 8w] in [-1, 1]"),)
+    params = (
+        checkpoint_param(TAEW2_1, "TAEHV weights (taew2_1.pth, lighttaew2_1.pth or a FlashDreams export)"),
+        Param("family", str, "auto", "which latents the weights expect: taew2_1 (normalised), lighttaew2_1 (raw "
+              "Wan latents); auto: lighttaew2_1 when the file name says 'lighttae'",
+              choices=("auto", "taew2_1", "lighttaew2_1")),
+        Param("mode", str, "exact", "exact: equals one full decode; demo: Self-Forcing demo's 3-latent warm-up",
+              choices=("exact", "demo")),
+        Param("channels", list, [256, 128, 64, 64], "decoder widths (random weights; read from checkpoints)"),
+        Param("latent_channels", int, 16, "latent channels (random weights)", min=1),
+        dtype_param(),
+        seed_param(),
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream = None
+
+    def _family(self) -> str:
+        if self.p.family != "auto":
+            return self.p.family
+        return "lighttaew2_1" if "lighttae" in Path(str(self.p.checkpoint)).name else "taew2_1"
+
+    def _random_config(self):
+        from .model import CHECKPOINT_LATENT_INPUT, TAEHVConfig
+        if len(self.p.channels) != 4:
+            raise FdError(f"node {self.name!r}: channels must list 4 decoder widths, got {self.p.channels}")
+        return TAEHVConfig(latent_channels=self.p.latent_channels, encoder_channels=None,
+                           decoder_channels=tuple(int(c) for c in self.p.channels),
+                           latent_input=CHECKPOINT_LATENT_INPUT[self._family()])
+
+    def estimate_bytes(self) -> int:
+        from .model import TAEHV
+        cfg = self._random_config()
+        elem = torch.empty((), dtype=resolve_dtype(self.p.dtype, self.device)).element_size()
+        return meta_param_count(lambda: TAEHV(cfg)) * elem
+
+    def load(self) -> None:
+        from nodes.checkpoint import open_checkpoint, random_init
+
+        from .model import TAEHV, build_taehv
+        from .stream import StreamingTAEHVDecoder
+        dtype = resolve_dtype(self.p.dtype, self.device)
+        if is_random(self.p.checkpoint):
+            with torch.device("meta"):
+                model = TAEHV(self._random_config())
+            random_init(model, self.p.init_seed, device=self.device, dtype=dtype)
+            if hasattr(model, "latent_std"):  # constants zeroed by random_init: put the real ones back
+                from .model import WAN21_LATENT_MEAN, WAN21_LATENT_STD
+                model.latent_mean = torch.tensor(WAN21_LATENT_MEAN, device=self.device).view(1, 1, -1, 1, 1)
+                model.latent_std = torch.tensor(WAN21_LATENT_STD, device=self.device).view(1, 1, -1, 1, 1)
+            model = model.eval().requires_grad_(False)
+        else:
+            sd = dict(open_checkpoint(self.p.checkpoint).items())
+            model = build_taehv(sd, device=self.device, dtype=dtype, checkpoint=self._family(), with_encoder=False)
+        self.stream = StreamingTAEHVDecoder(model, mode=self.p.mode, signed_output=True)
+
+    def new_state(self):
+        return None if self.stream is None else self.stream.new_state()
+
+    def run(self, inputs, state, step):
+        if self.stream is None:
+            raise FdError(f"node {self.name!r} ran before load()")
+        frames = self.stream.decode(state, inputs["latent"])
+        return {"pixels": frames.float().clamp_(-1, 1)}
+
+
+NODE_TYPES = (TAEHVDecodeNode,)

@@ -1,0 +1,179 @@
+"""`wan.dit`: the Wan 2.1 DiT (bidirectional or causal), loaded once and handed on as a DENOISER.
+
+The node only builds or loads the module; samplers (``ar.sampler``, ``wan.t2v_sampler``)
+own the per-session state (KV caches, noise). Checkpoints in any known layout load
+(native Wan-AI safetensors, diffusers ``WanTransformer3DModel``, Self-Forcing /
+Causal-Forcing training files holding ``generator`` / ``generator_ema``), one tensor at
+a time onto the node's device. ``checkpoint: random`` builds a model of the ``preset``
+size (or the explicit size params) with deterministic random weights, for benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import FdError
+from engine.node import SESSION, Node, Param
+from engine.node import Port
+from engine.types import DENOISER
+
+from .attention import BACKENDS
+from .config import WAN_14B, WAN_1_3B, WanConfig
+from .node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+
+PRESETS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
+SIZE_PARAMS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "in_dim", "out_dim")
+FSDP_INFIX = "_fsdp_wrapped_module."
+
+
+@dataclass
+class DenoiserHandle:
+    """What flows on a DENOISER edge: the module plus what a sampler needs to drive it."""
+    module: Any              # nodes.wan.dit.WanDiT, eval mode, no grad
+    config: WanConfig
+    dtype: torch.dtype
+    backend: str
+    device: str
+
+
+class WanDiTNode(Node):
+    type_name = "wan.dit"
+    doc = ("Wan 2.1 DiT (1.3B / 14B, T2V or I2V), bidirectional and causal in one module. Loads native, diffusers "
+           "or Self-Forcing/Causal-Forcing checkpoints (ema picks generator_ema), or random weights of a preset size.")
+    outputs = (Port("model", DENOISER, "the loaded DiT (module, config, dtype, attention backend)"),)
+    params = (
+        checkpoint_param("random", "DiT weights"),
+        Param("weights", str, "checkpoint", "'random' forces random weights whatever checkpoint says "
+              "(one override turns a real spec into a benchmark)", choices=("checkpoint", "random")),
+        Param("ema", bool, True, "Self-Forcing/Causal-Forcing training files: use generator_ema (else generator)"),
+        Param("preset", str, None, "model size for random weights and memory estimates: 1.3b or 14b",
+              choices=("1.3b", "14b"), nullable=True),
+        Param("model_type", str, "t2v", "random weights: t2v, or i2v (adds the CLIP image branch)",
+              choices=("t2v", "i2v")),
+        Param("dim", int, None, "hidden size (random weights; overrides the preset)", min=2, nullable=True),
+        Param("ffn_dim", int, None, "FFN width (random weights)", min=1, nullable=True),
+        Param("num_heads", int, None, "attention heads; not stored in checkpoints (default dim/128, right for "
+              "every Wan 2.1 release)", min=1, nullable=True),
+        Param("num_layers", int, None, "transformer blocks (random weights)", min=1, nullable=True),
+        Param("text_dim", int, None, "text embedding width (random weights; 4096 = UMT5-XXL)", min=1, nullable=True),
+        Param("text_len", int, 512, "text tokens the cross-attention pads to", min=1),
+        Param("in_dim", int, None, "input latent channels (random weights; 16 T2V, 36 I2V)", min=1, nullable=True),
+        Param("out_dim", int, None, "output latent channels (random weights)", min=1, nullable=True),
+        Param("attention", str, "auto", "attention backend", choices=BACKENDS),
+        dtype_param(),
+        seed_param(),
+    )
+    phase = SESSION
+    context_parallel = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handle: DenoiserHandle | None = None
+
+    # ------------------------------------------------------------------ config
+    @property
+    def random_weights(self) -> bool:
+        return self.p.weights == "random" or is_random(self.p.checkpoint)
+
+    def size_config(self) -> WanConfig:
+        """The config the size params describe (preset, then explicit overrides)."""
+        base = PRESETS[self.p.preset] if self.p.preset else WAN_1_3B
+        over = {k: getattr(self.p, k) for k in SIZE_PARAMS if getattr(self.p, k) is not None}
+        if self.p.model_type == "i2v":
+            over.setdefault("in_dim", 36)
+        if "dim" in over and "num_heads" not in over:
+            over["num_heads"] = max(1, over["dim"] // 128)
+        return replace(base, model_type=self.p.model_type, **over)
+
+    def estimate_bytes(self) -> int:
+        from .dit import WanDiT
+        cfg = self.size_config()
+        elem = torch.empty((), dtype=resolve_dtype(self.p.dtype, self.device)).element_size()
+        return meta_param_count(lambda: WanDiT(cfg)) * elem
+
+    def context_size(self) -> int:
+        par = self.parallel
+        if par is None:
+            return 1
+        if isinstance(par, dict):
+            return int(par.get("context", 1))
+        return int(getattr(par, "size", 1))
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> None:
+        if self.context_size() > 1:
+            raise FdError(f"node {self.name!r}: parallel.context={self.context_size()} is declared but ring/ulysses "
+                          "attention is not wired into wan.dit yet; remove `parallel:` or set context: 1")
+        dtype = resolve_dtype(self.p.dtype, self.device)
+        module = self._random(dtype) if self.random_weights else self._from_checkpoint(dtype)
+        module.backend = self.p.attention
+        module.eval().requires_grad_(False)
+        self.handle = DenoiserHandle(module, module.cfg, dtype, self.p.attention, str(self.device))
+
+    def _random(self, dtype):
+        from nodes.checkpoint import random_init
+
+        from .dit import WanDiT
+        with torch.device("meta"):
+            module = WanDiT(self.size_config())
+        return random_init(module, self.p.init_seed, device=self.device, dtype=dtype)
+
+    def _from_checkpoint(self, dtype):
+        from nodes.checkpoint import load_into
+        from nodes.checkpoint.wan_layouts import to_native
+
+        from .dit import WanDiT
+        sd = strip_fsdp(to_native(open_dit_checkpoint(self.p.checkpoint, self.p.ema), ema=self.p.ema))
+        cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
+        return load_into(lambda: WanDiT(cfg), sd, device=self.device, dtype=dtype)
+
+    def run(self, inputs, state, step):
+        if self.handle is None:
+            raise FdError(f"node {self.name!r} ran before load()")
+        return {"model": self.handle}
+
+
+def open_dit_checkpoint(ref: str, ema: bool = True):
+    """Open a DiT checkpoint lazily; a training file's generator state dict is picked by ``ema``."""
+    from nodes.checkpoint import open_checkpoint, resolve
+    from nodes.checkpoint.load import TORCH_SUFFIXES
+    from nodes.checkpoint.wan_layouts import SELF_FORCING_ENTRIES
+
+    text = str(ref)
+    if text.startswith("hf://"):
+        kind = "file" if text.endswith(TORCH_SUFFIXES + (".safetensors", ".json")) else "folder"
+    else:
+        kind = "folder" if Path(text).expanduser().is_dir() else "file"
+    path = resolve(text, kind=kind)
+    select = None
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        top = _torch_top_level(path)
+        wanted = SELF_FORCING_ENTRIES if ema else SELF_FORCING_ENTRIES[::-1]
+        select = next((e for e in wanted if e in top), None)
+    return open_checkpoint(path, select=select)
+
+
+def _torch_top_level(path: Path) -> set:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return set()  # open_checkpoint reports the unreadable file with its own message
+    return set(obj.keys()) if isinstance(obj, dict) else set()
+
+
+def strip_fsdp(sd):
+    """Some training files keep FSDP's wrapper in their names (``_fsdp_wrapped_module.``); drop it."""
+    if not any(FSDP_INFIX in k for k in sd):
+        return sd
+    names = {k.replace(FSDP_INFIX, ""): k for k in sd}
+    if hasattr(sd, "renamed"):
+        return sd.renamed(names)
+    return {new: sd[old] for new, old in names.items()}
+
+
+NODE_TYPES = (WanDiTNode,)

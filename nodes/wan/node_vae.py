@@ -1,0 +1,146 @@
+"""`wan.vae_decode` (streaming, per block) and `wan.vae_encode` (once per session) on the Wan 2.1 VAE.
+
+Decoding block by block with the conv caches carried in the session state gives the
+same frames as decoding the whole latent video at once (``nodes.wan.vae_stream``):
+the first block yields 1 + 4(f-1) frames, every later block 4f. ``mode: demo`` is
+Self-Forcing's demo decoder instead (zero-initialised caches: 4f frames per block
+from the first, not equal to the full decode).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from engine.errors import FdError
+from engine.node import SESSION, Node, Param, Port
+from engine.types import IMAGE, LATENT, PIXELS
+
+from .node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+from .vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
+
+WAN21_VAE = "hf://Wan-AI/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth"
+
+
+def _vae_params() -> tuple[Param, ...]:
+    return (
+        checkpoint_param(WAN21_VAE, "Wan 2.1 VAE weights (native Wan2.1_VAE.pth or diffusers AutoencoderKLWan)"),
+        Param("dim", int, 96, "base width (96 for the real VAE; random weights may be tiny, e.g. 8)", min=1),
+        Param("z_dim", int, 16, "latent channels", min=1),
+        dtype_param(),
+        seed_param(),
+    )
+
+
+class _WanVAENode(Node):
+    """Shared loading of the Wan VAE for the encode and decode nodes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vae = None
+
+    def estimate_bytes(self) -> int:
+        from .vae import WanVAE
+        elem = torch.empty((), dtype=resolve_dtype(self.p.dtype, self.device)).element_size()
+        return meta_param_count(lambda: WanVAE(dim=self.p.dim, z_dim=self.p.z_dim)) * elem
+
+    def load(self) -> None:
+        from nodes.checkpoint import load_into, open_checkpoint, random_init
+        from nodes.checkpoint.wan_layouts import VAE_DIFFUSERS_TO_NATIVE
+
+        from .vae import WanVAE
+        dtype = resolve_dtype(self.p.dtype, self.device)
+        if is_random(self.p.checkpoint):
+            with torch.device("meta"):
+                vae = WanVAE(dim=self.p.dim, z_dim=self.p.z_dim)
+            random_init(vae, self.p.init_seed, device=self.device, dtype=dtype)
+        else:
+            sd = open_checkpoint(self.p.checkpoint)
+            dim = _vae_dim(sd)
+            keymap = VAE_DIFFUSERS_TO_NATIVE if "decoder.conv_in.weight" in sd else None
+            with torch.device("meta"):
+                vae = WanVAE(dim=dim, z_dim=self.p.z_dim)
+            _materialize_stats(vae, self.device)
+            load_into(vae, sd, keymap=keymap, device=self.device, dtype=dtype)
+        _materialize_stats(vae, self.device)
+        self.vae = vae.eval().requires_grad_(False)
+
+    def _vae(self):
+        if self.vae is None:
+            raise FdError(f"node {self.name!r} ran before load()")
+        return self.vae
+
+
+def _vae_dim(sd: Mapping) -> int:
+    for key in ("encoder.conv1.weight", "encoder.conv_in.weight"):
+        if key in sd:
+            return sd.shape(key)[0] if hasattr(sd, "shape") else sd[key].shape[0]
+    raise FdError("not a Wan 2.1 VAE checkpoint (no encoder.conv1.weight / encoder.conv_in.weight)")
+
+
+def _materialize_stats(vae, device) -> None:
+    """The latent mean/std are constants, not checkpoint entries: (re)create them on the device."""
+    vae.latent_mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=device)
+    vae.latent_std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=device)
+
+
+class WanVAEDecodeNode(_WanVAENode):
+    type_name = "wan.vae_decode"
+    doc = ("Streaming Wan 2.1 VAE decoder: each block's latents to frames, conv caches carried across blocks, so the "
+           "stream equals one full decode (first block 1+4(f-1) frames, later 4f).")
+    inputs = (Port("latent", LATENT, "latents of this block [B, f, C, h, w]"),)
+    outputs = (Port("pixels", PIXELS, "frames [B, T, 3, 8h, 8w] in [-1, 1]"),)
+    params = _vae_params() + (
+        Param("mode", str, "exact", "exact: equals the full decode; demo: Self-Forcing demo decoder (zero caches)",
+              choices=("exact", "demo")),
+    )
+
+    def new_state(self):
+        return {"decoder": None}
+
+    def run(self, inputs, state, step):
+        from .vae_stream import StreamingDecoder
+        vae = self._vae()
+        if state["decoder"] is None:
+            state["decoder"] = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True, layout="btchw")
+        w = vae.conv2.weight
+        frames = state["decoder"].decode_chunk(inputs["latent"].to(w.device, w.dtype))
+        if self.p.mode == "demo" and step.block == 0:
+            frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames
+        return {"pixels": frames.float()}
+
+
+class WanVAEEncodeNode(_WanVAENode):
+    type_name = "wan.vae_encode"
+    doc = ("Wan 2.1 VAE encoder for image conditioning: an image to its normalised latent frame (Causal-Forcing I2V "
+           "initial latent), or to Wan 2.1 I2V's `y` (mask channels + latents of the image followed by black frames).")
+    inputs = (Port("image", IMAGE, "image [B, 3, H, W] in [-1, 1]"),)
+    outputs = (Port("latent", LATENT, "image: [B, 1, z, H/8, W/8]; i2v_condition: [B, F, 4 + z, H/8, W/8]"),)
+    params = _vae_params() + (
+        Param("mode", str, "image", "image: the image's latent frame; i2v_condition: Wan 2.1 I2V y",
+              choices=("image", "i2v_condition")),
+        Param("frames", int, 81, "i2v_condition: pixel frames of the video (1 + 4k)", min=1),
+    )
+    phase = SESSION
+
+    def run(self, inputs, state, step):
+        vae = self._vae()
+        w = vae.conv1.weight
+        img = inputs["image"].to(w.device, w.dtype)
+        if self.p.mode == "image":
+            with torch.no_grad():
+                z = vae.encode(img.unsqueeze(2))
+            return {"latent": z.transpose(1, 2).float()}
+        b, _, hh, ww = img.shape
+        t = vae.temporal_factor
+        if (self.p.frames - 1) % t:
+            raise FdError(f"node {self.name!r}: frames={self.p.frames} must be 1 + {t}k")
+        video = torch.cat([img.unsqueeze(2), img.new_zeros(b, 3, self.p.frames - 1, hh, ww)], dim=2)
+        with torch.no_grad():
+            z = vae.encode(video).float()                                  # [B, z, F, h, w]
+        mask = torch.zeros(b, t, z.shape[2], z.shape[3], z.shape[4], device=z.device)
+        mask[:, :, 0] = 1.0  # Wan: the first pixel frame is given, repeated over the first latent's t frames
+        return {"latent": torch.cat([mask, z], dim=1).transpose(1, 2)}
+
+
+NODE_TYPES = (WanVAEDecodeNode, WanVAEEncodeNode)
