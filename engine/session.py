@@ -32,7 +32,24 @@ class Pipeline:
         self.loaded = False
         self.load_ms: dict[str, float] = {}
 
+    def assign_parallel_groups(self) -> None:
+        """Create the context-parallel process groups the plan asks for and hand each node its group.
+
+        Every rank calls this in the same order (``new_group`` is collective). Nodes without a
+        ``parallel:`` setting run replicated on every rank (deterministic, so their results agree
+        without a broadcast); only rank 0 runs sinks.
+        """
+        sizes = {n: np_.parallel["context"] for n, np_ in self.plan.nodes.items() if np_.parallel}
+        if not sizes:
+            return
+        from .parallel.groups import make_context_groups
+        strategies = {n: self.plan.nodes[n].parallel["strategy"] for n in sizes}
+        groups = make_context_groups(self.plan.world_size, sizes, strategies, rank=self.rank)
+        for n, g in groups.items():
+            self.plan.nodes[n].node.parallel = g
+
     def load(self, progress: Callable[[str, int, int], None] | None = None) -> "Pipeline":
+        self.assign_parallel_groups()
         total = len(self.plan.order)
         for i, name in enumerate(self.plan.order):
             if progress:

@@ -36,14 +36,40 @@ def resolve_spec(args):
     return spec
 
 
+def _exec_on_rank(world, argv: list[str]) -> int:
+    from flashdreams_cli.main import main
+    rc = main(argv)
+    if rc:
+        raise SystemExit(rc)
+    return rc
+
+
+def _launch_local_ranks(nproc: int) -> int:
+    """``fd exec --nproc N``: the same command on N local processes joined in one process group (torch's
+    launcher semantics: RANK/WORLD_SIZE/MASTER_ADDR set per rank); one failing rank ends them all."""
+    import sys
+
+    import torch
+
+    from engine.errors import FdError
+    from engine.parallel.launch import LaunchError, spawn_ranks
+
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
+    try:
+        spawn_ranks(_exec_on_rank, nproc, args=(sys.argv[1:],), backend=backend, timeout_s=7 * 24 * 3600,
+                    pg_timeout_s=600)
+    except LaunchError as e:
+        raise FdError(f"fd exec --nproc {nproc}: {e}") from None
+    return 0
+
+
 def run_exec(args) -> int:
     from engine import Registry
     from engine.plan import make_plan
     from engine.session import Pipeline
 
     if getattr(args, "nproc", 1) > 1 and "RANK" not in os.environ:
-        from engine.parallel.launch import relaunch_cli
-        return relaunch_cli(args.nproc)
+        return _launch_local_ranks(args.nproc)
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world_size > 1:
         from engine.parallel.groups import init_distributed

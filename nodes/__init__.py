@@ -12,6 +12,13 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.basic.noise",
     "nodes.basic.tensor_ops",
     "nodes.sinks",
+    "nodes.text.node",
+    "nodes.image.node",
+    "nodes.wan.node_dit",
+    "nodes.wan.node_vae",
+    "nodes.wan.node_t2v",
+    "nodes.ar.node",
+    "nodes.taehv.node",
 )
 
 

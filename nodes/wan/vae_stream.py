@@ -14,12 +14,18 @@ Decoder modes:
   the first-frame 'Rep' path: latent frame 0 already yields 4 frames (the demo drops
   the first 3) and frame 1 sees frame 0. Not equal to the full decode; ``demo()``
   also clamps and uses its [B,T,C,H,W] layout.
+
+``graphs=True`` (CUDA) replays the decode of every later chunk as a CUDA graph
+(engine.capture): after the first chunk the conv caches exist and keep their
+addresses, so a chunk of a given size is one static graph.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+
+from engine.capture import GraphCache
 
 from .vae_blocks import ConvCache
 
@@ -35,7 +41,7 @@ class StreamingDecoder:
     """Decode latent chunks of any size; outputs concatenate to the whole-clip decode."""
 
     def __init__(self, vae: "WanVAE", zero_init: bool = False, clamp: bool = False,
-                 layout: str = "bcthw", cache: list[torch.Tensor] | None = None):
+                 layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False):
         if layout not in ("bcthw", "btchw"):
             raise ValueError(f"layout must be 'bcthw' or 'btchw', got {layout!r}")
         self.vae = vae
@@ -44,6 +50,15 @@ class StreamingDecoder:
         self.layout = layout
         self.cache: list[torch.Tensor] = [] if cache is None else cache
         self.first = not zero_init
+        device = next(vae.parameters()).device
+        self.graphs = GraphCache(self._later_chunk, device, enabled=graphs, name="vae")
+
+    def _later_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode_step(z, ConvCache(self.cache, first=False))
+        return out.float().clamp_(-1, 1) if self.clamp else out
+
+    def graph_status(self) -> str:
+        return self.graphs.status()
 
     @classmethod
     def demo(cls, vae: "WanVAE") -> "StreamingDecoder":
@@ -64,11 +79,14 @@ class StreamingDecoder:
         in the default mode.
         """
         z = _to_bcthw(latent, self.layout)
-        cursor = ConvCache(self.cache, first=self.first)
-        out = self.vae.decode_step(z, cursor)
+        if self.first or not self.cache:  # the caches are created by this call: never captured
+            out = self.vae.decode_step(z, ConvCache(self.cache, first=self.first))
+            if self.clamp:
+                out = out.float().clamp_(-1, 1)
+        else:
+            key = (tuple(z.shape), z.dtype, z.stride(), len(self.cache), self.cache[0].data_ptr())
+            out = self.graphs(key, z)
         self.first = False
-        if self.clamp:
-            out = out.float().clamp_(-1, 1)
         return _to_bcthw(out, self.layout)
 
 

@@ -1,0 +1,122 @@
+"""`image.load` (an image file to a tensor) and `wan.clip_encoder` (Wan I2V's CLIP image tokens).
+
+Images are decoded with PyAV (ffmpeg's PNG/JPEG/WebP decoders), so no imaging library
+is needed, and resized to the spec's frame size the way Causal-Forcing's I2V loader
+does (``transforms.Resize((H, W))``: bilinear with antialiasing, aspect not kept).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.errors import FdError
+from engine.node import SESSION, Node, Param, Port
+from engine.types import IMAGE, IMAGE_EMBEDDING
+from nodes.wan.node_params import checkpoint_param, dtype_param, is_random, resolve_dtype, seed_param
+
+WAN_CLIP = "hf://Wan-AI/Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The first frame of an image file as uint8 RGB [H, W, 3]."""
+    import av
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FdError(f"image {p}: no such file")
+    try:
+        with av.open(str(p)) as container:
+            frame = next(container.decode(video=0))
+            return frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, StopIteration) as e:
+        raise FdError(f"image {p}: cannot decode it ({e})") from e
+
+
+def to_model_image(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [H, W, 3] -> [1, 3, height, width] float32 in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 2 - 1).contiguous()
+
+
+class ImageLoadNode(Node):
+    type_name = "image.load"
+    doc = "Reads an image file (PNG, JPEG, ... via PyAV) into [1, 3, height, width] in [-1, 1], resized to the video size."
+    outputs = (Port("image", IMAGE, "[1, 3, height, width] in [-1, 1]"),)
+    params = (
+        Param("path", str, doc="image file"),
+        Param("height", int, 480, "frame height in pixels", min=8),
+        Param("width", int, 832, "frame width in pixels", min=8),
+    )
+    phase = SESSION
+
+    def run(self, inputs, state, step):
+        return {"image": to_model_image(read_image(self.p.path), self.p.height, self.p.width).to(self.device)}
+
+
+class ClipEncoderNode(Node):
+    type_name = "wan.clip_encoder"
+    doc = ("Wan 2.1 I2V image encoder: open-clip XLM-RoBERTa ViT-H/14 vision tower, penultimate tokens "
+           "[B, 257, 1280] of the conditioning image.")
+    inputs = (Port("image", IMAGE, "image [B, 3, H, W] in [-1, 1]"),)
+    outputs = (Port("tokens", IMAGE_EMBEDDING, "[B, 1 + (size/patch)^2, hidden] (Wan: 257 x 1280)"),)
+    params = (
+        checkpoint_param(WAN_CLIP, "CLIP weights (Wan .pth, open-clip or HF CLIPVisionModel layout)"),
+        Param("num_heads", int, 16, "attention heads (not in the weights; 16 for ViT-H/14)", min=1),
+        Param("hidden", int, 1280, "width (random weights)", min=1),
+        Param("layers", int, 32, "transformer layers (random weights)", min=2),
+        Param("mlp", int, 5120, "MLP width (random weights)", min=1),
+        Param("patch", int, 14, "patch size (random weights)", min=1),
+        Param("image_size", int, 224, "input size (random weights)", min=1),
+        dtype_param("auto"),
+        seed_param(),
+    )
+    phase = SESSION
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = None
+
+    def estimate_bytes(self) -> int:
+        p = self.p
+        count = p.layers * (4 * p.hidden * p.hidden + 2 * p.hidden * p.mlp) + 3 * p.patch * p.patch * p.hidden
+        return count * torch.empty((), dtype=resolve_dtype(p.dtype, self.device)).element_size()
+
+    def load(self) -> None:
+        dtype = resolve_dtype(self.p.dtype, self.device)
+        if is_random(self.p.checkpoint):
+            self.model = self._random_model(dtype)
+        else:
+            from nodes.checkpoint import open_checkpoint
+
+            from .clip import build_clip_vision
+            self.model = build_clip_vision(open_checkpoint(self.p.checkpoint), num_heads=self.p.num_heads,
+                                           device=self.device, dtype=dtype)
+
+    def _random_model(self, dtype):
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        from nodes.checkpoint import random_init
+        p = self.p
+        cfg = CLIPVisionConfig(hidden_size=p.hidden, intermediate_size=p.mlp, num_hidden_layers=p.layers,
+                               num_attention_heads=p.num_heads, patch_size=p.patch, image_size=p.image_size,
+                               hidden_act="gelu", layer_norm_eps=1e-5)
+        with torch.device("meta"):
+            model = CLIPVisionModel(cfg)
+        random_init(model, p.init_seed, device=self.device, dtype=dtype)
+        model.embeddings.position_ids = torch.arange(model.embeddings.num_positions, device=self.device)[None]
+        return model.eval().requires_grad_(False)
+
+    def run(self, inputs, state, step):
+        from .clip import penultimate_features, preprocess
+        if self.model is None:
+            raise FdError(f"node {self.name!r} ran before load()")
+        pixels = preprocess(inputs["image"], self.model.config.image_size)
+        return {"tokens": penultimate_features(self.model, pixels).float()}
+
+
+NODE_TYPES = (ImageLoadNode, ClipEncoderNode)
