@@ -94,8 +94,9 @@ class CudaGraphBackend:
 
 
 class EagerBackend:
-    """Stand-in with graph semantics on any device: 'capture' runs once and remembers the call,
-    'replay' re-runs it and writes into the same output tensors. For CPU tests of the dispatch."""
+    """Stand-in with graph semantics on any device, for CPU tests of the dispatch: 'capture' runs
+    the call once (as a real capture plus its first replay would, side effects included) and
+    remembers it; later 'replays' re-run it and write into the same output tensors."""
 
     def __init__(self):
         self.calls: list[str] = []
@@ -107,11 +108,14 @@ class EagerBackend:
     def capture(self, fn, args):
         self.calls.append("capture")
         out = fn(*args)
-        return (fn, args, out), out
+        return [fn, args, out, True], out
 
     def replay(self, graph) -> None:
         self.calls.append("replay")
-        fn, args, out = graph
+        fn, args, out, just_captured = graph
+        if just_captured:  # the capture already did this replay's work
+            graph[3] = False
+            return
         _pairs(lambda dst, src: dst.copy_(src), out, fn(*args))
 
 

@@ -26,7 +26,7 @@ from engine.spec import Spec
 
 from . import protocol
 from .protocol import ProtocolError
-from .sessions import Metrics, Outbox, OutboxOverflow, QueueFull, Replica, Rollout, SessionManager, Ticket, \
+from .sessions import Metrics, Outbox, QueueFull, Replica, Rollout, SessionManager, Ticket, \
     stream_source
 
 log = logging.getLogger("fd.serve")
@@ -215,8 +215,6 @@ class Connection:
                     self.send(protocol.error(str(e)))
                 if self.ws.closed:
                     break
-        except OutboxOverflow:
-            await self.close(CLOSE_OVERFLOW, "client not reading")
         finally:
             self.outbox.close()          # nobody to send to any more: drop what is queued
             await self._end_session("disconnected")
@@ -248,6 +246,8 @@ class Connection:
             while True:
                 item = await self.outbox.get()
                 if item is None:
+                    if self.outbox.overflowed and not self.ws.closed:
+                        await self.ws.close(code=CLOSE_OVERFLOW, message=b"client not reading")
                     return
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)

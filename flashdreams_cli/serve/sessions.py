@@ -107,14 +107,12 @@ def _to_frames(pixels):
 
 
 # --------------------------------------------------------------------------- per-client outbox
-class OutboxOverflow(RuntimeError):
-    """A client stopped reading even its control messages: it gets disconnected."""
-
-
 class Outbox:
-    """What the server still has to send one client: control messages (bounded, in order) and the
-    latest ``max_frames`` frames. Pushing a frame onto a full outbox drops the oldest one, so a slow
-    client sees a choppier stream rather than a growing delay, and memory stays bounded."""
+    """What the server still has to send one client: control messages (in order) and the latest
+    ``max_frames`` frames. Pushing a frame onto a full outbox drops the oldest one, so a slow client
+    sees a choppier stream rather than a growing delay, and memory stays bounded. Per-block status
+    messages are droppable too; if even the essential ones pile up past ``max_control`` the client is
+    not reading at all, and the outbox closes itself (``overflowed``) so the connection is dropped."""
 
     def __init__(self, max_frames: int = 2, max_control: int = 256):
         self.max_frames = max(1, max_frames)
@@ -123,13 +121,18 @@ class Outbox:
         self._control: collections.deque[dict] = collections.deque()
         self._ready = asyncio.Event()
         self.closed = False
+        self.overflowed = False
         self.dropped = 0
 
-    def push_json(self, msg: dict) -> None:
+    def push_json(self, msg: dict, droppable: bool = False) -> None:
         if self.closed:
             return
+        if droppable and len(self._control) >= max(1, self.max_control // 8):
+            return
         if len(self._control) >= self.max_control:
-            raise OutboxOverflow(f"more than {self.max_control} control messages unsent")
+            self.overflowed = True
+            self.close()
+            return
         self._control.append(msg)
         self._ready.set()
 
@@ -336,6 +339,9 @@ class Rollout:
                                    "replica": self.replica.index, "prompt": self.inputs.get("prompt"),
                                    "seed": self.inputs.get("seed")})
             while self.stop_reason is None:
+                if self.outbox.closed:
+                    self.stop_reason = "disconnected"
+                    break
                 self._apply_ops()
                 if self.stop_reason is not None:
                     break
@@ -399,7 +405,7 @@ class Rollout:
         self.metrics.encode_ms.append(out.encode_ms)
         self.outbox.push_json({"type": "block", "session": self.session_id, "block": out.block,
                                "frames": len(out.jpegs), "ms": round(out.step_ms, 3),
-                               "encode_ms": round(out.encode_ms, 3)})
+                               "encode_ms": round(out.encode_ms, 3)}, droppable=True)
         for i, jpeg in enumerate(out.jpegs):
             header = FrameHeader(self.session_id, out.block, self.frame_index, out.width, out.height,
                                  time.time() * 1e3, last_in_block=(i == len(out.jpegs) - 1))

@@ -38,7 +38,7 @@ class ARState:
     """One session's rollout: caches, RNG, and the timers of the last block."""
     handle: Any = None
     cache: Any = None                 # nodes.wan.kv_cache.SelfKVCache
-    cross: Any = None                 # nodes.wan.kv_cache.CrossCache of the current prompt
+    denoiser: Any = None              # CausalDenoiser (CUDA graphs) or _PlainDenoiser; holds the prompt's K/V
     rollout: ARRollout | None = None
     generator: torch.Generator | None = None
     noise: torch.Tensor | None = None  # all blocks' noise (global cache only)
@@ -79,12 +79,14 @@ class ARSamplerNode(Node):
         Param("context_noise", float, 0.0, "timestep of the KV pass (0 = clean, upstream inference)", min=0.0),
         Param("batch", int, 1, "videos per session", min=1),
         Param("seed", int, 0, "noise seed when the seed input is not wired"),
+        Param("graphs", bool, True, "on CUDA, replay the DiT calls as CUDA graphs (one per attended length)"),
     )
     capturable = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._last: dict[str, list[NodeTimer]] = {}
+        self._graphs = None  # the latest session's denoiser, for graph_status()
 
     def new_state(self) -> ARState:
         return ARState()
@@ -96,7 +98,7 @@ class ARSamplerNode(Node):
                                 warp=self.p.warp, context_noise=self.p.context_noise)
 
     def _start(self, state: ARState, inputs: dict) -> None:
-        from nodes.wan.kv_cache import SelfKVCache
+        from nodes.wan.context_parallel import make_rank_cache
 
         h = inputs["model"]
         cfg, dev = h.config, h.module.patch_embedding.weight.device
@@ -109,25 +111,32 @@ class ARSamplerNode(Node):
         if image is not None and prefix % nfpb:
             raise FdError(f"node {self.name!r}: image_latent has {prefix} frames, not a multiple of "
                           f"frames_per_block={nfpb}")
-        max_frames = prefix + self.p.num_blocks * nfpb
+        if self.p.window_frames is not None and self.p.window_frames - self.p.sink_frames < nfpb:
+            raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of {nfpb} frames "
+                          "(upstream fails there too)")
+        group = getattr(h.module, "parallel", None)
         try:
-            state.cache = SelfKVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, (lh // ph) * (lw // pw),
-                                      sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
-                                      max_frames=max_frames, batch_size=self.p.batch, rope_mode=self.p.rope_mode,
-                                      dtype=h.dtype, device=dev)
+            state.cache = make_rank_cache(cfg, group, (lh // ph) * (lw // pw), sink_frames=self.p.sink_frames,
+                                          window_frames=self.p.window_frames, max_frames=prefix + self.p.num_blocks * nfpb,
+                                          batch_size=self.p.batch, rope_mode=self.p.rope_mode, dtype=h.dtype, device=dev)
         except ValueError as e:
             raise FdError(f"node {self.name!r}: {e}") from e
-        if self.p.window_frames is not None and self.p.window_frames - self.p.sink_frames < nfpb:
-            raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of {nfpb} frames")
         seed = int(inputs.get("seed", self.p.seed))
         state.generator = torch.Generator(device=dev).manual_seed(seed)
         if self.p.window_frames is None:
             state.noise = torch.randn(self._noise_shape(self.p.num_blocks * nfpb), generator=state.generator,
                                       device=dev)
         state.handle = h
-        state.cross = self._cross(h, inputs["text"])
+        cross = self._cross(h, inputs["text"])
+        if group is not None and getattr(group, "active", False):
+            state.denoiser = _PlainDenoiser(h.module, state.cache, cross)  # the DiT shards tokens itself
+        else:
+            from nodes.wan.dit import CausalDenoiser
+            on_cuda = str(dev).startswith("cuda")
+            state.denoiser = CausalDenoiser(h.module, state.cache, cross, graphs=self.p.graphs and on_cuda)
+        self._graphs = state.denoiser
         init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
-        state.rollout = ARRollout(self._denoiser(state), self._schedule(), nfpb, initial_latent=init,
+        state.rollout = ARRollout(self._timed(state), self._schedule(), nfpb, initial_latent=init,
                                   generator=state.generator, trace=lambda tr: self._classify(state, tr))
 
     def _noise_shape(self, frames: int) -> tuple[int, ...]:
@@ -140,15 +149,14 @@ class ARSamplerNode(Node):
         with torch.no_grad():
             return h.module.prepare_cross(text)
 
-    def _denoiser(self, state: ARState):
-        module = state.handle.module
-        device = str(module.patch_embedding.weight.device)
+    def _timed(self, state: ARState):
+        device = str(state.cache.k.device)
 
         def denoise(x, t, frame_start):
             timer = NodeTimer(device)
             timer.start()
             with torch.no_grad():
-                flow = module.forward_causal(x, t, state.cross, state.cache, frame_start)
+                flow = state.denoiser(x, t, frame_start)
             timer.stop()
             state.pending = timer
             return flow
@@ -164,7 +172,7 @@ class ARSamplerNode(Node):
         if state.rollout is None:
             self._start(state, inputs)
         elif "text" in changed:
-            state.cross = self._cross(state.handle, inputs["text"])
+            state.denoiser.set_prompt(self._cross(state.handle, inputs["text"]))
             state.prompt_switches += 1
         roll, nfpb = state.rollout, self.p.frames_per_block
         b = roll.block_index
@@ -187,6 +195,24 @@ class ARSamplerNode(Node):
         image_ms (I2V image pass, block 0 only). On CUDA this waits for the block's events."""
         timers = self._last if state is None else state.timers
         return {k: sum(t.ms() for t in ts) for k, ts in timers.items()}
+
+
+    def graph_status(self) -> str:
+        status = getattr(self._graphs, "graph_status", None)
+        return status() if callable(status) else "eager"
+
+
+class _PlainDenoiser:
+    """The DiT called directly (context-parallel runs: the model shards tokens across ranks itself)."""
+
+    def __init__(self, module, cache, cross):
+        self.module, self.cache, self.cross = module, cache, cross
+
+    def set_prompt(self, cross) -> None:
+        self.cross = cross
+
+    def __call__(self, x, t, frame_start):
+        return self.module.forward_causal(x, t, self.cross, self.cache, frame_start)
 
 
 NODE_TYPES = (ARSamplerNode,)

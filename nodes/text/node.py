@@ -37,10 +37,12 @@ def byte_tokenize(prompts: list[str], text_len: int) -> tuple[torch.Tensor, torc
 
 class TextEncoderNode(Node):
     type_name = "wan.text_encoder"
-    doc = ("UMT5-XXL text encoder of Wan 2.1 (models_t5_umt5-xxl-enc-bf16.pth or an HF folder): a prompt to "
-           "[1, text_len, dim] embeddings with padded rows zeroed. Re-runs only when the prompt changes.")
-    inputs = (Port("prompt", TEXT, "the prompt"),)
-    outputs = (Port("embeds", TEXT_EMBEDDING, "[1, text_len, dim], rows past the prompt zeroed"),)
+    doc = ("UMT5-XXL text encoder of Wan 2.1 (models_t5_umt5-xxl-enc-bf16.pth or an HF folder): a prompt (and an "
+           "optional negative prompt) to [1, text_len, dim] embeddings with padded rows zeroed. Cached per prompt.")
+    inputs = (Port("prompt", TEXT, "the prompt"),
+              Port("negative", TEXT, "a negative prompt for CFG, encoded by the same weights", optional=True))
+    outputs = (Port("embeds", TEXT_EMBEDDING, "[1, text_len, dim], rows past the prompt zeroed"),
+               Port("negative_embeds", TEXT_EMBEDDING, "the negative prompt's embeddings (when `negative` is wired)"))
     params = (
         checkpoint_param(WAN_T5, "UMT5 encoder weights (Wan .pth or HF UMT5EncoderModel layout)"),
         Param("tokenizer", str, WAN_TOKENIZER, "tokenizer folder (local or hf://), or 'bytes' for the offline byte "
@@ -107,6 +109,11 @@ class TextEncoderNode(Node):
             self.tokenizer = AutoTokenizer.from_pretrained(str(resolve(self.p.tokenizer, kind="folder")))
         self._cache.clear()
 
+    def offload(self) -> None:
+        """``offload: true``: weights back to host memory after encoding; a new prompt brings them back."""
+        if self.model is not None and not str(self.device).startswith("cpu"):
+            self.model.to("cpu")
+
     def _tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         from .umt5 import clean_prompt
         if self.tokenizer is None:
@@ -124,6 +131,8 @@ class TextEncoderNode(Node):
             self._cache.move_to_end(prompt)
             return self._cache[prompt]
         ids, mask = self._tokenize(prompt)
+        if self.model.device != torch.device(self.device):
+            self.model.to(self.device)
         out = encode(self.model, ids, mask)
         self._cache[prompt] = out
         while len(self._cache) > self.p.cache_size:
@@ -131,10 +140,13 @@ class TextEncoderNode(Node):
         return out
 
     def run(self, inputs, state, step):
-        prompt = inputs["prompt"]
-        if not isinstance(prompt, str):
-            raise FdError(f"node {self.name!r}: prompt must be a string, got {type(prompt).__name__}")
-        return {"embeds": self.encode(prompt)}
+        out = {}
+        for port, key in (("prompt", "embeds"), ("negative", "negative_embeds")):
+            if port in inputs:
+                if not isinstance(inputs[port], str):
+                    raise FdError(f"node {self.name!r}: {port} must be a string, got {type(inputs[port]).__name__}")
+                out[key] = self.encode(inputs[port])
+        return out
 
 
 NODE_TYPES = (TextEncoderNode,)

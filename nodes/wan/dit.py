@@ -29,6 +29,7 @@ from engine.capture import GraphCache, StaticTensors
 
 from .attention import attention
 from .config import WanConfig
+from .context_parallel import for_group as context_parallel_for
 from .kv_cache import CrossCache, DeviceRows, SelfKVCache
 from .rope import RopeTable, apply_rope
 
@@ -145,7 +146,7 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(self, x, e0, rope, cross: CrossCache, layer: int, backend: str, kern: Kernels = EAGER,
-                cache: SelfKVCache | None = None, plan=None, rows: DeviceRows | None = None):
+                cache: SelfKVCache | None = None, plan=None, rows: DeviceRows | None = None, cp=None):
         """x [B, L, dim] float32 residual; e0 [B, Fm, 6, dim] float32 (Fm = 1 or frames)."""
         fm, wd, eps = e0.shape[1], self.ffn[0].weight.dtype, self.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3).unbind(2)
@@ -155,10 +156,14 @@ class Block(nn.Module):
         q = kern.norm_rope(sa.q(h), _norm_weight(sa.norm_q), sa.eps, sa.num_heads, *rope)
         k = kern.norm_rope(sa.k(h), _norm_weight(sa.norm_k), sa.eps, sa.num_heads, *rope)
         v = sa.heads(sa.v(h))
-        if cache is not None:
-            cache.write(layer, plan, k, v, rows)
-            k, v = cache.keys_values(layer, plan, rows)
-        x = kern.gated_add(x, sa.o(attention(q, k, v, backend).flatten(2)), gate1, fm)
+        if cp is not None:  # context parallel (nodes/wan/context_parallel.py): cache + cross-rank attention
+            y = cp.self_attention(q, k, v, layer, cache, plan, rows, backend)
+        else:
+            if cache is not None:
+                cache.write(layer, plan, k, v, rows)
+                k, v = cache.keys_values(layer, plan, rows)
+            y = attention(q, k, v, backend)
+        x = kern.gated_add(x, sa.o(y.flatten(2)), gate1, fm)
 
         ca = self.cross_attn
         if isinstance(self.norm3, FP32LayerNorm):
@@ -207,6 +212,7 @@ class WanDiT(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.cfg, self.backend = cfg, "auto"
+        self.parallel = None  # engine.parallel.ParallelGroup: context parallelism when it has > 1 rank
         self.kernels = EAGER
         self.rope_table = RopeTable(cfg.head_dim)
         d, p = cfg.dim, cfg.patch_size
@@ -267,12 +273,17 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(t)
         if rope is None:
             rope = self.rope_table.get(frame_start, f, h, w, x.device)
+        cp = context_parallel_for(self.parallel)  # None: the plain single-device path
+        if cp is not None:
+            tokens, rope = cp.shard(tokens, rope, f)
         if cache is not None and plan is None:
-            plan = self.causal_plan(cache, frame_start, f, h * w)
+            plan = self.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
             rows = cache.device_rows(plan)
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, rope, cross, i, self.backend, self.kernels, cache, plan, rows)
+            tokens = blk(tokens, e0, rope, cross, i, self.backend, self.kernels, cache, plan, rows, cp)
         out = self.head(tokens, e)
+        if cp is not None:
+            out = cp.gather(out, f)
         pt, ph, pw = self.cfg.patch_size
         out = out.view(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, f * pt, h * ph, w * pw)

@@ -95,6 +95,7 @@ class WanDiTNode(Node):
         return meta_param_count(lambda: WanDiT(cfg)) * elem
 
     def context_size(self) -> int:
+        """Ranks this node's sequence is split over (1 when there is no parallel group)."""
         par = self.parallel
         if par is None:
             return 1
@@ -104,12 +105,14 @@ class WanDiTNode(Node):
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
-        if self.context_size() > 1:
-            raise FdError(f"node {self.name!r}: parallel.context={self.context_size()} is declared but ring/ulysses "
-                          "attention is not wired into wan.dit yet; remove `parallel:` or set context: 1")
         dtype = resolve_dtype(self.p.dtype, self.device)
         module = self._random(dtype) if self.random_weights else self._from_checkpoint(dtype)
         module.backend = self.p.attention
+        if self.context_size() > 1:
+            if not hasattr(module, "parallel") or isinstance(self.parallel, dict):
+                raise FdError(f"node {self.name!r}: parallel.context={self.context_size()} needs a context-parallel "
+                              "group (launch with `fd exec --nproc N`); this WanDiT has no context-parallel path")
+            module.parallel = self.parallel  # the DiT shards each frame's tokens over the group
         module.eval().requires_grad_(False)
         self.handle = DenoiserHandle(module, module.cfg, dtype, self.p.attention, str(self.device))
 

@@ -27,6 +27,8 @@ def _vae_params() -> tuple[Param, ...]:
         checkpoint_param(WAN21_VAE, "Wan 2.1 VAE weights (native Wan2.1_VAE.pth or diffusers AutoencoderKLWan)"),
         Param("dim", int, 96, "base width (96 for the real VAE; random weights may be tiny, e.g. 8)", min=1),
         Param("z_dim", int, 16, "latent channels", min=1),
+        Param("channels_last", bool, True, "channels-last conv weights and activations (cuDNN / oneDNN fast "
+              "paths; about 6x faster on CPU)"),
         dtype_param(),
         seed_param(),
     )
@@ -63,7 +65,15 @@ class _WanVAENode(Node):
             _materialize_stats(vae, self.device)
             load_into(vae, sd, keymap=keymap, device=self.device, dtype=dtype)
         _materialize_stats(vae, self.device)
+        if self.p.channels_last:
+            vae.to_channels_last()
         self.vae = vae.eval().requires_grad_(False)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] on the VAE's device/dtype, in the memory format its weights use."""
+        w = self.vae.conv2.weight
+        x = x.to(w.device, w.dtype)
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.p.channels_last else x.contiguous()
 
     def _vae(self):
         if self.vae is None:
@@ -102,12 +112,11 @@ class WanVAEDecodeNode(_WanVAENode):
         from .vae_stream import StreamingDecoder
         vae = self._vae()
         if state["decoder"] is None:
-            state["decoder"] = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True, layout="btchw")
-        w = vae.conv2.weight
-        frames = state["decoder"].decode_chunk(inputs["latent"].to(w.device, w.dtype))
+            state["decoder"] = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True)
+        frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames
-        return {"pixels": frames.float()}
+        return {"pixels": frames.float().contiguous()}
 
 
 class WanVAEEncodeNode(_WanVAENode):
@@ -125,22 +134,21 @@ class WanVAEEncodeNode(_WanVAENode):
 
     def run(self, inputs, state, step):
         vae = self._vae()
-        w = vae.conv1.weight
-        img = inputs["image"].to(w.device, w.dtype)
+        img = inputs["image"]
         if self.p.mode == "image":
             with torch.no_grad():
-                z = vae.encode(img.unsqueeze(2))
-            return {"latent": z.transpose(1, 2).float()}
+                z = vae.encode(self._layout(img.unsqueeze(2)))
+            return {"latent": z.transpose(1, 2).float().contiguous()}
         b, _, hh, ww = img.shape
         t = vae.temporal_factor
         if (self.p.frames - 1) % t:
             raise FdError(f"node {self.name!r}: frames={self.p.frames} must be 1 + {t}k")
         video = torch.cat([img.unsqueeze(2), img.new_zeros(b, 3, self.p.frames - 1, hh, ww)], dim=2)
         with torch.no_grad():
-            z = vae.encode(video).float()                                  # [B, z, F, h, w]
+            z = vae.encode(self._layout(video)).float().contiguous()  # [B, z, F, h, w]
         mask = torch.zeros(b, t, z.shape[2], z.shape[3], z.shape[4], device=z.device)
         mask[:, :, 0] = 1.0  # Wan: the first pixel frame is given, repeated over the first latent's t frames
-        return {"latent": torch.cat([mask, z], dim=1).transpose(1, 2)}
+        return {"latent": torch.cat([mask, z], dim=1).transpose(1, 2).contiguous()}
 
 
 NODE_TYPES = (WanVAEDecodeNode, WanVAEEncodeNode)
