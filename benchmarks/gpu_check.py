@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from benchmarks.common import LATENT_HW, build_dit, log, rel_err
-from benchmarks.w1_selfforcing import FPB, TaehvStream, build_decoders
+from benchmarks.w1_selfforcing import FPB, TaehvStream, build_decoders, channels_last_taehv
 from nodes.ar.rollout import ARRollout
 from nodes.ar.schedule import ARSchedule
 from nodes.samplers.flow_match import FlowMatchTable
@@ -48,6 +48,8 @@ def check_dit(layers=6, blocks=9, sink=0, window=21, rope_mode="absolute", compi
         ref = _rollout(m, lambda x, t, f: m.forward_causal(x, t, cross, ref_cache, f), blocks)
         m.compile_elementwise(compile_)
         den = CausalDenoiser(m, cache(), cross, graphs=True)
+        if compile_:  # also prove the capture-everything-first path
+            den.prepare(torch.zeros(1, FPB, 16, *LATENT_HW, device="cuda"))
         got = _rollout(m, den, blocks)
         # a prompt switch mid-rollout: copied into the static buffers, no re-capture
         other = m.prepare_cross(ctx.flip(1))
@@ -70,6 +72,7 @@ def check_dit(layers=6, blocks=9, sink=0, window=21, rope_mode="absolute", compi
 
 def check_decoders(chunks=4):
     vae, tae = build_decoders()
+    tae = channels_last_taehv(tae)
     g = torch.Generator(device="cuda").manual_seed(5)
     lats = [torch.randn(1, FPB, 16, *LATENT_HW, generator=g, device="cuda") for _ in range(chunks)]
     ok = True

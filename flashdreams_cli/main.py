@@ -18,7 +18,8 @@ EPILOG = """examples:
   fd exec spec.yaml nodes.decoder.type=taehv       swap a node from the command line
   fd validate spec.yaml --json                     every error with file, line, column, node, field
   fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot)
-  fd nodes wan.dit                                 a node type's ports and params
+  fd nodes ar.sampler                              a node type's ports and params
+  fd serve tiny_self_forcing                       stream to a browser at http://127.0.0.1:8188
 """
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     from . import bench as _bench
     _bench.add_parser(sub, _spec_args)
+    from . import serve_cmd as _serve_cmd
+    _serve_cmd.add_parser(sub, _spec_args)
     return parser
 
 
@@ -181,7 +184,12 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
-COMMANDS = {"exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
+def cmd_serve(args) -> int:
+    from .serve_cmd import run_serve
+    return run_serve(args)
+
+
+COMMANDS = {"serve": cmd_serve, "exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,6 +29,7 @@ def run_serve(args) -> int:
 
     from .run import resolve_spec
     from .serve import ServeConfig, serve_forever
+    from .serve.server import LOOPBACK
 
     if not 1 <= args.quality <= 100:
         raise FdError(f"--quality {args.quality}: must be 1..100")
@@ -42,7 +43,7 @@ def run_serve(args) -> int:
     console = Console(stderr=True)
     config = ServeConfig(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue,
                          idle_timeout=args.idle_timeout, replicas=args.replicas, quality=args.quality)
-    if args.host not in ("127.0.0.1", "::1", "localhost") and not args.token:
+    if args.host not in LOOPBACK and not args.token:
         console.print(f"[yellow]warning:[/] binding {args.host} without --token: anyone who can reach this "
                       "port can drive the model")
 

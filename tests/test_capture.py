@@ -172,6 +172,25 @@ def test_causal_denoiser_replay_equals_eager_rollout(sink, mode):
     torch.testing.assert_close(cache.k, ref_cache.k, atol=1e-5, rtol=1e-5)
 
 
+def test_prepare_captures_every_bucket_before_block_0():
+    m = _tiny_dit()
+    fpb, blocks, window = 2, 6, 6
+    schedule = ARSchedule.build(FlowMatchTable(shift=5.0), [1000, 500])
+    noise = torch.randn(1, fpb * blocks, 4, 4, 6)
+    cross = m.prepare_cross(torch.randn(1, 5, 8))
+    ref_cache, cache = _cache(m, window_frames=window), _cache(m, window_frames=window)
+    den = CausalDenoiser(m, cache, cross)
+    den.graphs = GraphCache(den._core, backend=EagerBackend(), warmup=1)
+    with torch.no_grad():
+        assert den.prepare(noise[:, :fpb]) == window // fpb
+        assert not cache.k.any()
+        eager_before = den.graphs.stats.eager
+        ref = ARRollout(lambda x, t, f: m.forward_causal(x, t, cross, ref_cache, f), schedule, fpb, noise).run_all()
+        out = ARRollout(den, schedule, fpb, noise).run_all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert den.graphs.stats.eager == eager_before and den.graphs.stats.captured == window // fpb
+
+
 def test_causal_denoiser_prompt_switch_copies_into_static_buffers():
     m = _tiny_dit()
     cache, ref_cache = _cache(m, window_frames=4), _cache(m, window_frames=4)

@@ -53,14 +53,14 @@ async def round_of_clients(url: str) -> list[dict]:
 
 
 def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
-    spec = toy_spec(tmp_path, blocks=BLOCKS, delay_ms=20)
+    spec = toy_spec(tmp_path, blocks=BLOCKS, delay_ms=60)
 
     async def go():
         async with serving(spec, max_queue=CLIENTS) as (server, url):
             await round_of_clients(url)                       # warm imports, allocator pools
             base = rss_mib()
             results = []
-            for _ in range(3):
+            for _ in range(2):
                 results.append(await round_of_clients(url))
             growth = rss_mib() - base
             snap = server.metrics_snapshot()
@@ -79,27 +79,32 @@ def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
             assert [f.header.index for f in r["frames"]] == list(range(2 * BLOCKS))
             assert {f.header.session for f in r["frames"]} == {r["session"]}     # nobody sees another's frames
         assert len({r["session"] for r in results}) == CLIENTS
-    assert growth < 40, f"server RSS grew {growth:.1f} MiB over 24 sessions"
+    assert growth < 40, f"server RSS grew {growth:.1f} MiB over 16 sessions"
     assert snap["queue_length"] == 0 and snap["active_session"] is None and snap["frames_dropped"] == 0
 
 
 def test_client_that_stops_reading_gets_frames_dropped_not_buffered(tmp_path):
-    spec = rings_spec(tmp_path, blocks=5000, delay_ms=0, size=(640, 360))
+    spec = rings_spec(tmp_path, blocks=5000, delay_ms=0, size=(640, 360), grain=0.5)
+
+    async def wait_dropped(server, n, seconds=25.0):
+        for _ in range(int(seconds / 0.02)):
+            if server.metrics.frames_dropped >= n:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"only {server.metrics.frames_dropped} frames dropped, wanted {n}")
 
     async def go():
         async with serving(spec, quality=100) as (server, url):
-            base = rss_mib()
             async with aiohttp.ClientSession() as http:
                 ws = await http.ws_connect(url.replace("http", "ws") + "/ws")
                 await ws.send_str('{"type": "start", "prompt": "never read"}')
-                # the client reads nothing: its socket fills, then the server must drop, not queue
-                for _ in range(400):
-                    await asyncio.sleep(0.05)
-                    if server.metrics.frames_dropped > 50:
-                        break
+                # the client reads nothing: once its socket is full the server must drop frames, not queue them
+                await wait_dropped(server, 20)
+                base = rss_mib()
+                await wait_dropped(server, 20 + 100)
                 growth = rss_mib() - base
-                conn = next(iter(server.connections))
-                queued = len(conn.outbox)
+                outbox = next(iter(server.connections)).outbox
+                queued = (outbox.frames_queued, len(outbox))
                 other = await Client.open(url)                # the event loop still answers others
                 pong = await other.ping()
                 await other.close()
@@ -108,10 +113,11 @@ def test_client_that_stops_reading_gets_frames_dropped_not_buffered(tmp_path):
                 if not server.manager.active:
                     break
                 await asyncio.sleep(0.05)
-            return server.metrics.frames_dropped, growth, queued, pong, len(server.manager.free)
+            return growth, queued, pong, len(server.manager.free)
 
-    dropped, growth, queued, pong, free = run(go(), timeout=40)
-    assert dropped > 50, "a client that reads nothing must lose frames"
-    assert queued <= 2 + 256 // 8
-    assert growth < 60, f"server RSS grew {growth:.1f} MiB for one non-reading client"
+    growth, queued, pong, free = run(go(), timeout=45)
+    # the bound that matters: at most 2 frames (and a few status messages) wait per client, however many
+    # were produced; RSS is only a coarse check on top (the rollout's own tensors make it noisy)
+    assert queued[0] <= 2 and queued[1] <= 2 + 256 // 8, f"outbox holds {queued}"
+    assert growth < 40, f"server RSS grew {growth:.1f} MiB while dropping frames"
     assert pong["type"] == "pong" and free == 1

@@ -65,6 +65,7 @@ class Client:
         client.hello = await client.wait_for("hello", timeout=timeout)
         if token is not None and not token_in_query:
             await client.send({"type": "auth", "token": token})
+            client.hello = await client.wait_for("hello", timeout=timeout)
         return client
 
     @classmethod

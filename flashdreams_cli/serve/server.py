@@ -70,6 +70,7 @@ class Server:
         app.router.add_get("/", self._page)
         app.router.add_get("/app.js", self._page)
         app.router.add_get("/style.css", self._page)
+        app.router.add_get("/favicon.ico", self._no_icon)
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -100,6 +101,8 @@ class Server:
         except Exception as e:
             self.warmup_error = f"warm-up failed: {e}"
             log.exception("warm-up failed")
+            for c in list(self.connections):
+                c.send(protocol.error(self.warmup_error))
             raise
 
     async def stop(self) -> None:
@@ -132,6 +135,9 @@ class Server:
         return web.Response(body=body, content_type=types[name.rsplit(".", 1)[1]], charset="utf-8",
                             headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
+    async def _no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
     async def _healthz(self, request: web.Request) -> web.Response:
         status = "ok" if self.ready else ("failed" if self.warmup_error else "warming")
         body = {"status": status, "spec": self.source.spec.name}
@@ -155,6 +161,8 @@ class Server:
         return snap
 
     def hello(self, authorized: bool) -> dict:
+        if not authorized:   # nothing about the spec before the token is shown
+            return {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "auth_required": True}
         spec = self.source.spec
         size = next((r.frame_size for r in self.manager.replicas if r.frame_size), None)
         return {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "spec": spec.name,
@@ -204,9 +212,10 @@ class Connection:
             async for raw in self.ws:
                 if raw.type in (WSMsgType.ERROR, WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                     break
-                self.last_message = time.monotonic()
                 try:
                     msg = protocol.parse_message(raw.data if raw.type == WSMsgType.TEXT else bytes(raw.data))
+                    if msg["type"] != "ping":     # the page pings every 2 s: that is not a person using it
+                        self.last_message = time.monotonic()
                     if not self.authorized:
                         await self._authorize(msg)
                         continue
@@ -231,6 +240,7 @@ class Connection:
         if msg["type"] == "auth" and self.server._token_ok(msg["token"]):
             self.authorized = True
             self.send({"type": "auth", "ok": True})
+            self.send(self.server.hello(True))
             return
         self.send(protocol.error("unauthorized: the first message must be {type: auth, token} with a valid token"))
         await self._flush()
@@ -307,6 +317,9 @@ class Connection:
     def _start(self, msg: dict) -> None:
         if self.rollout is not None or self.ticket is not None or self._starting is not None:
             self.send(protocol.error("start: a session is already running or queued (send stop or reset)"))
+            return
+        if self.server.warmup_error:
+            self.send(protocol.error(self.server.warmup_error))
             return
         source = self.server.source
         inputs: dict[str, Any] = {}

@@ -160,6 +160,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames) + len(self._control)
 
+    @property
+    def frames_queued(self) -> int:
+        return len(self._frames)
+
     async def get(self) -> dict | bytes | None:
         """Next thing to send (control messages first); None once closed."""
         while True:

@@ -116,9 +116,10 @@ class ARSamplerNode(Node):
                           "(upstream fails there too)")
         group = getattr(h.module, "parallel", None)
         try:
-            state.cache = make_rank_cache(cfg, group, (lh // ph) * (lw // pw), sink_frames=self.p.sink_frames,
-                                          window_frames=self.p.window_frames, max_frames=prefix + self.p.num_blocks * nfpb,
-                                          batch_size=self.p.batch, rope_mode=self.p.rope_mode, dtype=h.dtype, device=dev)
+            state.cache = make_rank_cache(
+                cfg, group, (lh // ph) * (lw // pw), sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
+                max_frames=prefix + self.p.num_blocks * nfpb, batch_size=self.p.batch, rope_mode=self.p.rope_mode,
+                dtype=h.dtype, device=dev)
         except ValueError as e:
             raise FdError(f"node {self.name!r}: {e}") from e
         seed = int(inputs.get("seed", self.p.seed))
@@ -196,8 +197,8 @@ class ARSamplerNode(Node):
         timers = self._last if state is None else state.timers
         return {k: sum(t.ms() for t in ts) for k, ts in timers.items()}
 
-
     def graph_status(self) -> str:
+        """CUDA-graph use of the latest session's DiT calls (read by ``fd bench``)."""
         status = getattr(self._graphs, "graph_status", None)
         return status() if callable(status) else "eager"
 

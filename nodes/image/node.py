@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from engine.errors import FdError
 from engine.node import SESSION, Node, Param, Port
 from engine.types import IMAGE, IMAGE_EMBEDDING
-from nodes.wan.node_params import checkpoint_param, dtype_param, is_random, resolve_dtype, seed_param
+from nodes.wan.node_params import checkpoint_param, dtype_bytes, dtype_param, is_random, resolve_dtype, seed_param
 
 WAN_CLIP = "hf://Wan-AI/Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 
@@ -45,7 +45,8 @@ def to_model_image(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 class ImageLoadNode(Node):
     type_name = "image.load"
-    doc = "Reads an image file (PNG, JPEG, ... via PyAV) into [1, 3, height, width] in [-1, 1], resized to the video size."
+    doc = ("Reads an image file (PNG, JPEG, ... via PyAV) into [1, 3, height, width] in [-1, 1], resized to the "
+           "video size.")
     outputs = (Port("image", IMAGE, "[1, 3, height, width] in [-1, 1]"),)
     params = (
         Param("path", str, doc="image file"),
@@ -84,7 +85,7 @@ class ClipEncoderNode(Node):
     def estimate_bytes(self) -> int:
         p = self.p
         count = p.layers * (4 * p.hidden * p.hidden + 2 * p.hidden * p.mlp) + 3 * p.patch * p.patch * p.hidden
-        return count * torch.empty((), dtype=resolve_dtype(p.dtype, self.device)).element_size()
+        return count * dtype_bytes(p.dtype, self.device)
 
     def load(self) -> None:
         dtype = resolve_dtype(self.p.dtype, self.device)

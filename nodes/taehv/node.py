@@ -14,7 +14,8 @@ import torch
 from engine.errors import FdError
 from engine.node import Node, Param, Port
 from engine.types import LATENT, PIXELS
-from nodes.wan.node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+from nodes.wan.node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count,
+                                   resolve_dtype, seed_param)
 
 TAEW2_1 = "hf://lightx2v/Autoencoders/taew2_1.pth"
 
@@ -58,8 +59,7 @@ class TAEHVDecodeNode(Node):
     def estimate_bytes(self) -> int:
         from .model import TAEHV
         cfg = self._random_config()
-        elem = torch.empty((), dtype=resolve_dtype(self.p.dtype, self.device)).element_size()
-        return meta_param_count(lambda: TAEHV(cfg)) * elem
+        return meta_param_count(lambda: TAEHV(cfg)) * dtype_bytes(self.p.dtype, self.device)
 
     def load(self) -> None:
         from nodes.checkpoint import open_checkpoint, random_init

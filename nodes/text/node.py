@@ -18,7 +18,7 @@ import torch
 from engine.errors import FdError
 from engine.node import SESSION, Node, Param, Port
 from engine.types import TEXT, TEXT_EMBEDDING
-from nodes.wan.node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+from nodes.wan.node_params import checkpoint_param, dtype_bytes, dtype_param, is_random, resolve_dtype, seed_param
 
 WAN_T5 = "hf://Wan-AI/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER = "hf://Wan-AI/Wan2.1-T2V-1.3B/google/umt5-xxl"
@@ -79,9 +79,10 @@ class TextEncoderNode(Node):
 
     def estimate_bytes(self) -> int:
         p = self.p
-        per_layer = 4 * p.dim * p.num_heads * p.head_dim + 3 * p.dim * p.ffn_dim + 2 * p.dim + p.num_buckets * p.num_heads
+        per_layer = (4 * p.dim * p.num_heads * p.head_dim + 3 * p.dim * p.ffn_dim + 2 * p.dim
+                     + p.num_buckets * p.num_heads)
         count = p.vocab_size * p.dim + p.num_layers * per_layer + p.dim
-        return count * torch.empty((), dtype=resolve_dtype(p.dtype, self.device)).element_size()
+        return count * dtype_bytes(p.dtype, self.device)
 
     def load(self) -> None:
         dtype = resolve_dtype(self.p.dtype, self.device)

@@ -369,10 +369,42 @@ class CausalDenoiser:
         rows = cache.device_rows(plan)
         cos, sin = m.rope_table.get(frame_start, f, h, w, x.device)
         extra = () if y is None else (y,)
-        key = (tuple(x.shape), tuple(t.shape), y is not None, plan.attend_rows, cache.sink_writes(plan),
-               cache.k.data_ptr())
         self._plan = plan  # read by _core while warming up / capturing; replays never call it
-        return self.graphs(key, x, t, cos, sin, *extra, *rows.tensors())
+        return self.graphs(self._key(plan, x, t, y), x, t, cos, sin, *extra, *rows.tensors())
+
+    def _key(self, plan, x, t, y) -> tuple:
+        return (tuple(x.shape), tuple(t.shape), y is not None, plan.attend_rows, self.cache.sink_writes(plan),
+                self.cache.k.data_ptr())
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None) -> int:
+        """Capture, before block 0, every graph a rollout of blocks shaped like ``x`` will need
+        (one per attended length while the window fills, then the steady one), so that no block
+        pays a warmup or a capture. The dry calls write junk K/V rows, which every real block
+        rewrites before it attends to them; the cache is zeroed afterwards anyway. Returns the
+        number of graphs; 0 when graphs are off."""
+        if not self.graphs.enabled:
+            return 0
+        cache, pt = self.cache, self.model.cfg.patch_size[0]
+        f = x.shape[1] // pt
+        t = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+        keys, frame = set(), first_frame
+        while True:
+            try:
+                plan = cache.plan(frame, f)
+            except ValueError:  # a bounded cache is full: nothing further to capture
+                break
+            key = self._key(plan, x, t, y)
+            if key in keys:
+                break
+            keys.add(key)
+            for _ in range(self.graphs.warmup + 1):
+                self(x, t, frame, y)
+            frame += f
+        for buf in (cache.k, cache.v, cache.sink_k):
+            if buf is not None:
+                buf.zero_()
+        return len(keys)
 
     def _core(self, x, t, cos, sin, *rest):
         y, rows = (rest[0], rest[1:]) if len(rest) in (2, 4) else (None, rest)

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Node, Param
-from engine.node import Port
+from engine.node import SESSION, Node, Param, Port
 from engine.types import DENOISER
 
 from .attention import BACKENDS
 from .config import WAN_14B, WAN_1_3B, WanConfig
-from .node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+from .node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count, resolve_dtype,
+                          seed_param)
 
 PRESETS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
 SIZE_PARAMS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "in_dim", "out_dim")
@@ -49,7 +49,8 @@ class WanDiTNode(Node):
         Param("weights", str, "checkpoint", "'random' forces random weights whatever checkpoint says "
               "(one override turns a real spec into a benchmark)", choices=("checkpoint", "random")),
         Param("ema", bool, True, "Self-Forcing/Causal-Forcing training files: use generator_ema (else generator)"),
-        Param("preset", str, None, "model size for random weights and memory estimates: 1.3b or 14b",
+        Param("preset", str, None, "model size for random weights and memory estimates: 1.3b or 14b (the "
+              "estimate for device: auto assumes 1.3b when unset)",
               choices=("1.3b", "14b"), nullable=True),
         Param("model_type", str, "t2v", "random weights: t2v, or i2v (adds the CLIP image branch)",
               choices=("t2v", "i2v")),
@@ -91,8 +92,7 @@ class WanDiTNode(Node):
     def estimate_bytes(self) -> int:
         from .dit import WanDiT
         cfg = self.size_config()
-        elem = torch.empty((), dtype=resolve_dtype(self.p.dtype, self.device)).element_size()
-        return meta_param_count(lambda: WanDiT(cfg)) * elem
+        return meta_param_count(lambda: WanDiT(cfg)) * dtype_bytes(self.p.dtype, self.device)
 
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
@@ -146,27 +146,24 @@ def open_dit_checkpoint(ref: str, ema: bool = True):
     from nodes.checkpoint.wan_layouts import SELF_FORCING_ENTRIES
 
     text = str(ref)
-    if text.startswith("hf://"):
-        kind = "file" if text.endswith(TORCH_SUFFIXES + (".safetensors", ".json")) else "folder"
-    else:
-        kind = "folder" if Path(text).expanduser().is_dir() else "file"
-    path = resolve(text, kind=kind)
-    select = None
-    if path.is_file() and path.suffix in TORCH_SUFFIXES:
-        top = _torch_top_level(path)
-        wanted = SELF_FORCING_ENTRIES if ema else SELF_FORCING_ENTRIES[::-1]
-        select = next((e for e in wanted if e in top), None)
-    return open_checkpoint(path, select=select)
+    if not text.endswith(TORCH_SUFFIXES):
+        return open_checkpoint(text)  # safetensors file, sharded index (shards fetched too) or folder
+    path = resolve(text, kind="file")
+    wanted = SELF_FORCING_ENTRIES if ema else SELF_FORCING_ENTRIES[::-1]
+    top = _torch_top_level(path)
+    return open_checkpoint(path, select=next((e for e in wanted if e in top), None))
 
 
 def _torch_top_level(path: Path) -> set:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return set()  # open_checkpoint reports the unreadable file with its own message
-    return set(obj.keys()) if isinstance(obj, dict) else set()
+    """Top-level keys of a torch file (memory-mapped: nothing is read); empty when it cannot be read,
+    which open_checkpoint then reports with its own message."""
+    for mmap in (True, False):  # legacy (pre-zip) files cannot be memory-mapped
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return set(obj.keys()) if isinstance(obj, dict) else set()
+        except Exception:
+            continue
+    return set()
 
 
 def strip_fsdp(sd):

@@ -16,7 +16,8 @@ from engine.errors import FdError
 from engine.node import SESSION, Node, Param, Port
 from engine.types import IMAGE, LATENT, PIXELS
 
-from .node_params import checkpoint_param, dtype_param, is_random, meta_param_count, resolve_dtype, seed_param
+from .node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count, resolve_dtype,
+                          seed_param)
 from .vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
 
 WAN21_VAE = "hf://Wan-AI/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth"
@@ -43,8 +44,8 @@ class _WanVAENode(Node):
 
     def estimate_bytes(self) -> int:
         from .vae import WanVAE
-        elem = torch.empty((), dtype=resolve_dtype(self.p.dtype, self.device)).element_size()
-        return meta_param_count(lambda: WanVAE(dim=self.p.dim, z_dim=self.p.z_dim)) * elem
+        count = meta_param_count(lambda: WanVAE(dim=self.p.dim, z_dim=self.p.z_dim))
+        return count * dtype_bytes(self.p.dtype, self.device)
 
     def load(self) -> None:
         from nodes.checkpoint import load_into, open_checkpoint, random_init
@@ -103,16 +104,26 @@ class WanVAEDecodeNode(_WanVAENode):
     params = _vae_params() + (
         Param("mode", str, "exact", "exact: equals the full decode; demo: Self-Forcing demo decoder (zero caches)",
               choices=("exact", "demo")),
+        Param("graphs", bool, True, "on CUDA, replay every block after the first as a CUDA graph"),
     )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._latest = None  # the latest session's stream, for graph_status()
 
     def new_state(self):
         return {"decoder": None}
+
+    def graph_status(self) -> str:
+        return self._latest.graph_status() if self._latest is not None else "eager"
 
     def run(self, inputs, state, step):
         from .vae_stream import StreamingDecoder
         vae = self._vae()
         if state["decoder"] is None:
-            state["decoder"] = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True)
+            on_cuda = vae.conv2.weight.is_cuda
+            state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
+                                                               graphs=self.p.graphs and on_cuda)
         frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames

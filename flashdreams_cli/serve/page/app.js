@@ -60,6 +60,7 @@ function setPhase(phase) {
 function onJson(msg) {
   switch (msg.type) {
     case "hello": {
+      if (msg.auth_required) { say("this server needs a token: open the page with ?token=…", true); return; }
       state.hello = msg;
       state.fps = msg.fps || 16;
       $("spec-name").textContent = msg.spec;
@@ -74,7 +75,7 @@ function onJson(msg) {
       $("stage").classList.toggle("camera", camera);
       if (msg.frame_size) { $("video").width = msg.frame_size[0]; $("video").height = msg.frame_size[1]; }
       setPhase("ready");
-      say(msg.auth_required ? "this server needs a token: open the page with ?token=…" : "");
+      say("");
       ping();
       break;
     }
