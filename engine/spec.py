@@ -139,7 +139,7 @@ def find_spec(ref: str | Path, relative_to: Path | None = None) -> Path:
     candidates = [p]
     if relative_to is not None and not p.is_absolute():
         candidates.insert(0, relative_to / p)
-    if p.suffix == "" and len(p.parts) == 1:
+    if p.suffix not in (".yaml", ".yml") and len(p.parts) == 1:   # a bare name (may contain dots: wan21_t2v_1.3b)
         candidates.append(packaged_spec_dir() / f"{p.name}.yaml")
     for c in candidates:
         if c.is_file():

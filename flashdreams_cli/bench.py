@@ -74,14 +74,16 @@ def run_bench(args) -> int:
             if i == 0:
                 first_block_s = wall / 1e3
             rows.append({"block": r.block, "wall_ms": wall, "nodes_ms": r.timings_ms,
-                         "warmup": i < args.warmup, "graphs": _graph_status(plan)})
+                         "parts_ms": _breakdowns(plan), "warmup": i < args.warmup, "graphs": _graph_status(plan)})
     timed = [r for r in rows if not r["warmup"]]
     per_node = {n: median(r["nodes_ms"][n] for r in timed if n in r["nodes_ms"])
                 for n in plan.block_nodes if any(n in r["nodes_ms"] for r in timed)}
+    part_names = sorted({k for r in timed for k in r["parts_ms"]})
+    per_part = {k: median(r["parts_ms"][k] for r in timed if k in r["parts_ms"]) for k in part_names}
     report = {"spec": plan.spec.file, "env": environment(), "load_s": load_s,
               "cold_start_s": load_s + (first_block_s or 0.0), "first_block_s": first_block_s,
               "block_ms_median": median(r["wall_ms"] for r in timed) if timed else None,
-              "node_ms_median": per_node, "blocks": rows,
+              "node_ms_median": per_node, "parts_ms_median": per_part, "blocks": rows,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "graphs": _graph_status(plan)}
     report["report_blocks"] = {b: next((r for r in rows if r["block"] == b), None) for b in args.report_block}
@@ -91,12 +93,24 @@ def run_bench(args) -> int:
     table = Table("node", "median ms", "graph")
     for n, ms in per_node.items():
         table.add_row(n, f"{ms:.2f}", report["graphs"].get(n, "eager"))
+    for k, ms in per_part.items():
+        table.add_row(f"  {k}", f"{ms:.2f}", "")
     table.add_row("[bold]block (wall)[/]", f"{report['block_ms_median']:.2f}", "")
     c = Console()
     c.print(table)
     c.print(f"load {load_s:.2f} s, cold start to first block {report['cold_start_s']:.2f} s, "
             f"peak {report['peak_mem_gib'] or 0:.2f} GiB, env {report['env']}")
     return 0
+
+
+def _breakdowns(plan) -> dict:
+    """Sub-node timings a node reports for its last block (e.g. the AR sampler's DiT steps vs KV pass)."""
+    out = {}
+    for n, np_ in plan.nodes.items():
+        parts = getattr(np_.node, "last_breakdown_ms", None)
+        if callable(parts):
+            out.update({f"{n}.{k}": v for k, v in (parts() or {}).items()})
+    return out
 
 
 def _graph_status(plan) -> dict:

@@ -15,7 +15,7 @@ from rich.console import Console
 EPILOG = """examples:
   fd exec preview_cpu                              run a packaged spec (writes out/preview_cpu.mp4)
   fd exec spec.yaml inputs.prompt="a red fox" --out fox.mp4
-  fd exec spec.yaml nodes.decoder.type=taehv       swap a node from the command line
+  fd exec spec.yaml nodes.decoder.type=taehv.decode  swap a node from the command line
   fd validate spec.yaml --json                     every error with file, line, column, node, field
   fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot)
   fd nodes ar.sampler                              a node type's ports and params
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import FdError, SpecErrors
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # overrides written after options (`fd exec spec --quiet a.b=1`) land here
+        if not hasattr(args, "overrides") or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = list(args.overrides) + rest
     if args.command is None:
         parser.print_help()
         return 0
