@@ -145,3 +145,7 @@ class Node:
 
     def abort(self, state: Any) -> None:
         """The session failed: drop partial work (sinks delete their temporary files)."""
+
+    def release(self, state: Any) -> None:
+        """The session dropped this state (closed, aborted or reset): free or recycle what it holds, e.g. a
+        KV cache and the CUDA graphs captured over it, for the next session of this node."""

@@ -79,7 +79,8 @@ def decide_capture(node: Node, requested: Any, device: str) -> CaptureDecision:
     if requested is False:
         return CaptureDecision(False, "capture: false in the spec")
     if not node.capturable:
-        return CaptureDecision(False, f"{node.type_name} declares dynamic shapes or host syncs")
+        return CaptureDecision(False, f"{node.type_name} is not marked capturable (dynamic shapes, host syncs, "
+                               "or no graph path yet)")
     if not str(device).startswith("cuda"):
         return CaptureDecision(False, f"runs on {device}: CUDA graphs need a CUDA device")
     if node.phase == SESSION:

@@ -49,7 +49,9 @@ class Pipeline:
             self.plan.nodes[n].node.parallel = g
 
     def load(self, progress: Callable[[str, int, int], None] | None = None) -> "Pipeline":
+        from .capture import apply_capture_decisions
         self.assign_parallel_groups()
+        apply_capture_decisions(self.plan)
         total = len(self.plan.order)
         for i, name in enumerate(self.plan.order):
             if progress:
@@ -90,16 +92,26 @@ class Session:
         self._init_state()
 
     # ------------------------------------------------------------------ state
-    def _init_state(self) -> None:
+    def _init_state(self, keep_sinks: bool = False) -> None:
         self.block = 0
-        self.states = {n: self.plan.nodes[n].node.new_state() for n in self.plan.order}
+        old = getattr(self, "states", {})
+        self.states = {}
+        for n in self.plan.order:
+            node = self.plan.nodes[n].node
+            if keep_sinks and node.is_sink:
+                self.states[n] = old[n]       # the output file goes on across a reset
+                continue
+            if n in old:
+                node.release(old[n])
+            self.states[n] = node.new_state()
         self.values: dict[str, dict[str, Any]] = {}
         self._last_inputs: dict[str, dict[str, int]] = {}
         self._dirty = set(self.plan.session_nodes)
 
     def reset(self) -> None:
-        """Start the rollout again from block 0 with fresh node state (KV caches, decoder memory)."""
-        self._init_state()
+        """Start the rollout again from block 0 with fresh node state (KV caches, decoder memory); sinks keep
+        writing to the same outputs."""
+        self._init_state(keep_sinks=True)
 
     def _check_input(self, name: str) -> None:
         if name not in self.plan.spec.inputs:
@@ -197,6 +209,7 @@ class Session:
             if np_.node.is_sink and self.pipeline.rank != 0:
                 continue
             np_.node.close(self.states[n])
+        self._release_all()
 
     def abort(self) -> None:
         if self.closed:
@@ -204,6 +217,11 @@ class Session:
         self.closed = True
         for n in self.plan.order:
             self.plan.nodes[n].node.abort(self.states[n])
+        self._release_all()
+
+    def _release_all(self) -> None:
+        for n in self.plan.order:
+            self.plan.nodes[n].node.release(self.states[n])
 
     def __enter__(self) -> "Session":
         return self

@@ -46,7 +46,7 @@ def test_capture_decisions():
     assert not decide_capture(acc, "auto", "cpu").captured
     assert "capture: false" in decide_capture(acc, False, "cuda:0").reason
     enc = FakeEncoder("enc", {})
-    assert "declares dynamic shapes" in decide_capture(enc, "auto", "cuda:0").reason
+    assert "not marked capturable" in decide_capture(enc, "auto", "cuda:0").reason
 
 
 def test_stream_order_prompt_switch_and_reset(plan):

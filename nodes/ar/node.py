@@ -43,6 +43,7 @@ class ARState:
     generator: torch.Generator | None = None
     noise: torch.Tensor | None = None  # all blocks' noise (global cache only)
     prompt_switches: int = 0
+    key: tuple | None = None           # what the cache and graphs were built for (reused across sessions)
     pending: NodeTimer | None = None
     timers: dict[str, list[NodeTimer]] = field(default_factory=dict)
 
@@ -87,6 +88,7 @@ class ARSamplerNode(Node):
         super().__init__(*args, **kwargs)
         self._last: dict[str, list[NodeTimer]] = {}
         self._graphs = None  # the latest session's denoiser, for graph_status()
+        self._spare: tuple | None = None  # (key, cache, denoiser) a finished session left: graphs kept
 
     def new_state(self) -> ARState:
         return ARState()
@@ -115,13 +117,25 @@ class ARSamplerNode(Node):
             raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of {nfpb} frames "
                           "(upstream fails there too)")
         group = getattr(h.module, "parallel", None)
-        try:
-            state.cache = make_rank_cache(
-                cfg, group, (lh // ph) * (lw // pw), sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
-                max_frames=prefix + self.p.num_blocks * nfpb, batch_size=self.p.batch, rope_mode=self.p.rope_mode,
-                dtype=h.dtype, device=dev)
-        except ValueError as e:
-            raise FdError(f"node {self.name!r}: {e}") from e
+        on_cuda = str(dev).startswith("cuda")
+        graphs = bool(self.p.graphs and on_cuda and getattr(self, "capture_graphs", on_cuda)
+                      and not (group is not None and getattr(group, "active", False)))
+        key = (id(h.module), lh, lw, prefix, self.p.num_blocks, self.p.sink_frames, self.p.window_frames,
+               self.p.batch, self.p.rope_mode, graphs)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0] == key:
+            state.cache, state.denoiser = spare[1], spare[2]   # a previous session's cache and captured graphs
+            state.cache.k.zero_()
+            state.cache.v.zero_()
+        else:
+            try:
+                state.cache = make_rank_cache(
+                    cfg, group, (lh // ph) * (lw // pw), sink_frames=self.p.sink_frames,
+                    window_frames=self.p.window_frames, max_frames=prefix + self.p.num_blocks * nfpb,
+                    batch_size=self.p.batch, rope_mode=self.p.rope_mode, dtype=h.dtype, device=dev)
+            except ValueError as e:
+                raise FdError(f"node {self.name!r}: {e}") from e
+        state.key = key
         seed = int(inputs.get("seed", self.p.seed))
         state.generator = torch.Generator(device=dev).manual_seed(seed)
         if self.p.window_frames is None:
@@ -129,12 +143,16 @@ class ARSamplerNode(Node):
                                       device=dev)
         state.handle = h
         cross = self._cross(h, inputs["text"])
-        if group is not None and getattr(group, "active", False):
+        if state.denoiser is not None:
+            state.denoiser.set_prompt(cross)                    # copies into the captured static buffers
+        elif group is not None and getattr(group, "active", False):
             state.denoiser = _PlainDenoiser(h.module, state.cache, cross)  # the DiT shards tokens itself
         else:
             from nodes.wan.dit import CausalDenoiser
-            on_cuda = str(dev).startswith("cuda")
-            state.denoiser = CausalDenoiser(h.module, state.cache, cross, graphs=self.p.graphs and on_cuda)
+            state.denoiser = CausalDenoiser(h.module, state.cache, cross, graphs=graphs)
+            if graphs:  # capture every attended-length graph now, so no block pays a capture
+                with torch.no_grad():
+                    state.denoiser.prepare(torch.zeros(self._noise_shape(nfpb), device=dev))
         self._graphs = state.denoiser
         init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
         state.rollout = ARRollout(self._timed(state), self._schedule(), nfpb, initial_latent=init,
@@ -190,6 +208,12 @@ class ARSamplerNode(Node):
         if b == 0 and roll.initial_latent is not None:
             x0 = torch.cat([roll.initial_latent.to(x0.dtype), x0], dim=1)
         return {"latent": x0}
+
+    def release(self, state: ARState) -> None:
+        """Keep the finished session's cache and captured graphs for the next session of the same shape."""
+        if state.denoiser is not None and getattr(state, "key", None) is not None:
+            self._spare = (state.key, state.cache, state.denoiser)
+        state.denoiser = state.cache = state.rollout = None
 
     def last_breakdown_ms(self, state: ARState | None = None) -> dict[str, float]:
         """Milliseconds of the last block by kind: dit_ms (all denoising steps), kv_ms (context pass),

@@ -106,6 +106,7 @@ class WanVAEDecodeNode(_WanVAENode):
               choices=("exact", "demo")),
         Param("graphs", bool, True, "on CUDA, replay every block after the first as a CUDA graph"),
     )
+    capturable = True  # fixed-shape conv caches after the first block
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -123,7 +124,8 @@ class WanVAEDecodeNode(_WanVAENode):
         if state["decoder"] is None:
             on_cuda = vae.conv2.weight.is_cuda
             state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
-                                                               graphs=self.p.graphs and on_cuda)
+                                                               graphs=self.p.graphs and on_cuda and
+                                                               getattr(self, "capture_graphs", on_cuda))
         frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames
