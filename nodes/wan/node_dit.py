@@ -64,6 +64,9 @@ class WanDiTNode(Node):
         Param("in_dim", int, None, "input latent channels (random weights; 16 T2V, 36 I2V)", min=1, nullable=True),
         Param("out_dim", int, None, "output latent channels (random weights)", min=1, nullable=True),
         Param("attention", str, "auto", "attention backend", choices=BACKENDS),
+        Param("compile", str, "auto", "torch.compile the elementwise stages (modulation, qk-norm + RoPE, gated "
+              "adds): auto = on CUDA; each shape compiles once (seconds), shared by all layers",
+              choices=("auto", "on", "off")),
         dtype_param(),
         seed_param(),
     )
@@ -108,6 +111,8 @@ class WanDiTNode(Node):
         dtype = resolve_dtype(self.p.dtype, self.device)
         module = self._random(dtype) if self.random_weights else self._from_checkpoint(dtype)
         module.backend = self.p.attention
+        if self.p.compile == "on" or (self.p.compile == "auto" and str(self.device).startswith("cuda")):
+            module.compile_elementwise()
         if self.context_size() > 1:
             if not hasattr(module, "parallel") or isinstance(self.parallel, dict):
                 raise FdError(f"node {self.name!r}: parallel.context={self.context_size()} needs a context-parallel "
