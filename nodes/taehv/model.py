@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nodes.wan.vae_blocks import interleave_phases, subpixel_weights
+
 # Wan 2.1 VAE latent statistics. lightx2v's ``lighttaew2_1`` was trained on
 # un-normalised latents (lightx2v sets ``need_scaled`` for "lighttae" paths and
 # decodes ``z * std + mean``); madebyollin's ``taew2_1`` takes the normalised
@@ -105,7 +107,31 @@ class TGrow(nn.Module):
 Memory = dict[int, torch.Tensor]  # MemBlock index -> last input frame [N, C, H, W]
 
 
-def run_layers(layers: nn.Sequential, x: torch.Tensor, memory: Memory | None = None
+def _upsample_fusable(layers: nn.Sequential, i: int) -> bool:
+    """Is layers[i:i+3] nearest-x2 Upsample, TGrow, 3x3 pad-1 Conv2d (the decoder's up steps)?"""
+    if i + 2 >= len(layers) or not isinstance(layers[i], nn.Upsample) or not isinstance(layers[i + 1], TGrow):
+        return False
+    up, conv = layers[i], layers[i + 2]
+    return (up.mode == "nearest" and up.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)) and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def _up_tgrow_conv(tgrow: TGrow, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """``conv(tgrow(upsample_x2(h)))`` on the low-res frames: TGrow is a 1x1 conv, so it commutes
+    with the nearest upsample (4x less work), and upsample + 3x3 conv is one 2x2 sub-pixel conv
+    (16 taps per low-res pixel instead of 36; the upsampled tensor is never written)."""
+    h = tgrow(h)
+    w4, bias = subpixel_weights(conv)
+    y = F.conv2d(h, w4, bias, padding=1)                                  # [N, 4co, h+1, w+1]
+    n, _, hh, ww = h.shape
+    fmt = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous() \
+        else torch.contiguous_format
+    out = torch.empty((n, w4.shape[0] // 4, 2 * hh, 2 * ww), dtype=y.dtype, device=y.device, memory_format=fmt)
+    return interleave_phases(y, out)
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor, memory: Memory | None = None, fused: bool = False
                ) -> tuple[torch.Tensor, Memory]:
     """Apply ``layers`` to all frames of ``x`` [N, T, C, H, W] at once.
 
@@ -113,12 +139,19 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor, memory: Memory | None = N
     first frame's past is ``memory[i]`` (zeros when absent, upstream's fresh
     start). Returns the output frames and the memory after the last frame.
     TPool needs the frame count at its depth to be a multiple of its stride.
+    ``fused`` runs each Upsample-TGrow-Conv2d triple as ``_up_tgrow_conv`` (same function,
+    different rounding).
     """
     n = x.shape[0]
     h = x.flatten(0, 1)
     new_memory: Memory = {}
+    skip = 0
     for i, layer in enumerate(layers):
-        if isinstance(layer, MemBlock):
+        if skip:
+            skip -= 1
+        elif fused and _upsample_fusable(layers, i):
+            h, skip = _up_tgrow_conv(layers[i + 1], layers[i + 2], h), 2
+        elif isinstance(layer, MemBlock):
             cur = h.unflatten(0, (n, -1))
             first = memory.get(i) if memory else None
             first = torch.zeros_like(cur[:, :1]) if first is None else first.unsqueeze(1)
@@ -206,13 +239,15 @@ class TAEHV(nn.Module):
             x = x * self.latent_std.to(x.dtype) + self.latent_mean.to(x.dtype)
         return x
 
-    def decode_chunk(self, x: torch.Tensor, memory: Memory | None = None) -> tuple[torch.Tensor, Memory]:
+    def decode_chunk(self, x: torch.Tensor, memory: Memory | None = None, fused: bool = False
+                     ) -> tuple[torch.Tensor, Memory]:
         """Decode latents [N, T, C, h, w] continuing from ``memory``; raw output, no trim.
 
         Latents are cast to the model's device and dtype; output is in the model's dtype.
+        ``fused``: the faster sub-pixel formulation of the upsample steps (``run_layers``).
         """
         w = self.decoder[1].weight
-        return run_layers(self.decoder, self.prepare_latents(x.to(device=w.device, dtype=w.dtype)), memory)
+        return run_layers(self.decoder, self.prepare_latents(x.to(device=w.device, dtype=w.dtype)), memory, fused)
 
     def decode_video(self, x: torch.Tensor, parallel: bool = True) -> torch.Tensor:
         """[N, T, C, h, w] latents -> [N, 4T, 3, 8h, 8w], ~[0, 1], not clamped, not trimmed.

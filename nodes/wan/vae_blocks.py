@@ -39,9 +39,10 @@ class ConvCache:
     use; later calls update them in place so their storage never moves.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], first: bool):
+    def __init__(self, tensors: list[torch.Tensor], first: bool, fused: "FusedOps | None" = None):
         self.tensors = tensors
         self.first = first
+        self.fused = fused
         self.index = 0
 
     def slot(self, like: torch.Tensor, frames: int) -> torch.Tensor:
@@ -57,6 +58,92 @@ class ConvCache:
         xin = torch.cat([hist, x], dim=2)
         hist.copy_(xin[:, :, -frames:])
         return xin
+
+    def window(self, x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[history | silu(rms_norm(x + bias))] in one buffer (fused path), rolling the history."""
+        hist = self.slot(x, HISTORY)
+        xin = self.fused.window(hist, x, gamma, bias)
+        hist.copy_(xin[:, :, -HISTORY:])
+        return xin
+
+
+def _channels_last_like(x: torch.Tensor, shape) -> torch.Tensor:
+    """An empty tensor of ``shape`` in x's memory format (channels_last_3d when x is)."""
+    cl = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+
+
+def _rms_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(RMS_norm(x + bias)) in float32, as plain ops that Inductor fuses into one kernel."""
+    c = x.shape[1]
+    xf = x.float()
+    if bias is not None:
+        xf = xf + bias.float().view(1, c, 1, 1, 1)
+    y = xf * torch.rsqrt(xf.square().mean(1, keepdim=True) + 1e-24 / c) * gamma.float().view(1, c, 1, 1, 1)
+    return F.silu(y).to(x.dtype)
+
+
+def _window_compiled(hist, x, gamma, bias):
+    xin = torch.cat([hist, _rms_silu(x, gamma, bias)], dim=2)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        xin = xin.contiguous(memory_format=torch.channels_last_3d)  # pin the layout cuDNN wants
+    return xin
+
+
+def _window_eager(hist, x, gamma, bias):
+    b, c, t, h, w = x.shape
+    xin = _channels_last_like(x, (b, c, hist.shape[2] + t, h, w))
+    xin[:, :, : hist.shape[2]].copy_(hist)
+    if bias is not None:
+        x = x + bias.view(1, c, 1, 1, 1)
+    y = F.rms_norm(x.movedim(1, -1), (c,), gamma.view(-1).to(x.dtype), eps=1e-24 / c).movedim(-1, 1)
+    torch.ops.aten.silu.out(y, out=xin[:, :, hist.shape[2]:])
+    return xin
+
+
+def _residual(y, bias, h):
+    return y + bias.view(1, -1, 1, 1, 1) + h
+
+
+class FusedOps:
+    """The pointwise glue of the fused decoder path: norm+SiLU written straight into the
+    conv's [history | new frames] window (no separate cat), and bias + shortcut after a conv.
+
+    ``compile=True`` runs them through torch.compile so each is one kernel, and the convs
+    then run without bias (the bias add is folded into the next pointwise kernel instead of
+    cuDNN's separate pass). Dynamo's recompile limit is per code object, and one decoder
+    has ~10 distinct shapes, so every shape gets its own copy of the function's code.
+    """
+
+    def __init__(self, compile: bool = False, mode: str | None = None):
+        self.compiled = compile
+        self.mode = mode
+        self._fns: dict = {}
+
+    def _get(self, fn, key):
+        if not self.compiled:
+            return fn
+        f = self._fns.get(key)
+        if f is None:
+            clone = type(fn)(fn.__code__.replace(), fn.__globals__, fn.__name__)
+            f = self._fns[key] = torch.compile(clone, dynamic=False, fullgraph=True, mode=self.mode)
+        return f
+
+    def window(self, hist, x, gamma, bias):
+        fn = _window_compiled if self.compiled else _window_eager
+        return self._get(fn, ("window", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
+
+    def residual(self, y, bias, h):
+        if bias is None:
+            return y.add_(h)
+        return self._get(_residual, ("residual", y.shape, y.stride(), h.stride(), y.dtype))(y, bias, h)
+
+    def conv(self, conv: nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conv3d on an already padded-in-time input; returns (output, bias still to add)."""
+        if self.compiled:
+            return F.conv3d(x, conv.weight, None, conv.stride, conv.padding), conv.bias
+        return F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding), None
 
 
 class CausalConv3d(nn.Conv3d):
@@ -104,6 +191,47 @@ def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1) -> torc
                     padding=(0, pad, pad))
 
 
+def subpixel_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A 3x3 conv after a nearest x2 upsample, as one 2x2 conv on the low-res input.
+
+    Output pixel (2i+a, 2j+b) reads upsampled rows 2i+a-1..2i+a+1, i.e. low-res rows
+    {i-1, i} (a=0: taps k0 | k1+k2) or {i, i+1} (a=1: k0+k1 | k2), likewise for columns;
+    the zero padding maps to zero padding. The four phases are stacked as output channel
+    blocks (phase 2a+b), each a 2x2 kernel: 16 taps per low-res pixel instead of 36, and
+    no upsampled tensor is ever written. Sums are taken in float32.
+    """
+    w = conv.weight.float()
+    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
+    phases = []
+    for a in range(2):
+        r = rows[a]
+        for cols in ((r[..., 0], r[..., 1] + r[..., 2]), (r[..., 0] + r[..., 1], r[..., 2])):
+            phases.append(torch.stack(cols, -1))
+    w4 = torch.cat(phases, 0).to(conv.weight.dtype)
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    return w4, bias
+
+
+def interleave_phases(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Scatter the 4 phase blocks of a sub-pixel conv's output [.., 4co, (t,) h+1, w+1] into
+    ``out`` [.., co, (t,) 2h, 2w]: out pixel (2i+a, 2j+b) is phase 2a+b at (i+a, j+b)."""
+    co, h, w = out.shape[1], out.shape[-2] // 2, out.shape[-1] // 2
+    for p in range(4):
+        a, c = divmod(p, 2)
+        out[..., a::2, c::2] = y[:, p * co:(p + 1) * co, ..., a:a + h, c:c + w]
+    return out
+
+
+def upsample_conv_subpixel(conv: nn.Conv2d, x: torch.Tensor, weights=None) -> torch.Tensor:
+    """``conv(nearest_x2(x))`` per frame of [B,C,T,H,W], computed on the low-res input."""
+    w4, bias = subpixel_weights(conv) if weights is None else weights
+    b, _, t, h, w = x.shape
+    w4 = w4.unsqueeze(2) if w4.dim() == 4 else w4
+    y = F.conv3d(x, w4, bias, padding=(0, 1, 1))                         # [b, 4co, t, h+1, w+1]
+    return interleave_phases(y, _channels_last_like(x, (b, w4.shape[0] // 4, t, 2 * h, 2 * w)))
+
+
 class ResidualBlock(nn.Module):
     """norm-SiLU-conv-norm-SiLU-conv plus a 1x1x1 shortcut when channels change."""
 
@@ -120,6 +248,11 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
         r = self.residual
         h = self.shortcut(x)
+        if cache is not None and cache.fused is not None:
+            ops = cache.fused
+            y, bias = ops.conv(r[2], cache.window(x, r[0].gamma, None))
+            y, bias = ops.conv(r[6], cache.window(y, r[3].gamma, bias))
+            return ops.residual(y, bias, h)
         x = r[2](F.silu(r[0](x), inplace=True), cache)
         x = r[6](F.silu(r[3](x), inplace=True), cache)
         return x + h
@@ -169,6 +302,16 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
+    def _subpixel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sub-pixel weights, rebuilt when the conv's weights change (load, dtype cast)."""
+        conv = self.resample[1]
+        key = (conv.weight.data_ptr(), conv.weight.dtype, conv.weight._version)
+        if getattr(self, "_subpixel_key", None) != key:
+            w4, bias = subpixel_weights(conv)
+            self._subpixel_cache = (w4.unsqueeze(2).contiguous(memory_format=torch.channels_last_3d), bias)
+            self._subpixel_key = key
+        return self._subpixel_cache
+
     def _time_up(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
         head = None
         if cache.first:
@@ -177,8 +320,14 @@ class Resample(nn.Module):
             cache.slot(head, HISTORY)
             return head
         b, c, t, h, w = x.shape
-        y = self.time_conv(x, cache).view(b, 2, c, t, h, w)
-        y = y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        y = self.time_conv(x, cache)
+        if cache.fused is not None:  # interleave straight into x's memory format (reshape would not)
+            out = _channels_last_like(x, (b, c, 2 * t, h, w))
+            out[:, :, 0::2] = y[:, :c]
+            out[:, :, 1::2] = y[:, c:]
+            y = out
+        else:
+            y = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
         return y if head is None else torch.cat([head, y], dim=2)
 
     def _time_down(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
@@ -198,7 +347,9 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             x = self._time_up(x, cache)
         conv = self.resample[1]
-        if self.mode.startswith("upsample"):
+        if self.mode.startswith("upsample") and cache.fused is not None:
+            x = upsample_conv_subpixel(conv, x, self._subpixel())
+        elif self.mode.startswith("upsample"):
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
             x = _conv2d_per_frame(conv, x)
         else:
@@ -277,4 +428,7 @@ class Decoder3d(nn.Module):
     def forward(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
         x = self.conv1(x, cache)
         x = _run(self.upsamples, _run(self.middle, x, cache), cache)
+        if cache.fused is not None:
+            y, bias = cache.fused.conv(self.head[2], cache.window(x, self.head[0].gamma, None))
+            return y if bias is None else y + bias.view(1, -1, 1, 1, 1)
         return self.head[2](F.silu(self.head[0](x)), cache)

@@ -15,6 +15,13 @@ Decoder modes:
   the first 3) and frame 1 sees frame 0. Not equal to the full decode; ``demo()``
   also clamps and uses its [B,T,C,H,W] layout.
 
+``fused=True`` (default) runs the decoder's fused path (``vae_blocks.FusedOps``): norm+SiLU
+written straight into each conv's [history | new] window, nearest-x2 upsample + 3x3 conv as
+one sub-pixel 2x2 conv on the low-res input, and channels-last kept through the temporal
+upsample. ``compile=True`` also torch.compiles that pointwise glue (CUDA). ``fused=False`` is
+the plain reference formulation (cat, interpolate, conv, bias) the fused path is checked
+against.
+
 ``graphs=True`` (CUDA) replays the decode of every later chunk as a CUDA graph
 (engine.capture): after the first chunk the conv caches exist and keep their
 addresses, so a chunk of a given size is one static graph.
@@ -27,7 +34,7 @@ import torch
 
 from engine.capture import GraphCache
 
-from .vae_blocks import ConvCache
+from .vae_blocks import ConvCache, FusedOps
 
 if TYPE_CHECKING:
     from .vae import WanVAE
@@ -41,7 +48,8 @@ class StreamingDecoder:
     """Decode latent chunks of any size; outputs concatenate to the whole-clip decode."""
 
     def __init__(self, vae: "WanVAE", zero_init: bool = False, clamp: bool = False,
-                 layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False):
+                 layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False,
+                 fused: bool = True, compile: bool = False):
         if layout not in ("bcthw", "btchw"):
             raise ValueError(f"layout must be 'bcthw' or 'btchw', got {layout!r}")
         self.vae = vae
@@ -50,11 +58,12 @@ class StreamingDecoder:
         self.layout = layout
         self.cache: list[torch.Tensor] = [] if cache is None else cache
         self.first = not zero_init
+        self.fused = FusedOps(compile=compile) if fused or compile else None
         device = next(vae.parameters()).device
         self.graphs = GraphCache(self._later_chunk, device, enabled=graphs, name="vae")
 
     def _later_chunk(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.vae.decode_step(z, ConvCache(self.cache, first=False))
+        out = self.vae.decode_step(z, ConvCache(self.cache, first=False, fused=self.fused))
         return out.float().clamp_(-1, 1) if self.clamp else out
 
     def graph_status(self) -> str:
@@ -80,7 +89,7 @@ class StreamingDecoder:
         """
         z = _to_bcthw(latent, self.layout)
         if self.first or not self.cache:  # the caches are created by this call: never captured
-            out = self.vae.decode_step(z, ConvCache(self.cache, first=self.first))
+            out = self.vae.decode_step(z, ConvCache(self.cache, first=self.first, fused=self.fused))
             if self.clamp:
                 out = out.float().clamp_(-1, 1)
         else:
