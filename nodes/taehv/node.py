@@ -35,13 +35,21 @@ class TAEHVDecodeNode(Node):
               choices=("exact", "demo")),
         Param("channels", list, [256, 128, 64, 64], "decoder widths (random weights; read from checkpoints)"),
         Param("latent_channels", int, 16, "latent channels (random weights)", min=1),
+        Param("fused", bool, True, "sub-pixel formulation of the upsample steps (same function, ~2x less work)"),
+        Param("compile", bool, False, "torch.compile the block decode (CUDA; a few seconds of cold start)"),
+        Param("graphs", bool, True, "on CUDA, replay every block after the first as a CUDA graph"),
         dtype_param(),
         seed_param(),
     )
 
+    capturable = True  # fixed shapes per block; the MemBlock memory is passed through the graph
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.stream = None
+
+    def graph_status(self) -> str:
+        return self.stream.graph_status() if self.stream is not None else "eager"
 
     def _family(self) -> str:
         if self.p.family != "auto":
@@ -79,7 +87,10 @@ class TAEHVDecodeNode(Node):
         else:
             sd = dict(open_checkpoint(self.p.checkpoint).items())
             model = build_taehv(sd, device=self.device, dtype=dtype, checkpoint=self._family(), with_encoder=False)
-        self.stream = StreamingTAEHVDecoder(model, mode=self.p.mode, signed_output=True)
+        on_cuda = str(self.device).startswith("cuda")
+        self.stream = StreamingTAEHVDecoder(
+            model, mode=self.p.mode, signed_output=True, fused=self.p.fused, compile=self.p.compile and on_cuda,
+            graphs=self.p.graphs and on_cuda and getattr(self, "capture_graphs", on_cuda))
 
     def new_state(self):
         return None if self.stream is None else self.stream.new_state()

@@ -11,6 +11,12 @@ Two modes:
   the new frames. Cheaper to reason about but an approximation: a MemBlock's
   receptive field is longer than 3 latent frames, so it drifts from the full
   decode from the second block on. Kept because reference outputs record it.
+
+Speed knobs (all off by default, results equal up to bf16 rounding): ``fused``
+(sub-pixel upsample steps, ``model.run_layers``), ``compile`` (torch.compile of
+the whole block decode, default mode) and ``graphs`` (CUDA: every block after
+the first replays a captured graph; in exact mode the MemBlock memory goes in
+and out as graph tensors, so it never needs fixed addresses).
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import TAEHV, Memory
+from engine.capture import GraphCache
+
+from .model import TAEHV, MemBlock, Memory
 
 MODES = ("exact", "demo")
 
@@ -32,7 +40,8 @@ class TAEHVStreamState:
 
 class StreamingTAEHVDecoder:
     def __init__(self, model: TAEHV, mode: str = "exact", frames_to_trim: int | None = None,
-                 context_latents: int = 3, signed_output: bool = False):
+                 context_latents: int = 3, signed_output: bool = False, fused: bool = False,
+                 compile: bool = False, graphs: bool = False):
         """``frames_to_trim`` defaults to the model's (3: the first latent's 4 frames -> 1).
 
         ``context_latents`` is the demo mode's warm-up length. ``signed_output``
@@ -46,6 +55,37 @@ class StreamingTAEHVDecoder:
         self.frames_to_trim = model.frames_to_trim if frames_to_trim is None else frames_to_trim
         self.context_latents = context_latents
         self.signed_output = signed_output
+        self.fused = fused
+        self._decode = torch.compile(self._decode_eager, dynamic=False) if compile else self._decode_eager
+        self._keys: tuple[int, ...] | None = None  # MemBlock indices, in the order the graphs pass them
+        device = next(model.parameters()).device
+        self.graphs = GraphCache(self._graph_fn, device, enabled=graphs, name="taehv")
+
+    def _decode_eager(self, x: torch.Tensor, *memory: torch.Tensor):
+        """(frames, *new memory) from latents and the memory tensors in ``self._keys`` order."""
+        mem = dict(zip(self._keys, memory)) if memory else None
+        y, new = self.model.decode_chunk(x, mem, fused=self.fused)
+        if self.signed_output:
+            y = y * 2 - 1
+        return (y, *[new[k] for k in self._keys])
+
+    def _graph_fn(self, x: torch.Tensor, *memory: torch.Tensor):
+        return self._decode(x, *memory)
+
+    def _run(self, x: torch.Tensor, memory: Memory | None) -> tuple[torch.Tensor, Memory]:
+        if self._keys is None:
+            self._keys = tuple(i for i, layer in enumerate(self.model.decoder) if isinstance(layer, MemBlock))
+        mem = () if memory is None else tuple(memory[k] for k in self._keys)
+        if mem and self.graphs.enabled:
+            y, *new = self.graphs((tuple(x.shape), x.dtype), x, *mem)
+        elif not mem and self.graphs.enabled and self.mode == "demo":
+            y, *new = self.graphs((tuple(x.shape), x.dtype, "fresh"), x)
+        else:
+            y, *new = self._decode(x, *mem)
+        return y, dict(zip(self._keys, new))
+
+    def graph_status(self) -> str:
+        return self.graphs.status()
 
     def new_state(self) -> TAEHVStreamState:
         return TAEHVStreamState()
@@ -56,14 +96,15 @@ class StreamingTAEHVDecoder:
 
         F is ``4T`` (``4T - frames_to_trim`` on the first block).
         """
+        w = self.model.decoder[1].weight
+        latents = latents.to(device=w.device, dtype=w.dtype)
         if self.mode == "exact":
-            frames, state.memory = self.model.decode_chunk(latents, state.memory)
+            frames, state.memory = self._run(latents, state.memory)
             drop = self.frames_to_trim if state.blocks_decoded == 0 else 0
         else:
             x = latents if state.context is None else torch.cat([state.context, latents], 1)
-            frames, _ = self.model.decode_chunk(x)
+            frames, _ = self._run(x, None)
             drop = self.frames_to_trim if state.context is None else self.model.t_upscale * state.context.shape[1]
             state.context = x[:, -self.context_latents:]
         state.blocks_decoded += 1
-        frames = frames[:, drop:]
-        return frames * 2 - 1 if self.signed_output else frames
+        return frames[:, drop:]
