@@ -78,13 +78,15 @@ class Plan:
 def decide_capture(node: Node, requested: Any, device: str) -> CaptureDecision:
     if requested is False:
         return CaptureDecision(False, "capture: false in the spec")
+    if node.phase == SESSION:
+        return CaptureDecision(False, "runs once per session: nothing to replay")
+    if node.is_sink:
+        return CaptureDecision(False, "a sink: writes on the host")
     if not node.capturable:
         return CaptureDecision(False, f"{node.type_name} is not marked capturable (dynamic shapes, host syncs, "
                                "or no graph path yet)")
     if not str(device).startswith("cuda"):
         return CaptureDecision(False, f"runs on {device}: CUDA graphs need a CUDA device")
-    if node.phase == SESSION:
-        return CaptureDecision(False, "runs once per session: nothing to replay")
     return CaptureDecision(True, "static shapes, no host sync: captured after warmup, replayed per block")
 
 

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot)")
     _spec_args(p)
     p.add_argument("-o", "--output", help="write a drawing: .svg, .html or .dot")
+    p.add_argument("--run", type=int, default=0, metavar="N",
+                   help="load the weights and run N blocks first, so the drawing shows per-node milliseconds")
     p = sub.add_parser("nodes", help="list node types, or describe one")
     p.add_argument("type", nargs="?", help="a node type name")
     p.add_argument("--json", action="store_true")
@@ -116,7 +118,12 @@ def cmd_viz(args) -> int:
     from engine import load_plan
     from engine import viz
 
-    plan = load_plan(args.spec, args.overrides, args.set_files, check_devices=False)
+    plan = load_plan(args.spec, args.overrides, args.set_files, check_devices=args.run > 0)
+    if args.run > 0:
+        from engine.session import Pipeline
+        with Pipeline(plan).load().open_session() as session:
+            for _ in session.stream(args.run):
+                pass
     if args.output:
         out = Path(args.output)
         writers = {".svg": viz.to_svg, ".html": viz.to_html, ".dot": viz.to_dot}

@@ -46,7 +46,9 @@ def test_capture_decisions():
     assert not decide_capture(acc, "auto", "cpu").captured
     assert "capture: false" in decide_capture(acc, False, "cuda:0").reason
     enc = FakeEncoder("enc", {})
-    assert "not marked capturable" in decide_capture(enc, "auto", "cuda:0").reason
+    assert "once per session" in decide_capture(enc, "auto", "cuda:0").reason
+    from engine_fixtures import Needy
+    assert "not marked capturable" in decide_capture(Needy("n", {"level": 1}), "auto", "cuda:0").reason
 
 
 def test_stream_order_prompt_switch_and_reset(plan):

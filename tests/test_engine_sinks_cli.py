@@ -109,3 +109,10 @@ def test_cli_viz_terminal_tree():
 def test_fd_help_reads_well():
     r = fd("--help")
     assert r.returncode == 0 and "exec" in r.stdout and "examples:" in r.stdout
+
+
+def test_cli_viz_after_running_shows_node_milliseconds(tmp_path):
+    out = tmp_path / "p.svg"
+    r = fd("viz", "preview_cpu", "--run", 2, "-o", out, f"sinks.video.params.path={tmp_path / 'v.mp4'}")
+    assert r.returncode == 0, r.stderr
+    assert "ms/block" in out.read_text()

@@ -139,12 +139,12 @@ def _resolve_hf(ref: HfRef, kind: str) -> Path:
 def _not_cached_message(ref: HfRef, kind: str, is_offline: bool) -> str:
     what = f"file {ref.path!r}" if kind == "file" else (
         f"folder {ref.path!r}" if ref.path else "snapshot")
-    cache = hub_cache_dir() or "the default Hugging Face cache (~/.cache/huggingface/hub)"
+    cache = f"the cache {hub_cache_dir()}" if hub_cache_dir() else "the default Hugging Face cache (~/.cache/huggingface/hub)"
     why = ("offline mode is on (HF_HUB_OFFLINE=1)" if is_offline
            else "the Hub could not be reached")
     return (f"{ref}: {what} of repo {ref.repo_id}"
             + (f" at revision {ref.revision}" if ref.revision else "")
-            + f" is not in the cache {cache} and {why}.\n"
+            + f" is not in {cache} and {why}.\n"
             f"  Get it on a machine with network (same HF_HOME): {ref.download_command(kind)}\n"
             f"  or download it anywhere with --local-dir DIR and put the local path in the spec"
             + ("; unset HF_HUB_OFFLINE to let fd download it." if is_offline else "."))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.capture import GraphCache
+from nodes.wan.vae_stream import cudnn_autotune
 
 from .model import TAEHV, MemBlock, Memory
 
@@ -41,7 +42,7 @@ class TAEHVStreamState:
 class StreamingTAEHVDecoder:
     def __init__(self, model: TAEHV, mode: str = "exact", frames_to_trim: int | None = None,
                  context_latents: int = 3, signed_output: bool = False, fused: bool = False,
-                 compile: bool = False, graphs: bool = False):
+                 compile: bool = False, graphs: bool = False, autotune: bool = True):
         """``frames_to_trim`` defaults to the model's (3: the first latent's 4 frames -> 1).
 
         ``context_latents`` is the demo mode's warm-up length. ``signed_output``
@@ -56,6 +57,7 @@ class StreamingTAEHVDecoder:
         self.context_latents = context_latents
         self.signed_output = signed_output
         self.fused = fused
+        self.autotune = autotune  # scoped cudnn.benchmark around every decode
         self._decode = torch.compile(self._decode_eager, dynamic=False) if compile else self._decode_eager
         self._keys: tuple[int, ...] | None = None  # MemBlock indices, in the order the graphs pass them
         device = next(model.parameters()).device
@@ -76,6 +78,10 @@ class StreamingTAEHVDecoder:
         if self._keys is None:
             self._keys = tuple(i for i, layer in enumerate(self.model.decoder) if isinstance(layer, MemBlock))
         mem = () if memory is None else tuple(memory[k] for k in self._keys)
+        with cudnn_autotune(self.autotune):
+            return self._dispatch(x, mem)
+
+    def _dispatch(self, x: torch.Tensor, mem: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, Memory]:
         if mem and self.graphs.enabled:
             y, *new = self.graphs((tuple(x.shape), x.dtype), x, *mem)
         elif not mem and self.graphs.enabled and self.mode == "demo":

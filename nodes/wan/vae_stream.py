@@ -28,6 +28,7 @@ addresses, so a chunk of a given size is one static graph.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +41,18 @@ if TYPE_CHECKING:
     from .vae import WanVAE
 
 
+@contextlib.contextmanager
+def cudnn_autotune(enabled: bool = True):
+    """Scoped ``cudnn.benchmark``: cuDNN times its conv algorithms once per shape (the first,
+    eager chunk; graphs then replay the winner). Restores the caller's setting on exit."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(0, 2, 1, 3, 4) if layout == "btchw" else x
 
@@ -49,7 +62,7 @@ class StreamingDecoder:
 
     def __init__(self, vae: "WanVAE", zero_init: bool = False, clamp: bool = False,
                  layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False,
-                 fused: bool = True, compile: bool = False):
+                 fused: bool = True, compile: bool = False, autotune: bool = True):
         if layout not in ("bcthw", "btchw"):
             raise ValueError(f"layout must be 'bcthw' or 'btchw', got {layout!r}")
         self.vae = vae
@@ -59,6 +72,7 @@ class StreamingDecoder:
         self.cache: list[torch.Tensor] = [] if cache is None else cache
         self.first = not zero_init
         self.fused = FusedOps(compile=compile) if fused or compile else None
+        self.autotune = autotune
         device = next(vae.parameters()).device
         self.graphs = GraphCache(self._later_chunk, device, enabled=graphs, name="vae")
 
@@ -87,7 +101,12 @@ class StreamingDecoder:
         f latent frames give 4f pixel frames, except 1+4(f-1) for the clip's first chunk
         in the default mode.
         """
-        z = _to_bcthw(latent, self.layout)
+        with cudnn_autotune(self.autotune):
+            out = self._decode(_to_bcthw(latent, self.layout))
+        self.first = False
+        return _to_bcthw(out, self.layout)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.first or not self.cache:  # the caches are created by this call: never captured
             out = self.vae.decode_step(z, ConvCache(self.cache, first=self.first, fused=self.fused))
             if self.clamp:
@@ -95,8 +114,7 @@ class StreamingDecoder:
         else:
             key = (tuple(z.shape), z.dtype, z.stride(), len(self.cache), self.cache[0].data_ptr())
             out = self.graphs(key, z)
-        self.first = False
-        return _to_bcthw(out, self.layout)
+        return out
 
 
 class StreamingEncoder:
