@@ -18,6 +18,7 @@ for the named variants (run eagerly, graphs off: the kernels are the same).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import time
 from collections import defaultdict
@@ -67,11 +68,12 @@ class _Run:
 
     def __init__(self, decoder, model, kw):
         self.decoder, self.dec = decoder, _make(decoder, model, kw)
+        self.dtype = next(model.parameters()).dtype
         self.state = None if decoder == "wan" else self.dec.new_state()
 
     def __call__(self, z):
         if self.decoder == "wan":
-            z = z.permute(0, 2, 1, 3, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+            z = z.permute(0, 2, 1, 3, 4).to(self.dtype).contiguous(memory_format=torch.channels_last_3d)
             return self.dec.decode_chunk(z)
         return self.dec.decode(self.state, z)
 
@@ -120,6 +122,11 @@ def bench_decoder(decoder, model, variants, lats, reps, profile_names):
             ref_run(lats[0])
         tflop = fc.get_total_flops() / 1e12
         del ref_run
+        model32 = copy.deepcopy(model).float()
+        ref32 = [_Run(decoder, model32, dict(fused=False, graphs=False))(z).float() for z in lats[:1]]
+        del model32
+        ref32_err = rel_err(ref[0], ref32[0])
+        log({"decoder": decoder, "eager_ref_bf16_vs_fp32_rel_err": f"{ref32_err:.2e}"}, "vae_decode.jsonl")
         table = {}
         for name, kw in variants.items():
             gc.collect()
@@ -131,11 +138,13 @@ def bench_decoder(decoder, model, variants, lats, reps, profile_names):
             torch.cuda.synchronize()
             cold = time.perf_counter() - t0
             errs = [rel_err(a, b) for a, b in zip(outs, ref)]
+            err32 = rel_err(outs[0], ref32[0])
             del outs
             ms, times = events_ms(lambda: run(lats[-1]), reps=reps, warmup=3)
             rec = {"decoder": decoder, "variant": name, "kw": kw, "ms": round(ms, 2),
                    "ms_min": round(min(times), 2), "ms_max": round(max(times), 2), "tflop": round(tflop, 2),
                    "tflops_per_s": round(tflop / ms * 1e3, 1), "rel_err_vs_eager_ref": [f"{e:.2e}" for e in errs],
+                   "rel_err_vs_fp32_block0": f"{err32:.2e}", "eager_ref_vs_fp32_block0": f"{ref32_err:.2e}",
                    "cold_s_4_blocks": round(cold, 1), "graphs": run.graph_status(),
                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
             log(rec, "vae_decode.jsonl")
@@ -166,10 +175,12 @@ def main():
         variants = {k: v for k, v in variants.items() if not pick or k in pick}
         model = vae if decoder == "wan" else tae
         rows += bench_decoder(decoder, model, variants, lats, args.reps, prof).values()
-    print(f"{'decoder':8} {'variant':15} {'ms':>8} {'TFLOP/s':>8} {'cold s':>7} max rel err vs eager ref")
+    print(f"{'decoder':8} {'variant':15} {'ms':>8} {'TFLOP/s':>8} {'cold s':>7} {'vs eager ref':>12} "
+          f"{'vs fp32':>8} {'(ref vs fp32)':>13}")
     for r in rows:
         print(f"{r['decoder']:8} {r['variant']:15} {r['ms']:8.2f} {r['tflops_per_s']:8.1f} {r['cold_s_4_blocks']:7.1f} "
-              f"{max(float(e) for e in r['rel_err_vs_eager_ref']):.2e}")
+              f"{max(float(e) for e in r['rel_err_vs_eager_ref']):12.2e} {r['rel_err_vs_fp32_block0']:>8} "
+              f"{r['eager_ref_vs_fp32_block0']:>13}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import time
@@ -36,6 +37,7 @@ def environment() -> dict:
                                        timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
+    env["commit"] = env["commit"] or os.environ.get("FD_COMMIT")  # a copied tree without .git (device runs)
     return env
 
 
