@@ -27,9 +27,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import LATENT_HW, env, events_ms, log, rel_err
-from benchmarks.w1_selfforcing import FPB, build_decoders
+from benchmarks.w1_selfforcing import FPB, build_decoders, channels_last_taehv
 from nodes.taehv.stream import StreamingTAEHVDecoder
-from nodes.wan.vae_stream import StreamingDecoder
+from nodes.wan.vae_stream import StreamingDecoder, cudnn_autotune
 
 # name -> StreamingDecoder / StreamingTAEHVDecoder keyword arguments
 WAN_VARIANTS = {
@@ -44,6 +44,7 @@ TAEHV_VARIANTS = {
     "fused": dict(fused=True, graphs=True),
     "compile_ref": dict(compile=True, graphs=True),
     "compile": dict(fused=True, compile=True, graphs=True),
+    "compile_cl": dict(fused=True, compile=True, graphs=True, channels_last=True),
 }
 CATEGORIES = (  # first match wins, on the lower-cased kernel name
     ("conv (cuDNN)", ("conv", "xmma", "implicit", "cudnn", "sm90_", "fprop", "dgrad", "nhwc", "wgrad")),
@@ -58,6 +59,8 @@ CATEGORIES = (  # first match wins, on the lower-cased kernel name
 
 
 def _make(decoder: str, model, kw: dict):
+    if kw.pop("channels_last", False):
+        model = channels_last_taehv(model)
     if decoder == "wan":
         return StreamingDecoder(model, zero_init=True, clamp=True, **kw)
     return StreamingTAEHVDecoder(model, mode="exact", **kw)
@@ -67,7 +70,7 @@ class _Run:
     """A stream of one decoder: call() decodes the next block (latents given as [B, f, C, h, w])."""
 
     def __init__(self, decoder, model, kw):
-        self.decoder, self.dec = decoder, _make(decoder, model, kw)
+        self.decoder, self.dec = decoder, _make(decoder, model, dict(kw))
         self.dtype = next(model.parameters()).dtype
         self.state = None if decoder == "wan" else self.dec.new_state()
 
@@ -156,17 +159,57 @@ def bench_decoder(decoder, model, variants, lats, reps, profile_names):
     return table
 
 
+# (cin, cout, frames in, h, w, kernel (t, k)) of a steady Wan block: the 3x3x3 convs (frames include the
+# 2 of history) and the sub-pixel 2x2 upsample convs (4 phases stacked on cout)
+PROBE_SHAPES = ((384, 384, 5, 60, 104, (3, 3)), (384, 384, 8, 120, 208, (3, 3)), (192, 192, 14, 240, 416, (3, 3)),
+                (96, 96, 14, 480, 832, (3, 3)), (384, 768, 6, 60, 104, (1, 2)), (384, 768, 12, 120, 208, (1, 2)),
+                (192, 384, 12, 240, 416, (1, 2)), (96, 3, 14, 480, 832, (3, 3)), (96, 16, 14, 480, 832, (3, 3)))
+
+
+def probe_convs():
+    """Rates of the decoder's conv shapes as cuDNN runs them: conv3d channels_last_3d, versus the
+    same FLOPs as a per-frame conv2d (time taps folded into input channels for 3x3x3; frames folded
+    into the batch for the 2x2 ones), channels_last. bf16, cudnn.benchmark on."""
+    with cudnn_autotune():
+        _probe_convs()
+
+
+def _probe_convs():
+    import torch.nn.functional as F
+    for cin, cout, t, h, w, (kt, k) in PROBE_SHAPES:
+        to = t - kt + 1
+        x = torch.randn(1, cin, t, h, w, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last_3d)
+        w3 = torch.randn(cout, cin, kt, k, k, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last_3d)
+        pad = (0, 1, 1) if k == 3 else (0, 1, 1)
+        flops = 2 * cout * cin * kt * k * k * to * (h + (k == 2)) * (w + (k == 2))
+        ms3, _ = events_ms(lambda: F.conv3d(x, w3, None, padding=pad), reps=10, warmup=3)
+        x2 = torch.randn(to, cin * kt, h, w, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        w2 = torch.randn(cout, cin * kt, k, k, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last)
+        ms2, _ = events_ms(lambda: F.conv2d(x2, w2, None, padding=1), reps=10, warmup=3)
+        log({"probe": [cin, cout, t, h, w, kt, k], "conv3d_ms": round(ms3, 3), "conv3d_tflops": round(flops / ms3 / 1e9),
+             "conv2d_folded_ms": round(ms2, 3), "conv2d_folded_tflops": round(flops / ms2 / 1e9)}, "vae_decode.jsonl")
+        del x, x2
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--decoders", default="taehv,wan")
     ap.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", default="ref,compile", help="variants to profile ('' for none)")
+    ap.add_argument("--probe", action="store_true", help="also time the decoder's conv shapes, 3d vs folded 2d")
     args = ap.parse_args()
-    log({"env": env(), "latent": [1, FPB, 16, *LATENT_HW]}, "vae_decode.jsonl")
+    log({"env": env(), "latent": [1, FPB, 16, *LATENT_HW], "cudnn_benchmark": torch.backends.cudnn.benchmark},
+        "vae_decode.jsonl")
     vae, tae = build_decoders()
     g = torch.Generator(device="cuda").manual_seed(5)
     lats = [torch.randn(1, FPB, 16, *LATENT_HW, generator=g, device="cuda") for _ in range(4)]
+    if args.probe:
+        probe_convs()
     pick = [v for v in args.variants.split(",") if v]
     prof = [v for v in args.profile.split(",") if v]
     rows = []

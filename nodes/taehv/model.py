@@ -233,6 +233,23 @@ class TAEHV(nn.Module):
         """Leading frames upstream drops after a fresh decode (the first latent's 4 -> 1)."""
         return self.t_upscale - 1
 
+    def zero_memory(self, x: torch.Tensor) -> Memory:
+        """The fresh-start memory for latents ``x`` [N, T, C, h, w] as explicit zeros (what
+        ``run_layers`` uses when an entry is absent), so a first block has the same inputs as
+        every later one: one compiled graph / captured graph serves both."""
+        n, _, _, h, w = x.shape
+        w_ = self.decoder[1].weight
+        memory: Memory = {}
+        for i, layer in enumerate(self.decoder):
+            if isinstance(layer, nn.Upsample):
+                s = layer.scale_factor
+                s = s if isinstance(s, (tuple, list)) else (s, s)
+                h, w = int(h * s[0]), int(w * s[1])
+            elif isinstance(layer, MemBlock):
+                c = layer.conv[0].in_channels // 2
+                memory[i] = torch.zeros((n, c, h, w), dtype=w_.dtype, device=w_.device)
+        return memory
+
     def prepare_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Map DiT (normalised) latents [N, T, C, h, w] to what this checkpoint was trained on."""
         if self.cfg.latent_input == "wan21_raw":

@@ -77,6 +77,8 @@ class StreamingTAEHVDecoder:
     def _run(self, x: torch.Tensor, memory: Memory | None) -> tuple[torch.Tensor, Memory]:
         if self._keys is None:
             self._keys = tuple(i for i, layer in enumerate(self.model.decoder) if isinstance(layer, MemBlock))
+        if memory is None and self.mode == "exact":  # explicit zeros: the first block shares the graphs
+            memory = self.model.zero_memory(x)
         mem = () if memory is None else tuple(memory[k] for k in self._keys)
         with cudnn_autotune(self.autotune):
             return self._dispatch(x, mem)

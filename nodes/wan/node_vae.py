@@ -105,6 +105,8 @@ class WanVAEDecodeNode(_WanVAENode):
         Param("mode", str, "exact", "exact: equals the full decode; demo: Self-Forcing demo decoder (zero caches)",
               choices=("exact", "demo")),
         Param("graphs", bool, True, "on CUDA, replay every block after the first as a CUDA graph"),
+        Param("compile", str, "auto", "torch.compile the pointwise glue between convs (auto = on CUDA; ~10 s of "
+              "cold start, ~1.4x faster decode)", choices=("auto", "on", "off")),
     )
     capturable = True  # fixed-shape conv caches after the first block
 
@@ -123,7 +125,9 @@ class WanVAEDecodeNode(_WanVAENode):
         vae = self._vae()
         if state["decoder"] is None:
             on_cuda = vae.conv2.weight.is_cuda
+            compile_glue = self.p.compile == "on" or (self.p.compile == "auto" and on_cuda)
             state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
+                                                               compile=compile_glue,
                                                                graphs=self.p.graphs and on_cuda and
                                                                getattr(self, "capture_graphs", on_cuda))
         frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
