@@ -79,7 +79,7 @@ def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
             assert [f.header.index for f in r["frames"]] == list(range(2 * BLOCKS))
             assert {f.header.session for f in r["frames"]} == {r["session"]}     # nobody sees another's frames
         assert len({r["session"] for r in results}) == CLIENTS
-    assert growth < 40, f"server RSS grew {growth:.1f} MiB over 16 sessions"
+    assert growth < 60, f"server RSS grew {growth:.1f} MiB over 16 sessions"
     assert snap["queue_length"] == 0 and snap["active_session"] is None and snap["frames_dropped"] == 0
 
 
@@ -119,5 +119,5 @@ def test_client_that_stops_reading_gets_frames_dropped_not_buffered(tmp_path):
     # the bound that matters: at most 2 frames (and a few status messages) wait per client, however many
     # were produced; RSS is only a coarse check on top (the rollout's own tensors make it noisy)
     assert queued[0] <= 2 and queued[1] <= 2 + 256 // 8, f"outbox holds {queued}"
-    assert growth < 40, f"server RSS grew {growth:.1f} MiB while dropping frames"
+    assert growth < 60, f"server RSS grew {growth:.1f} MiB while dropping frames"
     assert pong["type"] == "pong" and free == 1
