@@ -16,6 +16,18 @@ class Placement:
     estimate_bytes: int = 0
 
 
+def _this_process_cuda() -> int | None:
+    """Under torch.distributed each rank owns one GPU (LOCAL_RANK): ``cuda`` and ``auto`` mean that one."""
+    try:
+        import torch
+        import torch.distributed as dist
+        if torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
+            return torch.cuda.current_device()
+    except Exception:
+        pass
+    return None
+
+
 def _free_cuda_bytes(cuda_devices: int | None) -> list[int]:
     try:
         import torch
@@ -31,9 +43,13 @@ def place(requests: dict, cuda_devices: int | None = None, free_bytes: list[int]
           headroom: float = 0.8) -> dict[str, Placement]:
     """``requests``: name -> (requested device, node). Returns name -> Placement."""
     free = list(_free_cuda_bytes(cuda_devices) if free_bytes is None else free_bytes)
+    rank_gpu = _this_process_cuda() if free_bytes is None else None
     out: dict[str, Placement] = {}
     for name, (requested, node) in requests.items():
         est = int(node.estimate_bytes() or 0)
+        if rank_gpu is not None and requested in ("auto", "cuda"):
+            out[name] = Placement(f"cuda:{rank_gpu}", "this rank's GPU (torch.distributed)", est)
+            continue
         if requested != "auto":
             dev = "cuda:0" if requested == "cuda" else requested
             if dev.startswith("cuda:") and int(dev.split(":")[1]) < len(free):

@@ -58,11 +58,15 @@ def run_bench(args) -> int:
 
     from .run import resolve_spec
 
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world_size > 1:  # under torchrun: every rank runs the pipeline, rank 0 reports
+        from engine.parallel.groups import init_distributed
+        init_distributed()
     spec = resolve_spec(args)
     if not args.with_sinks:  # time the model pipeline, not the MP4 encoder
         spec = dataclasses.replace(spec, nodes={n: ns for n, ns in spec.nodes.items() if not ns.is_sink})
-    plan = make_plan(spec, Registry.default())
-    pipe = Pipeline(plan)
+    plan = make_plan(spec, Registry.default(), world_size=world_size)
+    pipe = Pipeline(plan, rank=rank)
     t0 = time.perf_counter()
     pipe.load()
     _sync()
@@ -97,6 +101,10 @@ def run_bench(args) -> int:
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "graphs": _graph_status(plan)}
     report["report_blocks"] = {b: next((r for r in rows if r["block"] == b), None) for b in args.report_block}
+    report["world_size"] = world_size
+    report["final_latent_checksum"] = _latent_checksum(plan, session)
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -112,6 +120,17 @@ def run_bench(args) -> int:
     c.print(f"load {load_s:.2f} s, cold start to first block {report['cold_start_s']:.2f} s, "
             f"peak {report['peak_mem_gib'] or 0:.2f} GiB, env {report['env']}")
     return 0
+
+
+def _latent_checksum(plan, session) -> dict:
+    """Sum and abs-sum of each LATENT output of the last block: compares runs (1 vs N GPUs) cheaply."""
+    out = {}
+    for n in plan.block_nodes:
+        for port, v in session.values.get(n, {}).items():
+            if hasattr(v, "float") and getattr(v, "ndim", 0) == 5:
+                f = v.float()
+                out[f"{n}.{port}"] = [float(f.sum()), float(f.abs().sum())]
+    return out
 
 
 def _breakdowns(plan) -> dict:
