@@ -38,7 +38,7 @@ class ARState:
     """One session's rollout: caches, RNG, and the timers of the last block."""
     handle: Any = None
     cache: Any = None                 # nodes.wan.kv_cache.SelfKVCache
-    denoiser: Any = None              # CausalDenoiser (CUDA graphs) or _PlainDenoiser; holds the prompt's K/V
+    denoiser: Any = None              # CausalDenoiser (CUDA graphs on CUDA); holds the prompt's K/V
     rollout: ARRollout | None = None
     generator: torch.Generator | None = None
     noise: torch.Tensor | None = None  # all blocks' noise (global cache only)
@@ -118,8 +118,7 @@ class ARSamplerNode(Node):
                           "(upstream fails there too)")
         group = getattr(h.module, "parallel", None)
         on_cuda = str(dev).startswith("cuda")
-        graphs = bool(self.p.graphs and on_cuda and getattr(self, "capture_graphs", on_cuda)
-                      and not (group is not None and getattr(group, "active", False)))
+        graphs = bool(self.p.graphs and on_cuda and getattr(self, "capture_graphs", on_cuda))
         key = (id(h.module), lh, lw, prefix, self.p.num_blocks, self.p.sink_frames, self.p.window_frames,
                self.p.batch, self.p.rope_mode, graphs)
         spare, self._spare = self._spare, None
@@ -145,9 +144,7 @@ class ARSamplerNode(Node):
         cross = self._cross(h, inputs["text"])
         if state.denoiser is not None:
             state.denoiser.set_prompt(cross)                    # copies into the captured static buffers
-        elif group is not None and getattr(group, "active", False):
-            state.denoiser = _PlainDenoiser(h.module, state.cache, cross)  # the DiT shards tokens itself
-        else:
+        else:  # context-parallel too: the DiT shards tokens itself; NCCL collectives are captured with it
             from nodes.wan.dit import CausalDenoiser
             state.denoiser = CausalDenoiser(h.module, state.cache, cross, graphs=graphs)
             if graphs:  # capture every attended-length graph now, so no block pays a capture
@@ -225,19 +222,6 @@ class ARSamplerNode(Node):
         """CUDA-graph use of the latest session's DiT calls (read by ``fd bench``)."""
         status = getattr(self._graphs, "graph_status", None)
         return status() if callable(status) else "eager"
-
-
-class _PlainDenoiser:
-    """The DiT called directly (context-parallel runs: the model shards tokens across ranks itself)."""
-
-    def __init__(self, module, cache, cross):
-        self.module, self.cache, self.cross = module, cache, cross
-
-    def set_prompt(self, cross) -> None:
-        self.cross = cross
-
-    def __call__(self, x, t, frame_start):
-        return self.module.forward_causal(x, t, self.cross, self.cache, frame_start)
 
 
 NODE_TYPES = (ARSamplerNode,)

@@ -365,7 +365,8 @@ class CausalDenoiser:
         m, cache = self.model, self.cache
         pt, ph, pw = m.cfg.patch_size
         f, h, w = x.shape[1] // pt, x.shape[3] // ph, x.shape[4] // pw
-        plan = m.causal_plan(cache, frame_start, f, h * w)
+        cp = context_parallel_for(m.parallel)  # a rank's cache holds its slice of each frame's tokens
+        plan = m.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
         rows = cache.device_rows(plan)
         cos, sin = m.rope_table.get(frame_start, f, h, w, x.device)
         extra = () if y is None else (y,)
