@@ -43,3 +43,24 @@ def tensors(name: str, file: str) -> dict[str, torch.Tensor]:
     if gz.exists():
         return st_load(gzip.decompress(gz.read_bytes()))
     raise FileNotFoundError(f"{p} (nor {gz}) in golden case {name!r}")
+
+
+def variant_params(cases) -> list:
+    """pytest params (case, variant) for every variant of every case present; an absent case gives one
+    param that skips inside ``case_json``."""
+    out = []
+    for case in cases:
+        try:
+            names = sorted(case_json(case)["variants"])
+        except BaseException:
+            names = [None]
+        out += [pytest.param(case, v, id=f"{case}-{v}") for v in names]
+    return out
+
+
+def case_value(cj: dict, variant: dict, key: str, default=None):
+    """A variant's value, else the case's config / shapes section, else ``default``."""
+    for section in (variant, cj.get("config", {}), cj.get("shapes", {})):
+        if key in section:
+            return section[key]
+    return default

@@ -10,30 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from goldens import case_json, tensors
+from goldens import case_json, case_value, tensors, variant_params
 from nodes.ar import ARRollout, ARSchedule
 from nodes.samplers import FlowMatchTable
 
 CASES = ("causal_selfforcing", "causal_forcing_framewise", "causal_forcing_i2v")
-
-
-def _variants():
-    out = []
-    for case in CASES:
-        try:
-            names = sorted(case_json(case)["variants"])
-        except BaseException:  # case absent: collected once, skips inside case_json
-            names = [None]
-        out += [pytest.param(case, v, id=f"{case}-{v}") for v in names]
-    return out
-
-
-def _get(cj: dict, variant: dict, key: str, default=None):
-    """Variant value, else the case's config / shapes section, else ``default``."""
-    for section in (variant, cj.get("config", {}), cj.get("shapes", {})):
-        if key in section:
-            return section[key]
-    return default
 
 
 def _setup(case: str, vname: str | None):
@@ -47,11 +28,11 @@ def _setup(case: str, vname: str | None):
 
 
 def _schedule(cj, v) -> ARSchedule:
-    table = FlowMatchTable(_get(cj, v, "timestep_shift"))
-    return ARSchedule.build(table, _get(cj, v, "denoising_step_list"),
-                            first_chunk_steps=_get(cj, v, "denoising_step_list_first_chunk"),
-                            warp=_get(cj, v, "warp_denoising_step", True),
-                            context_noise=_get(cj, v, "context_noise", 0))
+    table = FlowMatchTable(case_value(cj, v, "timestep_shift"))
+    return ARSchedule.build(table, case_value(cj, v, "denoising_step_list"),
+                            first_chunk_steps=case_value(cj, v, "denoising_step_list_first_chunk"),
+                            warp=case_value(cj, v, "warp_denoising_step", True),
+                            context_noise=case_value(cj, v, "context_noise", 0))
 
 
 def _frame_tokens(cj, noise: torch.Tensor) -> int:
@@ -95,25 +76,25 @@ def _rollout(cj, v, inputs, record, trace=None):
     noise = inputs["noise"]
     draws = [record[f"draw.{k}"] for k in range(v["num_draws"])]
     den = ReplayDenoiser(cj, v, record, _frame_tokens(cj, noise))
-    roll = ARRollout(den, _schedule(cj, v), _get(cj, v, "num_frame_per_block"), noise,
+    roll = ARRollout(den, _schedule(cj, v), case_value(cj, v, "num_frame_per_block"), noise,
                      initial_latent=inputs.get("initial_latent"), draws=draws, trace=trace)
     return roll, den
 
 
-@pytest.mark.parametrize("case,vname", _variants())
+@pytest.mark.parametrize("case,vname", variant_params(CASES))
 def test_schedule_matches_record(case, vname):
     cj, v, inputs, record = _setup(case, vname)
     sched = _schedule(cj, v)
     assert list(sched.rest.t) == v["warped_timesteps"]
     first = v.get("warped_timesteps_first_chunk")
     assert list(sched.first.t) == (first if first is not None else v["warped_timesteps"])
-    assert sched.context_t == _get(cj, v, "context_noise", 0)
-    nfpb = _get(cj, v, "num_frame_per_block")
+    assert sched.context_t == case_value(cj, v, "context_noise", 0)
+    nfpb = case_value(cj, v, "num_frame_per_block")
     assert inputs["noise"].shape[1] % nfpb == 0
     assert len([k for k in record if k.startswith("draw.")]) == v["num_draws"]
 
 
-@pytest.mark.parametrize("case,vname", _variants())
+@pytest.mark.parametrize("case,vname", variant_params(CASES))
 def test_rollout_replays_recorded_calls(case, vname):
     cj, v, inputs, record = _setup(case, vname)
     traces = []
@@ -122,7 +103,7 @@ def test_rollout_replays_recorded_calls(case, vname):
 
     assert roll.num_calls == den.i == v["num_calls"] == len(v["calls"])
     assert roll.num_draws == v["num_draws"]
-    nfpb = _get(cj, v, "num_frame_per_block")
+    nfpb = case_value(cj, v, "num_frame_per_block")
     assert roll.num_blocks == inputs["noise"].shape[1] // nfpb
     x0_tol = _tol(v, "per_call_x0_pred")
     for tr, meta in zip(traces, v["calls"]):
@@ -138,12 +119,12 @@ def test_rollout_replays_recorded_calls(case, vname):
                                    atol=0.0, rtol=0.0)
 
 
-@pytest.mark.parametrize("case,vname", _variants())
+@pytest.mark.parametrize("case,vname", variant_params(CASES))
 def test_streaming_steps_match_final_latents(case, vname):
     """One ``step()`` per block yields the same frames as the recorded full rollout."""
     cj, v, inputs, record = _setup(case, vname)
     roll, den = _rollout(cj, v, inputs, record)
-    nfpb = _get(cj, v, "num_frame_per_block")
+    nfpb = case_value(cj, v, "num_frame_per_block")
     start = roll.first_frame
     for b in range(roll.num_blocks):
         block = roll.step()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import engine
-from goldens import case_json, tensors
+from goldens import case_json, case_value, tensors, variant_params
 from nodes.ar import ARRollout, ARSchedule
 from nodes.samplers import FlowMatchTable
 from nodes.wan.config import WanConfig
@@ -31,31 +31,12 @@ from nodes.wan.kv_cache import SelfKVCache
 CASES = ("causal_selfforcing", "causal_forcing_framewise", "causal_forcing_i2v")
 
 
-def _variants():
-    out = []
-    for case in CASES:
-        try:
-            names = sorted(case_json(case)["variants"])
-        except BaseException:  # case absent: one param that skips inside case_json
-            names = [None]
-        out += [pytest.param(case, v, id=f"{case}-{v}") for v in names]
-    return out
-
-
-def _get(cj: dict, variant: dict, key: str, default=None):
-    """Variant value, else the case's config / shapes section, else ``default``."""
-    for section in (variant, cj.get("config", {}), cj.get("shapes", {})):
-        if key in section:
-            return section[key]
-    return default
-
-
 def _tol(v, name):
     t = v["tolerance"][name]
     return dict(atol=t["atol"], rtol=t["rtol"])
 
 
-@pytest.mark.parametrize("case,vname", _variants())
+@pytest.mark.parametrize("case,vname", variant_params(CASES))
 def test_rollout_with_the_real_dit_matches_upstream(case, vname):
     cj = case_json(case)
     if vname is None:
@@ -71,9 +52,9 @@ def test_rollout_with_the_real_dit_matches_upstream(case, vname):
     prefix = 0 if image is None else image.shape[1]
     _, ph, pw = model.cfg.patch_size
     frame_tokens = (noise.shape[-2] // ph) * (noise.shape[-1] // pw)
-    local = _get(cj, v, "local_attn_size", -1)
+    local = case_value(cj, v, "local_attn_size", -1)
     cache = SelfKVCache(model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, frame_tokens,
-                        sink_frames=_get(cj, v, "sink_size", 0), window_frames=None if local == -1 else local,
+                        sink_frames=case_value(cj, v, "sink_size", 0), window_frames=None if local == -1 else local,
                         max_frames=prefix + noise.shape[1], batch_size=noise.shape[0])
     assert cache.k.shape[2] == v["kv_cache_tokens"]
     with torch.no_grad():
@@ -85,12 +66,12 @@ def test_rollout_with_the_real_dit_matches_upstream(case, vname):
         with torch.no_grad():
             return den(x, t, frame_start)
 
-    schedule = ARSchedule.build(FlowMatchTable(_get(cj, v, "timestep_shift")), _get(cj, v, "denoising_step_list"),
-                                first_chunk_steps=_get(cj, v, "denoising_step_list_first_chunk"),
-                                warp=_get(cj, v, "warp_denoising_step", True),
-                                context_noise=_get(cj, v, "context_noise", 0))
+    schedule = ARSchedule.build(FlowMatchTable(case_value(cj, v, "timestep_shift")), case_value(cj, v, "denoising_step_list"),
+                                first_chunk_steps=case_value(cj, v, "denoising_step_list_first_chunk"),
+                                warp=case_value(cj, v, "warp_denoising_step", True),
+                                context_noise=case_value(cj, v, "context_noise", 0))
     draws = [record[f"draw.{k}"] for k in range(v["num_draws"])]
-    roll = ARRollout(denoise, schedule, _get(cj, v, "num_frame_per_block"), noise, initial_latent=image,
+    roll = ARRollout(denoise, schedule, case_value(cj, v, "num_frame_per_block"), noise, initial_latent=image,
                      draws=draws)
     out = roll.run_all()
 

@@ -133,38 +133,31 @@ class Client:
 
     async def wait_for(self, *types: str, timeout: float = 10.0) -> dict:
         """Read until a JSON message of one of ``types``; frames and other messages passed over stay recorded."""
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError(f"no {'/'.join(types)} message within {timeout} s")
-            item = await self._read(left)
-            if isinstance(item, dict) and item.get("type") in types:
-                return item
+        item, _ = await self.collect_until(*types, timeout=timeout)
+        return item
 
     async def next_frame(self, timeout: float = 10.0) -> Frame:
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError(f"no frame within {timeout} s")
-            item = await self._read(left)
-            if isinstance(item, Frame):
-                return item
+        item, _ = await self._read_until(lambda x: isinstance(x, Frame), "frame", timeout)
+        return item
 
-    async def collect_until(self, *types: str, timeout: float = 10.0) -> tuple[dict, list[Frame]]:
-        """Frames received until a message of ``types`` arrives, and that message."""
+    async def _read_until(self, done, what: str, timeout: float) -> tuple[dict | Frame, list[Frame]]:
+        """Read until ``done(item)``; returns that item and the frames read before it."""
         frames: list[Frame] = []
         end = time.monotonic() + timeout
         while True:
             left = end - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError(f"no {'/'.join(types)} message within {timeout} s")
+                raise asyncio.TimeoutError(f"no {what} within {timeout} s")
             item = await self._read(left)
+            if done(item):
+                return item, frames
             if isinstance(item, Frame):
                 frames.append(item)
-            elif item.get("type") in types:
-                return item, frames
+
+    async def collect_until(self, *types: str, timeout: float = 10.0) -> tuple[dict, list[Frame]]:
+        """Frames received until a message of ``types`` arrives, and that message."""
+        return await self._read_until(lambda x: isinstance(x, dict) and x.get("type") in types,
+                                      f"{'/'.join(types)} message", timeout)
 
 
 class _Connecting:
