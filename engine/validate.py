@@ -136,7 +136,7 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
                 continue
             for src in graph.predecessors(name):
                 src_nt = known_types.get(src)
-                if src_nt is not None and phase_of(src, known_types, graph) == BLOCK:
+                if src_nt is not None and src_nt.phase == BLOCK:
                     err("phase_order", f"runs once per session but its input comes from {src!r}, which runs every "
                         "block", spec.node_where(name, "in"), node=name, field="in")
 
@@ -145,13 +145,6 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
         err("two_main_sinks", f"only one sink may be `main: true`, found {', '.join(mains)}",
             spec.node_where(mains[1], "main"), node=mains[1], field="main")
     return errs
-
-
-def phase_of(name, known_types, graph) -> str:
-    nt = known_types[name]
-    if nt.phase == BLOCK:
-        return BLOCK
-    return SESSION
 
 
 def _hint(word, options):

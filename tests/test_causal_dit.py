@@ -4,7 +4,6 @@ Every generator call of the recorded rollout is replayed in order with our own
 caches, fed the recorded input / timestep / current_start; flow and x0 must match
 per call, and (local window) the final KV cache rows in upstream order.
 """
-import math
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Every validation error class: code, file:line, node, field — and several reported at once."""
 import pytest
 
-from engine import SpecErrors, load_spec
+from engine import load_spec
 from engine.validate import validate
 from engine_fixtures import GOOD, registry, write
 
