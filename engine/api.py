@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .plan import Plan, make_plan
 from .registry import Registry
+from .runner import World, open_pipeline
 from .session import Pipeline
 from .spec import Spec, load_spec
 
@@ -31,5 +32,5 @@ def load_plan(spec: str | Path | Spec, overrides: list[str] = (), set_files: lis
 
 def load(spec: str | Path | Spec, overrides: list[str] = (), set_files: list[str] = (),
          registry: Registry | None = None, world_size: int = 1, rank: int = 0) -> Pipeline:
-    """A pipeline ready to ``load()`` weights and open sessions."""
-    return Pipeline(load_plan(spec, overrides, set_files, registry, world_size=world_size), rank=rank)
+    """A pipeline ready to ``load()`` weights and open sessions (the same road the CLI takes)."""
+    return open_pipeline(spec, overrides, set_files, registry=registry, world=World(world_size, rank))

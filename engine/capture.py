@@ -216,14 +216,3 @@ class StaticTensors:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.buffers[name]
 
-
-def apply_capture_decisions(plan) -> dict[str, bool]:
-    """Hand each node of a plan the planner's decision: ``node.capture_graphs`` (bool) and
-    ``node.capture_decision`` (the CaptureDecision with its reason). Nodes that capture read
-    ``capture_graphs`` in ``load()``/``new_state()``; returns {node: captured}."""
-    out = {}
-    for name, np_ in plan.nodes.items():
-        np_.node.capture_decision = np_.capture
-        np_.node.capture_graphs = bool(np_.capture.captured)
-        out[name] = np_.node.capture_graphs
-    return out

@@ -4,15 +4,20 @@ Like a MediaPipe calculator, a node type states its typed inputs, outputs and
 params as class attributes, so a spec can be checked against every contract
 before any node is constructed or any weight is read. The engine then calls:
 
-    node = NodeType(name, params, device)      # cheap: no weights
+    node = NodeType(name, params, context)     # cheap: no weights
     node.estimate_bytes()                      # for `device: auto`
     node.load()                                # heavy: weights onto node.device
     state = node.new_state()                   # per-session (KV cache, decoder memory)
     outputs = node.run(inputs, state, step)    # once per session or once per block
+
+The plan is a value: everything the planner decided about a node (device, context-parallel
+group, CUDA-graph capture) reaches it once, as the ``NodeContext`` it is constructed with,
+and what changed since its last call reaches it as ``Step.changed``. The engine never sets
+attributes on a node.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -76,13 +81,36 @@ class Param:
         return None
 
 
-@dataclass
+@dataclass(frozen=True)
+class NodeContext:
+    """What the plan decided for one node, handed to it at construction.
+
+    ``parallel`` is the node's context-parallel group (an ``engine.parallel.ParallelGroup``)
+    when the spec gives it one and the pipeline has created it, else None. ``capture`` is the
+    planner's CUDA-graph decision: a capturable node may replay graphs only when it is True.
+    """
+    device: str = "cpu"
+    capture: bool = False
+    capture_reason: str = ""
+    parallel: Any = None
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, value: "NodeContext | str | None") -> "NodeContext":
+        """A context from a context, a bare device string (tests, scripts) or None (cpu)."""
+        if isinstance(value, NodeContext):
+            return value
+        return cls(device=str(value) if value is not None else "cpu")
+
+
+@dataclass(frozen=True)
 class Step:
     """What a node is told about the call it is in."""
     block: int | None          # None in the session phase
     inputs: dict[str, Any]     # the run inputs (prompt, seed, ...) as they are now
     first_in_session: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    changed: frozenset[str] = frozenset()   # input ports whose value differs from this node's last call
 
 
 class Node:
@@ -101,13 +129,21 @@ class Node:
     # A sink writes outputs; only rank 0 runs sinks under torch.distributed.
     is_sink: ClassVar[bool] = False
 
-    def __init__(self, name: str, params: dict[str, Any], device: Any = "cpu", parallel: Any = None):
+    def __init__(self, name: str, params: dict[str, Any], context: NodeContext | str | None = None):
         self.name = name
         values = {p.name: p.default for p in self.params if not p.required}
         values.update(params)
         self.p = SimpleNamespace(**values)
-        self.device = device
-        self.parallel = parallel  # engine.parallel.ParallelGroup or None
+        self.ctx = NodeContext.of(context)
+
+    @property
+    def device(self) -> str:
+        return self.ctx.device
+
+    @property
+    def parallel(self) -> Any:
+        """The node's context-parallel group, or None."""
+        return self.ctx.parallel
 
     # --- contract lookups -------------------------------------------------
     @classmethod

@@ -1,55 +1,69 @@
 """The plan: a validated spec turned into a networkx graph with phases, order, placement and capture decisions.
 
-Building a plan constructs node objects (cheap: no weights) so that ``device: auto``
-can ask them for parameter-memory estimates. Everything a person might want to see
-about how a spec will run — which node runs where, once or every block, captured
-as a CUDA graph or not and why, in which context-parallel group — is recorded here
-and drawn by ``fd viz``.
+Everything a person might want to see about how a spec will run — which node runs
+where, once or every block, captured as a CUDA graph or not and why, in which
+context-parallel group — is recorded here and drawn by ``fd viz``. A plan is a value:
+frozen once built, holding node *types* and params, not live nodes. The pipeline
+constructs each node from it with a ``NodeContext`` (engine/node.py). Planning only
+builds throw-away instances so that ``device: auto`` can ask for memory estimates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import networkx as nx
 
 from .errors import SpecErrors
-from .node import BLOCK, SESSION, Node
+from .node import BLOCK, SESSION, Node, NodeContext
 from .placement import Placement, place
 from .registry import Registry
 from .spec import Spec, parse_ref
 from .validate import validate
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaptureDecision:
     captured: bool
     reason: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodePlan:
     name: str
-    node: Node
+    node_type: type[Node]
+    params: Mapping[str, Any]       # the spec's params (defaults are filled in by the node)
     phase: str
     placement: Placement
     capture: CaptureDecision
-    parallel: dict | None           # {"context": N, "strategy": ...} or None
-    wires: dict[str, Any]           # port -> Ref
+    parallel: Mapping | None        # {"context": N, "strategy": ...} or None
+    wires: Mapping[str, Any]        # port -> Ref
     offload: bool = False
-    timings_ms: list[float] = field(default_factory=list)  # filled by sessions, read by viz/bench
 
     @property
     def type_name(self) -> str:
-        return self.node.type_name
+        return self.node_type.type_name
+
+    @property
+    def is_sink(self) -> bool:
+        return self.node_type.is_sink
+
+    def context(self, parallel: Any = None, rank: int = 0, world_size: int = 1) -> NodeContext:
+        """The NodeContext a pipeline constructs this node with (``parallel``: its created group)."""
+        return NodeContext(device=self.placement.device, capture=self.capture.captured,
+                           capture_reason=self.capture.reason, parallel=parallel, rank=rank, world_size=world_size)
+
+    def build(self, parallel: Any = None, rank: int = 0, world_size: int = 1) -> Node:
+        return self.node_type(self.name, dict(self.params), self.context(parallel, rank, world_size))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     spec: Spec
     graph: nx.DiGraph
-    order: list[str]                 # topological, session nodes first
-    nodes: dict[str, NodePlan]
+    order: tuple[str, ...]           # topological, session nodes first
+    nodes: Mapping[str, NodePlan]
     world_size: int = 1
 
     @property
@@ -62,20 +76,10 @@ class Plan:
 
     @property
     def sinks(self) -> list[str]:
-        return [n for n in self.order if self.nodes[n].node.is_sink]
-
-    def main_sink(self) -> str | None:
-        """The sink ``--out`` redirects: the one marked ``main: true``, else the first video sink."""
-        for n in self.sinks:
-            if self.spec.nodes[n].main is True:
-                return n
-        for n in self.sinks:
-            if self.nodes[n].node.param("path") is not None and getattr(self.nodes[n].node, "is_video", False):
-                return n
-        return self.sinks[0] if self.sinks else None
+        return [n for n in self.order if self.nodes[n].is_sink]
 
 
-def decide_capture(node: Node, requested: Any, device: str) -> CaptureDecision:
+def decide_capture(node: type[Node], requested: Any, device: str) -> CaptureDecision:
     if requested is False:
         return CaptureDecision(False, "capture: false in the spec")
     if node.phase == SESSION:
@@ -96,11 +100,10 @@ def make_plan(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices:
     if errors:
         raise SpecErrors(errors)
     graph = nx.DiGraph()
-    instances: dict[str, Node] = {}
+    types: dict[str, type[Node]] = {}
     for name, ns in spec.nodes.items():
-        nt = registry.get(ns.type)
-        instances[name] = nt(name, dict(ns.params), device="cpu")
-        graph.add_node(name, type=ns.type, phase=nt.phase)
+        types[name] = registry.get(ns.type)
+        graph.add_node(name, type=ns.type, phase=types[name].phase)
     wires: dict[str, dict] = {}
     for name, ns in spec.nodes.items():
         wires[name] = {}
@@ -109,21 +112,24 @@ def make_plan(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices:
             wires[name][port] = ref
             if ref.node != "inputs":
                 graph.add_edge(ref.node, name, port=port, src_port=ref.port,
-                               type=str(instances[ref.node].output_port(ref.port).type))
+                               type=str(types[ref.node].output_port(ref.port).type))
     # session phase first, then block phase; each topologically ordered, file order breaking ties
     file_order = {n: i for i, n in enumerate(spec.nodes)}
     topo = list(nx.lexicographical_topological_sort(graph, key=lambda n: file_order[n]))
-    order = [n for n in topo if instances[n].phase == SESSION] + [n for n in topo if instances[n].phase == BLOCK]
-    placements = place({n: (spec.nodes[n].device, instances[n]) for n in order}, cuda_devices=cuda_devices)
+    order = [n for n in topo if types[n].phase == SESSION] + [n for n in topo if types[n].phase == BLOCK]
+    # throw-away instances: only asked for their parameter-memory estimate
+    probes = {n: (spec.nodes[n].device, types[n](n, dict(spec.nodes[n].params))) for n in order}
+    placements = place(probes, cuda_devices=cuda_devices)
     nodes: dict[str, NodePlan] = {}
     for name in order:
-        inst, ns = instances[name], spec.nodes[name]
-        inst.device = placements[name].device
+        nt, ns = types[name], spec.nodes[name]
         par = dict(ns.parallel) if isinstance(ns.parallel, dict) else None
         if par is not None:
             par.setdefault("context", 1)
             par.setdefault("strategy", "ring")
-        nodes[name] = NodePlan(name=name, node=inst, phase=inst.phase, placement=placements[name],
-                               capture=decide_capture(inst, ns.capture, placements[name].device),
-                               parallel=par, wires=wires[name], offload=bool(ns.offload))
-    return Plan(spec=spec, graph=graph, order=order, nodes=nodes, world_size=world_size)
+        nodes[name] = NodePlan(name=name, node_type=nt, params=MappingProxyType(dict(ns.params)), phase=nt.phase,
+                               placement=placements[name],
+                               capture=decide_capture(nt, ns.capture, placements[name].device),
+                               parallel=None if par is None else MappingProxyType(par),
+                               wires=MappingProxyType(wires[name]), offload=bool(ns.offload))
+    return Plan(spec=spec, graph=graph, order=tuple(order), nodes=MappingProxyType(nodes), world_size=world_size)

@@ -48,13 +48,17 @@ class Registry:
 
     @classmethod
     def default(cls) -> "Registry":
-        """Built-in node types plus every ``fd.nodes`` entry point installed."""
-        from nodes import builtin_node_types
-
-        reg = cls(builtin_node_types())
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if ep.value.split(":")[0] == "nodes":
-                continue  # our own entry point: already added
+        """Every node type installed through the ``fd.nodes`` entry point group, fd's own built-ins
+        included (pyproject.toml registers them like any third-party package), so the engine never
+        imports a node package by name."""
+        reg = cls()
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.value.split(":")[0] != "nodes",
+                                                                                        ep.name))
+        if not any(ep.value.split(":")[0] == "nodes" for ep in eps):
+            from .errors import FdError
+            raise FdError("fd's built-in node types are not registered: install the package (`pip install -e .` in "
+                          "a checkout) so that its `fd.nodes` entry point exists")
+        for ep in eps:
             obj = ep.load()
             if isinstance(obj, type) and issubclass(obj, Node):
                 reg.add(obj)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import FdError, NodeRuntimeError
-from .node import SESSION, Step
+from .node import SESSION, Node, Step
 from .plan import Plan
 from .timing import NodeTimer
 
@@ -24,16 +24,19 @@ class BlockResult:
 
 
 class Pipeline:
-    """Loaded nodes of a plan. ``load()`` reads weights; sessions share the loaded nodes."""
+    """The nodes of a plan, constructed with their contexts. ``load()`` reads weights; sessions share
+    the loaded nodes. Per-node block timings of every session are kept in ``timings_ms``."""
 
     def __init__(self, plan: Plan, rank: int = 0):
         self.plan = plan
         self.rank = rank
         self.loaded = False
         self.load_ms: dict[str, float] = {}
+        self.timings_ms: dict[str, list[float]] = {n: [] for n in plan.order}
+        self.nodes: dict[str, Node] = {}
 
-    def assign_parallel_groups(self) -> None:
-        """Create the context-parallel process groups the plan asks for and hand each node its group.
+    def _parallel_groups(self) -> dict:
+        """Create the context-parallel process groups the plan asks for.
 
         Every rank calls this in the same order (``new_group`` is collective). Nodes without a
         ``parallel:`` setting run replicated on every rank (deterministic, so their results agree
@@ -41,26 +44,29 @@ class Pipeline:
         """
         sizes = {n: np_.parallel["context"] for n, np_ in self.plan.nodes.items() if np_.parallel}
         if not sizes:
-            return
+            return {}
         from .parallel.groups import make_context_groups
         strategies = {n: self.plan.nodes[n].parallel["strategy"] for n in sizes}
-        groups = make_context_groups(self.plan.world_size, sizes, strategies, rank=self.rank)
-        for n, g in groups.items():
-            self.plan.nodes[n].node.parallel = g
+        return make_context_groups(self.plan.world_size, sizes, strategies, rank=self.rank)
+
+    def build(self) -> "Pipeline":
+        """Construct every node with its NodeContext (no weights yet). ``load()`` calls it first."""
+        if not self.nodes:
+            groups = self._parallel_groups()
+            self.nodes = {n: self.plan.nodes[n].build(groups.get(n), self.rank, self.plan.world_size)
+                          for n in self.plan.order}
+        return self
 
     def load(self, progress: Callable[[str, int, int], None] | None = None) -> "Pipeline":
-        from .capture import apply_capture_decisions
-        self.assign_parallel_groups()
-        apply_capture_decisions(self.plan)
+        self.build()
         total = len(self.plan.order)
         for i, name in enumerate(self.plan.order):
             if progress:
                 progress(name, i, total)
-            np_ = self.plan.nodes[name]
             timer = NodeTimer("cpu")
             timer.start()
             try:
-                np_.node.load()
+                self.nodes[name].load()
             except FdError:
                 raise
             except Exception as e:
@@ -84,6 +90,7 @@ class Session:
     def __init__(self, pipeline: Pipeline, inputs: dict[str, Any] | None = None):
         self.pipeline = pipeline
         self.plan = pipeline.plan
+        self.nodes = pipeline.nodes
         self.inputs = dict(self.plan.spec.inputs)
         for k, v in (inputs or {}).items():
             self._check_input(k)
@@ -97,7 +104,7 @@ class Session:
         old = getattr(self, "states", {})
         self.states = {}
         for n in self.plan.order:
-            node = self.plan.nodes[n].node
+            node = self.nodes[n]
             if keep_sinks and node.is_sink:
                 self.states[n] = old[n]       # the output file goes on across a reset
                 continue
@@ -141,16 +148,16 @@ class Session:
         return vals, changed
 
     def _run_node(self, name: str, block: int | None, timings: dict[str, float], timers: dict) -> None:
-        np_ = self.plan.nodes[name]
-        if np_.node.is_sink and self.pipeline.rank != 0:
+        node = self.nodes[name]
+        if node.is_sink and self.pipeline.rank != 0:
             return
         vals, changed = self._gather(name)
         step = Step(block=block, inputs=self.inputs, first_in_session=(self.block == 0),
-                    extra={"changed": changed})
-        timer = NodeTimer(np_.placement.device)
+                    changed=frozenset(changed))
+        timer = NodeTimer(node.device)
         timer.start()
         try:
-            out = np_.node.run(vals, self.states[name], step) or {}
+            out = node.run(vals, self.states[name], step) or {}
         except FdError:
             raise
         except Exception as e:
@@ -171,7 +178,7 @@ class Session:
             if n in rerun:
                 self._run_node(n, None, timings, timers)
                 if self.plan.nodes[n].offload:
-                    self.plan.nodes[n].node.offload()
+                    self.nodes[n].offload()
         self._dirty.clear()
 
     def step(self) -> BlockResult:
@@ -189,7 +196,7 @@ class Session:
             raise
         for n, t in timers.items():
             timings[n] = t.ms()
-            self.plan.nodes[n].timings_ms.append(timings[n])
+            self.pipeline.timings_ms[n].append(timings[n])
         result = BlockResult(self.block, {n: self.values.get(n, {}) for n in self.plan.block_nodes}, timings)
         self.block += 1
         return result
@@ -205,10 +212,9 @@ class Session:
             return
         self.closed = True
         for n in self.plan.order:
-            np_ = self.plan.nodes[n]
-            if np_.node.is_sink and self.pipeline.rank != 0:
+            if self.nodes[n].is_sink and self.pipeline.rank != 0:
                 continue
-            np_.node.close(self.states[n])
+            self.nodes[n].close(self.states[n])
         self._release_all()
 
     def abort(self) -> None:
@@ -216,12 +222,12 @@ class Session:
             return
         self.closed = True
         for n in self.plan.order:
-            self.plan.nodes[n].node.abort(self.states[n])
+            self.nodes[n].abort(self.states[n])
         self._release_all()
 
     def _release_all(self) -> None:
         for n in self.plan.order:
-            self.plan.nodes[n].node.release(self.states[n])
+            self.nodes[n].release(self.states[n])
 
     def __enter__(self) -> "Session":
         return self

@@ -16,18 +16,19 @@ import networkx as nx
 from .plan import Plan
 
 
-def node_facts(plan: Plan, name: str) -> list[str]:
+def node_facts(plan: Plan, name: str, timings: dict | None = None) -> list[str]:
     np_ = plan.nodes[name]
+    ms = (timings or {}).get(name)
     facts = [f"{np_.type_name}", f"device {np_.placement.device} · {np_.phase}"]
     facts.append(f"graph: {'captured' if np_.capture.captured else 'eager'}")
     if np_.parallel and np_.parallel.get("context", 1) > 1:
         facts.append(f"ring group: {np_.parallel['strategy']} × {np_.parallel['context']}")
-    if np_.timings_ms:
-        facts.append(f"{median(np_.timings_ms):.2f} ms/block")
+    if ms:
+        facts.append(f"{median(ms):.2f} ms/block")
     return facts
 
 
-def to_rich_tree(plan: Plan):
+def to_rich_tree(plan: Plan, timings: dict | None = None):
     from rich.tree import Tree
 
     root = Tree(f"[bold]{plan.spec.name}[/] — {plan.spec.file}")
@@ -41,17 +42,18 @@ def to_rich_tree(plan: Plan):
             t.add(f"capture: {'yes' if np_.capture.captured else 'no'} — {np_.capture.reason}")
             if np_.parallel:
                 t.add(f"parallel: context {np_.parallel['context']} ({np_.parallel['strategy']})")
-            if np_.timings_ms:
-                t.add(f"median {median(np_.timings_ms):.2f} ms over {len(np_.timings_ms)} calls")
+            ms = (timings or {}).get(n)
+            if ms:
+                t.add(f"median {median(ms):.2f} ms over {len(ms)} calls")
     return root
 
 
-def to_dot(plan: Plan) -> str:
+def to_dot(plan: Plan, timings: dict | None = None) -> str:
     lines = [f'digraph "{plan.spec.name}" {{', "  rankdir=LR; node [shape=box, fontname=Helvetica];"]
     for phase, names in (("session", plan.session_nodes), ("block", plan.block_nodes)):
         lines.append(f'  subgraph "cluster_{phase}" {{ label="{phase} phase";')
         for n in names:
-            label = "\\n".join([n] + node_facts(plan, n)).replace('"', "'")
+            label = "\\n".join([n] + node_facts(plan, n, timings)).replace('"', "'")
             lines.append(f'    "{n}" [label="{label}"];')
         lines.append("  }")
     for n, np_ in plan.nodes.items():
@@ -66,17 +68,17 @@ def to_dot(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_svg(plan: Plan) -> str:
+def to_svg(plan: Plan, timings: dict | None = None) -> str:
     if shutil.which("dot"):
         try:
-            return subprocess.run(["dot", "-Tsvg"], input=to_dot(plan), capture_output=True, text=True,
+            return subprocess.run(["dot", "-Tsvg"], input=to_dot(plan, timings), capture_output=True, text=True,
                                   check=True, timeout=30).stdout
         except (subprocess.SubprocessError, OSError):
             pass
-    return _svg_layered(plan)
+    return _svg_layered(plan, timings)
 
 
-def _svg_layered(plan: Plan) -> str:
+def _svg_layered(plan: Plan, timings: dict | None = None) -> str:
     box_w, box_h, gap_x, gap_y, pad = 250, 96, 90, 28, 20
     layers = list(nx.topological_generations(plan.graph))
     pos = {}
@@ -106,14 +108,14 @@ def _svg_layered(plan: Plan) -> str:
         out.append(f'<g class="node" id="node-{e(n)}"><rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" '
                    f'rx="8" fill="{fill}" stroke="{stroke}" stroke-width="{2 if np_.capture.captured else 1}"/>')
         out.append(f'<text x="{x + 10}" y="{y + 18}" font-weight="bold">{e(n)}</text>')
-        for i, fact in enumerate(node_facts(plan, n)):
+        for i, fact in enumerate(node_facts(plan, n, timings)):
             out.append(f'<text x="{x + 10}" y="{y + 36 + i * 14}">{e(fact)}</text>')
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-def to_html(plan: Plan) -> str:
+def to_html(plan: Plan, timings: dict | None = None) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(plan.spec.name)}</title></head>"
             f"<body><h1>{html.escape(plan.spec.name)}</h1><p>{html.escape(plan.spec.description)}</p>"
-            f"{to_svg(plan)}<pre>{html.escape(to_dot(plan))}</pre></body></html>\n")
+            f"{to_svg(plan, timings)}<pre>{html.escape(to_dot(plan, timings))}</pre></body></html>\n")

@@ -6,7 +6,6 @@ measured blocks; the environment (GPU, torch, cuDNN, commit) is recorded.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -52,21 +51,12 @@ def run_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from engine import Registry
-    from engine.plan import make_plan
-    from engine.session import Pipeline
+    from engine.runner import SINKS_ALL, SINKS_NONE, open_pipeline
 
-    from .run import resolve_spec
-
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world_size > 1:  # under torchrun: every rank runs the pipeline, rank 0 reports
-        from engine.parallel.groups import init_distributed
-        init_distributed()
-    spec = resolve_spec(args)
-    if not args.with_sinks:  # time the model pipeline, not the MP4 encoder
-        spec = dataclasses.replace(spec, nodes={n: ns for n, ns in spec.nodes.items() if not ns.is_sink})
-    plan = make_plan(spec, Registry.default(), world_size=world_size)
-    pipe = Pipeline(plan, rank=rank)
+    # under torchrun every rank runs the pipeline and rank 0 reports; without --with-sinks the model
+    # pipeline is timed, not the MP4 encoder
+    pipe = open_pipeline(args.spec, args.overrides, args.set_files, sinks=SINKS_ALL if args.with_sinks else SINKS_NONE)
+    plan, rank, world_size = pipe.plan, pipe.rank, pipe.plan.world_size
     t0 = time.perf_counter()
     pipe.load()
     _sync()
@@ -85,9 +75,9 @@ def run_bench(args) -> int:
             if i == 0:
                 first_block_s = wall / 1e3
             rows.append({"block": r.block, "wall_ms": wall, "nodes_ms": r.timings_ms,
-                         "pipeline_ms": sum(v for n, v in r.timings_ms.items() if not plan.nodes[n].node.is_sink
+                         "pipeline_ms": sum(v for n, v in r.timings_ms.items() if not plan.nodes[n].is_sink
                                             and plan.nodes[n].phase == "block"),
-                         "parts_ms": _breakdowns(plan), "warmup": i < args.warmup, "graphs": _graph_status(plan)})
+                         "parts_ms": _breakdowns(pipe), "warmup": i < args.warmup, "graphs": _graph_status(pipe)})
     timed = [r for r in rows if not r["warmup"]]
     per_node = {n: median(r["nodes_ms"][n] for r in timed if n in r["nodes_ms"])
                 for n in plan.block_nodes if any(n in r["nodes_ms"] for r in timed)}
@@ -99,7 +89,7 @@ def run_bench(args) -> int:
               "pipeline_ms_median": median(r["pipeline_ms"] for r in timed) if timed else None,
               "node_ms_median": per_node, "parts_ms_median": per_part, "blocks": rows,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-              "graphs": _graph_status(plan)}
+              "graphs": _graph_status(pipe)}
     report["report_blocks"] = {b: next((r for r in rows if r["block"] == b), None) for b in args.report_block}
     report["world_size"] = world_size
     report["final_latent_checksum"] = _latent_checksum(plan, session)
@@ -133,19 +123,19 @@ def _latent_checksum(plan, session) -> dict:
     return out
 
 
-def _breakdowns(plan) -> dict:
+def _breakdowns(pipe) -> dict:
     """Sub-node timings a node reports for its last block (e.g. the AR sampler's DiT steps vs KV pass)."""
     out = {}
-    for n, np_ in plan.nodes.items():
-        parts = getattr(np_.node, "last_breakdown_ms", None)
+    for n, node in pipe.nodes.items():
+        parts = getattr(node, "last_breakdown_ms", None)
         if callable(parts):
             out.update({f"{n}.{k}": v for k, v in (parts() or {}).items()})
     return out
 
 
-def _graph_status(plan) -> dict:
+def _graph_status(pipe) -> dict:
     out = {}
-    for n, np_ in plan.nodes.items():
-        status = getattr(np_.node, "graph_status", None)
-        out[n] = status() if callable(status) else ("captured" if np_.capture.captured else "eager")
+    for n, node in pipe.nodes.items():
+        status = getattr(node, "graph_status", None)
+        out[n] = status() if callable(status) else ("captured" if node.ctx.capture else "eager")
     return out

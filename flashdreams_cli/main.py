@@ -119,24 +119,27 @@ def cmd_viz(args) -> int:
     from engine import viz
 
     plan = load_plan(args.spec, args.overrides, args.set_files, check_devices=args.run > 0)
+    timings = None
     if args.run > 0:
-        from engine.session import Pipeline
-        with Pipeline(plan).load().open_session() as session:
+        from engine.runner import World, open_pipeline
+        pipe = open_pipeline(plan.spec, world=World())
+        with pipe.load().open_session() as session:
             for _ in session.stream(args.run):
                 pass
+        plan, timings = pipe.plan, pipe.timings_ms
     if args.output:
         out = Path(args.output)
         writers = {".svg": viz.to_svg, ".html": viz.to_html, ".dot": viz.to_dot}
         if out.suffix not in writers:
             from engine.errors import FdError
             raise FdError(f"-o {out}: unknown drawing format {out.suffix!r} (use .svg, .html or .dot)")
-        from nodes.sinks.atomic import AtomicPath
+        from engine.files import AtomicPath
         target = AtomicPath(out)
-        target.tmp.write_text(writers[out.suffix](plan))
+        target.tmp.write_text(writers[out.suffix](plan, timings))
         target.commit()
         Console(stderr=True).print(f"wrote {out}")
     else:
-        Console().print(viz.to_rich_tree(plan))
+        Console().print(viz.to_rich_tree(plan, timings))
     return 0
 
 
@@ -185,9 +188,17 @@ def cmd_nodes(args) -> int:
     return 0
 
 
+def _exec_on_rank(world, argv: list[str]) -> int:
+    """One local rank of ``fd exec --nproc N``: the same command line, run under RANK/WORLD_SIZE."""
+    rc = main(argv)
+    if rc:
+        raise SystemExit(rc)
+    return rc
+
+
 def cmd_exec(args) -> int:
     from .run import run_exec
-    return run_exec(args)
+    return run_exec(args, rank_main=_exec_on_rank)
 
 
 def cmd_bench(args) -> int:

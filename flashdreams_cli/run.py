@@ -1,4 +1,5 @@
-"""`fd exec`: plan, load with a progress bar, stream blocks to the sinks, print a summary."""
+"""`fd exec`: open the pipeline (engine.runner), load with a progress bar, stream blocks to the sinks, print a
+summary. Under ``--nproc N`` it relaunches the same command on N local ranks."""
 from __future__ import annotations
 
 import json
@@ -9,42 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
-def main_sink_name(spec) -> str | None:
-    sinks = [n for n, ns in spec.nodes.items() if ns.is_sink]
-    for n in sinks:
-        if spec.nodes[n].main is True:
-            return n
-    for n in sinks:
-        if spec.nodes[n].type == "sink.mp4":
-            return n
-    return sinks[0] if sinks else None
-
-
-def resolve_spec(args):
-    """The spec with overrides applied, ``--out`` turned into an override of the main sink's path."""
-    from engine.errors import FdError
-    from engine.spec import load_spec
-
-    overrides = list(args.overrides)
-    spec = load_spec(args.spec, overrides, args.set_files)
-    if getattr(args, "out", None):
-        main = main_sink_name(spec)
-        if main is None:
-            raise FdError(f"{spec.file}: --out given but the spec has no sink")
-        overrides.append(f"sinks.{main}.params.path={args.out}")
-        spec = load_spec(args.spec, overrides, args.set_files)
-    return spec
-
-
-def _exec_on_rank(world, argv: list[str]) -> int:
-    from flashdreams_cli.main import main
-    rc = main(argv)
-    if rc:
-        raise SystemExit(rc)
-    return rc
-
-
-def _launch_local_ranks(nproc: int) -> int:
+def _launch_local_ranks(nproc: int, rank_main) -> int:
     """``fd exec --nproc N``: the same command on N local processes joined in one process group (torch's
     launcher semantics: RANK/WORLD_SIZE/MASTER_ADDR set per rank); one failing rank ends them all."""
     import sys
@@ -56,27 +22,21 @@ def _launch_local_ranks(nproc: int) -> int:
 
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= nproc else "gloo"
     try:
-        spawn_ranks(_exec_on_rank, nproc, args=(sys.argv[1:],), backend=backend, timeout_s=7 * 24 * 3600,
+        spawn_ranks(rank_main, nproc, args=(sys.argv[1:],), backend=backend, timeout_s=7 * 24 * 3600,
                     pg_timeout_s=600)
     except LaunchError as e:
         raise FdError(f"fd exec --nproc {nproc}: {e}") from None
     return 0
 
 
-def run_exec(args) -> int:
-    from engine import Registry
-    from engine.plan import make_plan
-    from engine.session import Pipeline
+def run_exec(args, rank_main=None) -> int:
+    """``rank_main(world, argv)`` is what each local rank runs under ``--nproc N`` (fd's own ``main``)."""
+    from engine.runner import open_pipeline
 
     if getattr(args, "nproc", 1) > 1 and "RANK" not in os.environ:
-        return _launch_local_ranks(args.nproc)
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world_size > 1:
-        from engine.parallel.groups import init_distributed
-        init_distributed()
-    spec = resolve_spec(args)
-    plan = make_plan(spec, Registry.default(), world_size=world_size)
-    pipe = Pipeline(plan, rank=rank)
+        return _launch_local_ranks(args.nproc, rank_main)
+    pipe = open_pipeline(args.spec, args.overrides, args.set_files, out=getattr(args, "out", None))
+    plan, rank = pipe.plan, pipe.rank
     console = Console(stderr=True, quiet=args.quiet or rank != 0)
     n_blocks = args.blocks if args.blocks is not None else int(plan.spec.inputs.get("num_blocks", 1))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -93,8 +53,8 @@ def run_exec(args) -> int:
                 ms = sum(result.timings_ms.values())
                 progress.update(block_task, advance=1, description=f"block {result.block} ({ms:.0f} ms)")
     summary = {"ok": True, "spec": plan.spec.file, "blocks": n_blocks,
-               "node_ms_median": {n: round(median(p.timings_ms), 3) for n, p in plan.nodes.items() if p.timings_ms},
-               "outputs": {n: plan.nodes[n].node.p.path for n in plan.sinks if hasattr(plan.nodes[n].node.p, "path")}}
+               "node_ms_median": {n: round(median(ms), 3) for n, ms in pipe.timings_ms.items() if ms},
+               "outputs": {n: pipe.nodes[n].p.path for n in plan.sinks if hasattr(pipe.nodes[n].p, "path")}}
     if rank == 0:
         if args.json:
             print(json.dumps(summary, indent=2))

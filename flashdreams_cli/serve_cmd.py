@@ -31,7 +31,7 @@ def run_serve(args) -> int:
         import aiohttp  # noqa: F401  (the server's only extra dependency)
     except ImportError:
         raise FdError("fd serve needs aiohttp: pip install 'fdreams[serve]'") from None
-    from .run import resolve_spec
+    from engine.runner import read_spec
     from .serve import ServeConfig, serve_forever
     from .serve.server import LOOPBACK
 
@@ -39,7 +39,7 @@ def run_serve(args) -> int:
         raise FdError(f"--quality {args.quality}: must be 1..100")
     if args.replicas < 1 or args.max_queue < 0 or args.idle_timeout <= 0:
         raise FdError("--replicas must be >= 1, --max-queue >= 0, --idle-timeout > 0")
-    spec = resolve_spec(args)
+    spec = read_spec(args.spec, args.overrides, args.set_files)
     console = Console(stderr=True)
     config = ServeConfig(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue,
                          idle_timeout=args.idle_timeout, replicas=args.replicas, quality=args.quality)

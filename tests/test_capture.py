@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.capture import EagerBackend, GraphCache, StaticTensors, apply_capture_decisions
+from engine.capture import EagerBackend, GraphCache, StaticTensors
 from engine.node import BLOCK, SESSION, Node
 from engine.plan import CaptureDecision, decide_capture
 from nodes.ar.rollout import ARRollout
@@ -53,17 +53,27 @@ class _Once(Node):
     (_Once, None, "cuda:0", False, "once per session"),
 ])
 def test_decide_capture(cls, requested, device, captured, why):
-    d = decide_capture(cls("n", {}, device=device), requested, device)
+    d = decide_capture(cls, requested, device)
     assert d.captured is captured and why in d.reason
     assert cls.phase in (BLOCK, SESSION)
 
 
-def test_apply_capture_decisions_hands_nodes_the_plan():
-    a, b = _Static("a", {}), _Dynamic("b", {})
-    plan = SimpleNamespace(nodes={"a": SimpleNamespace(node=a, capture=CaptureDecision(True, "ok")),
-                                  "b": SimpleNamespace(node=b, capture=CaptureDecision(False, "no"))})
-    assert apply_capture_decisions(plan) == {"a": True, "b": False}
-    assert a.capture_graphs and not b.capture_graphs and b.capture_decision.reason == "no"
+def test_nodes_receive_the_plans_decisions_as_their_context(tmp_path):
+    """The planner's device and capture decision reach each node once, in its NodeContext: the plan is
+    a value (frozen, no live nodes) and the engine sets nothing on a node after building it."""
+    import dataclasses
+
+    from engine.node import NodeContext
+    from engine.plan import NodePlan
+    from engine.placement import Placement
+    np_ = NodePlan("a", _Static, {}, BLOCK, Placement("cuda:1", "set"), CaptureDecision(True, "ok"), None, {})
+    node = np_.build()
+    assert node.ctx == NodeContext(device="cuda:1", capture=True, capture_reason="ok")
+    assert node.device == "cuda:1" and node.parallel is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        np_.capture = CaptureDecision(False, "changed")
+    with pytest.raises(AttributeError):
+        node.device = "cpu"
 
 
 # ------------------------------------------------------------------ dispatch bookkeeping

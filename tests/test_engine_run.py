@@ -17,14 +17,14 @@ def plan(tmp_path):
 def test_phases_and_order(plan):
     assert plan.session_nodes == ["enc"]
     assert plan.block_nodes == ["acc", "rec"]
-    assert plan.order == ["enc", "acc", "rec"]
+    assert list(plan.order) == ["enc", "acc", "rec"]
     assert plan.graph.edges["enc", "acc"]["type"] == "text_embedding"
 
 
 def test_placement_is_recorded(plan):
     for n in plan.order:
         assert plan.nodes[n].placement.device == "cpu"
-        assert plan.nodes[n].node.device == "cpu"
+        assert plan.nodes[n].context().device == "cpu"
     assert "no CUDA device" in plan.nodes["enc"].placement.reason
 
 

@@ -59,9 +59,10 @@ def test_sinks_write_block_by_block_and_atomically(tmp_path):
 
 def test_failed_session_leaves_no_partial_file(tmp_path):
     plan = load_plan("preview_cpu", overrides=[f"sinks.video.params.path={tmp_path / 'b.mp4'}"])
-    session = Pipeline(plan).open_session()
+    pipe = Pipeline(plan)
+    session = pipe.open_session()
     session.step()
-    decoder = plan.nodes["decoder"].node
+    decoder = pipe.nodes["decoder"]
     decoder.run = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(Exception, match="boom"):
         session.step()

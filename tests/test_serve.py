@@ -22,7 +22,7 @@ from flashdreams_cli.serve import FrameHeader, ProtocolError, ServeConfig, Serve
 from flashdreams_cli.serve.client import Client, ServerClosed
 from flashdreams_cli.serve.encode import JpegDecoder, JpegEncoder
 from flashdreams_cli.serve.sessions import Outbox, stream_source
-from nodes.sinks.frames import to_uint8_frames
+from engine.frames import to_uint8_frames
 
 JPEG_TOL = 6          # max |decoded - exact| in uint8 levels for flat 8x8 tiles at quality 95
 

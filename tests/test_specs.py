@@ -41,9 +41,10 @@ def test_every_packaged_spec_validates(path):
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_decoder_swaps_with_one_override(path, decoder):
     plan = engine.load_plan(path, overrides=[f"nodes.decoder.type={decoder}"], check_devices=False)
-    assert plan.nodes["decoder"].node.type_name == decoder
-    if not plan.nodes["decoder"].node.p.checkpoint == "random":  # each decoder gets its own weights
-        assert ("taew2_1" in plan.nodes["decoder"].node.p.checkpoint) == (decoder == "taehv.decode")
+    decoder_node = plan.nodes["decoder"].build()
+    assert decoder_node.type_name == decoder
+    if not decoder_node.p.checkpoint == "random":  # each decoder gets its own weights
+        assert ("taew2_1" in decoder_node.p.checkpoint) == (decoder == "taehv.decode")
 
 
 def test_specs_needed_by_the_readme_exist():

@@ -53,8 +53,8 @@ class ServeConfig:
 class Server:
     def __init__(self, spec: Spec, config: ServeConfig | None = None, registry: Registry | None = None):
         self.config = config or ServeConfig()
-        self.source = stream_source(spec)
         self.registry = registry or Registry.default()
+        self.source = stream_source(spec, self.registry)
         self.manager = SessionManager(self.config.max_queue)
         self.metrics = Metrics()
         self.connections: set[Connection] = set()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,8 @@ from statistics import median
 from typing import Any, Callable
 
 from engine.errors import FdError
-from engine.plan import make_plan
 from engine.registry import Registry
-from engine.session import Pipeline
+from engine.runner import World, ancestors, main_sink, open_pipeline
 from engine.spec import Ref, Spec, parse_ref
 
 from .encode import JpegEncoder
@@ -52,27 +50,16 @@ class StreamSource:
         return int(self.spec.inputs.get("num_blocks", 1))
 
 
-def stream_source(spec: Spec) -> StreamSource:
-    from ..run import main_sink_name
-
-    main = main_sink_name(spec)
+def stream_source(spec: Spec, registry: Registry) -> StreamSource:
+    main = main_sink(spec, registry)
     if main is None:
         raise FdError(f"{spec.file}: the spec has no sink, so there is nothing to stream")
     ref = parse_ref(spec.nodes[main].wires.get("frames") if isinstance(spec.nodes[main].wires, dict) else None)
     if ref is None or ref.node == "inputs" or ref.node not in spec.nodes:
         raise FdError(f"{spec.file}: main sink {main!r} has no `frames` input wired to a node; "
                       "fd serve streams that input")
-    keep, todo = set(), [ref.node]
-    while todo:
-        n = todo.pop()
-        if n in keep or n not in spec.nodes:
-            continue
-        keep.add(n)
-        wires = spec.nodes[n].wires if isinstance(spec.nodes[n].wires, dict) else {}
-        todo += [r.node for r in map(parse_ref, wires.values()) if r is not None and r.node != "inputs"]
-    served = dataclasses.replace(spec, nodes={n: ns for n, ns in spec.nodes.items() if n in keep})
     fps = spec.nodes[main].params.get("fps", 16)
-    return StreamSource(spec, served, ref, main, int(fps) if isinstance(fps, int) else 16)
+    return StreamSource(spec, ancestors(spec, ref.node), ref, main, int(fps) if isinstance(fps, int) else 16)
 
 
 class Replica:
@@ -81,7 +68,7 @@ class Replica:
     def __init__(self, index: int, source: StreamSource, registry: Registry):
         self.index = index
         self.source = source
-        self.pipeline = Pipeline(make_plan(source.served, registry))
+        self.pipeline = open_pipeline(source.served, registry=registry, world=World())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fd-replica-{index}")
         self.frame_size: tuple[int, int] | None = None
 
@@ -102,7 +89,7 @@ class Replica:
 
 
 def _to_frames(pixels):
-    from nodes.sinks.frames import to_uint8_frames
+    from engine.frames import to_uint8_frames
     return to_uint8_frames(pixels)
 
 

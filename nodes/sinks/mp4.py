@@ -8,8 +8,8 @@ import numpy as np
 from engine.node import Node, Param, Port
 from engine.types import PIXELS
 
-from .atomic import AtomicPath
-from .frames import to_uint8_frames
+from engine.files import AtomicPath
+from engine.frames import to_uint8_frames
 
 
 @dataclass

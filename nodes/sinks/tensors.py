@@ -4,7 +4,7 @@ from __future__ import annotations
 from engine.node import Node, Param, Port
 from engine.types import TENSOR
 
-from .atomic import AtomicPath
+from engine.files import AtomicPath
 
 
 class SafetensorsSink(Node):

@@ -90,7 +90,7 @@ class TAEHVDecodeNode(Node):
         on_cuda = str(self.device).startswith("cuda")
         self.stream = StreamingTAEHVDecoder(
             model, mode=self.p.mode, signed_output=True, fused=self.p.fused, compile=self.p.compile and on_cuda,
-            graphs=self.p.graphs and on_cuda and getattr(self, "capture_graphs", on_cuda))
+            graphs=self.p.graphs and on_cuda and self.ctx.capture)
 
     def new_state(self):
         return None if self.stream is None else self.stream.new_state()

@@ -129,7 +129,7 @@ class WanVAEDecodeNode(_WanVAENode):
             state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
                                                                compile=compile_glue,
                                                                graphs=self.p.graphs and on_cuda and
-                                                               getattr(self, "capture_graphs", on_cuda))
+                                                               self.ctx.capture)
         frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames
