@@ -19,8 +19,8 @@ from nodes.ar.rollout import ARRollout
 from nodes.ar.schedule import ARSchedule
 from nodes.samplers.flow_match import FlowMatchTable
 from nodes.wan.config import WAN_1_3B
-from nodes.wan.dit import CausalDenoiser
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.wan.causal import CausalDenoiser
+from nodes.common.kv_cache import SelfKVCache
 from nodes.wan.vae_stream import StreamingDecoder
 
 TOL = 2e-2  # bf16 operands; the same kernels run in both paths, so in practice far smaller

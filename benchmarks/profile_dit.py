@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import LATENT_HW, build_dit, log
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.common.kv_cache import SelfKVCache
 
 FPB, BLOCK = 3, 5
 

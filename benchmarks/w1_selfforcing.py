@@ -32,8 +32,8 @@ from nodes.ar.rollout import ARRollout
 from nodes.ar.schedule import ARSchedule
 from nodes.samplers.flow_match import FlowMatchTable
 from nodes.taehv.model import TAEHV, TAEHVConfig
-from nodes.wan.dit import CausalDenoiser
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.wan.causal import CausalDenoiser
+from nodes.common.kv_cache import SelfKVCache
 from nodes.wan.vae import WanVAE
 from nodes.wan.vae_stream import StreamingDecoder
 

@@ -160,26 +160,35 @@ class GraphCache:
         self.entries.clear()
         self.warm_calls.clear()
 
-    def __call__(self, key: Hashable, *args: torch.Tensor) -> Outputs:
+    def __call__(self, key: Hashable, *args: torch.Tensor, **named: torch.Tensor | None) -> Outputs:
+        """Run ``fn(*args, **named)``; named tensors are copied in by name (None values are passed as
+        None and are part of what the key must pin down)."""
+        names = tuple(k for k, v in named.items() if v is not None)
+        flat = args + tuple(named[k] for k in names)
+        nones = {k: None for k, v in named.items() if v is None}
+
+        def call(*tensors):
+            return self.fn(*tensors[:len(args)], **dict(zip(names, tensors[len(args):])), **nones)
+
         if self.backend is None:
             self.stats.eager += 1
-            return self.fn(*args)
+            return call(*flat)
         entry = self.entries.get(key)
         if entry is None:
             if self.warm_calls.get(key, 0) < self.warmup:
                 self.warm_calls[key] = self.warm_calls.get(key, 0) + 1
                 self.stats.eager += 1
-                return self.backend.warm(self.fn, args)
-            static = tuple(a.clone() for a in args)
-            graph, out = self.backend.capture(self.fn, static)
+                return self.backend.warm(call, flat)
+            static = tuple(a.clone() for a in flat)
+            graph, out = self.backend.capture(call, static)
             entry = self.entries[key] = _Entry(graph, static, out)
             self.stats.captured += 1
         else:
-            for dst, src in zip(entry.inputs, args):
+            for dst, src in zip(entry.inputs, flat):
                 if dst.shape != src.shape or dst.dtype != src.dtype or dst.device != src.device:
                     raise ValueError(f"graph {self.name or ''} key {key!r}: input {tuple(src.shape)} "
                                      f"{src.dtype} does not match the captured {tuple(dst.shape)} {dst.dtype}")
-        for dst, src in zip(entry.inputs, args):
+        for dst, src in zip(entry.inputs, flat):
             if dst is not src:
                 dst.copy_(src)
         self.backend.replay(entry.graph)

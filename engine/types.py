@@ -41,6 +41,9 @@ IMAGE_EMBEDDING = PortType("image_embedding", "encoded image tokens [B, N, D]", 
 CAMERA = PortType("camera", "camera / action conditioning per latent frame", TENSOR)
 MODEL = PortType("model", "a loaded model handle (weights on a device)")
 DENOISER = PortType("denoiser", "a model that predicts flow for (x_t, t, conditioning)", MODEL)
+CAUSAL_DENOISER = PortType("causal_denoiser", "a denoiser that streams block by block with its own KV cache: it "
+                           "implements the causal-model contract (nodes/common/causal.py) that ar.sampler drives",
+                           DENOISER)
 DECODER = PortType("decoder", "a latent-to-pixel decoder model", MODEL)
 TEXT = PortType("text", "a string (prompt)")
 INT = PortType("int", "an integer")
@@ -50,7 +53,7 @@ LIST = PortType("list", "a list of values")
 STATE = PortType("state", "per-session state owned by a node (KV cache, decoder memory)")
 
 BUILTIN_TYPES = {t.name: t for t in (ANY, TENSOR, LATENT, PIXELS, IMAGE, TEXT_EMBEDDING, IMAGE_EMBEDDING,
-                                     CAMERA, MODEL, DENOISER, DECODER, TEXT, INT, FLOAT, BOOL, LIST, STATE)}
+                                     CAMERA, MODEL, DENOISER, CAUSAL_DENOISER, DECODER, TEXT, INT, FLOAT, BOOL, LIST, STATE)}
 
 
 def type_of_value(value) -> PortType:

@@ -11,7 +11,7 @@ from engine.parallel import make_context_groups
 from nodes.ar import ARRollout, ARSchedule
 from nodes.samplers import FlowMatchTable
 from nodes.wan.config import WanConfig
-from nodes.wan.context_parallel import make_rank_cache
+from nodes.common.sharding import make_rank_cache
 from nodes.wan.dit import WanDiT
 
 

@@ -7,7 +7,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from engine.parallel import make_context_groups, ring_attention, ring_attention_gather, ulysses_attention
+from engine.parallel import make_context_groups
+from nodes.common.ring import ring_attention, ring_attention_gather
+from nodes.common.ulysses import ulysses_attention
 
 
 def frame_split(frames: int, n: int) -> list[int]:

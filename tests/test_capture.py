@@ -19,8 +19,9 @@ from nodes.ar.rollout import ARRollout
 from nodes.ar.schedule import ARSchedule
 from nodes.samplers.flow_match import FlowMatchTable
 from nodes.wan.config import WanConfig
-from nodes.wan.dit import CausalDenoiser, WanDiT
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.wan.causal import CausalDenoiser
+from nodes.wan.dit import WanDiT
+from nodes.common.kv_cache import SelfKVCache
 from nodes.wan.vae import WanVAE
 from nodes.wan.vae_stream import StreamingDecoder
 

@@ -11,7 +11,7 @@ from goldens import case_json, tensors
 
 from nodes.wan.config import WanConfig
 from nodes.wan.dit import WanDiT
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.common.kv_cache import SelfKVCache
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

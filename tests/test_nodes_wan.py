@@ -59,23 +59,23 @@ def test_prompt_switch_keeps_the_self_cache_and_swaps_the_cross_cache(tmp_path):
     with pipe.open_session() as s:
         a = [s.step().outputs["sampler"]["latent"] for _ in range(2)]
         st = sampler_state(s)
-        past = 6 * st.cache.frame_tokens  # rows of the two blocks already generated
-        k_before, v_before = st.cache.k.clone(), st.cache.v.clone()
-        cross_before = [t.clone() for t in st.denoiser.cross.k]
+        past = 6 * st.stream.cache.frame_tokens  # rows of the two blocks already generated
+        k_before, v_before = st.stream.cache.k.clone(), st.stream.cache.v.clone()
+        cross_before = [t.clone() for t in st.stream.denoiser.cross.k]
         emb_before = s.values["text"]["embeds"]
         s.step()  # same prompt: nothing re-encoded, cross K/V untouched
         assert s.values["text"]["embeds"] is emb_before and st.prompt_switches == 0
-        assert all(torch.equal(x, y) for x, y in zip(st.denoiser.cross.k, cross_before))
-        k_three = st.cache.k[:, :, :past + 3 * st.cache.frame_tokens].clone()
+        assert all(torch.equal(x, y) for x, y in zip(st.stream.denoiser.cross.k, cross_before))
+        k_three = st.stream.cache.k[:, :, :past + 3 * st.stream.cache.frame_tokens].clone()
         s.set_input("prompt", "a completely different prompt")
         b = s.step().outputs["sampler"]["latent"]
         assert st.prompt_switches == 1
         assert not torch.equal(s.values["text"]["embeds"], emb_before)
-        assert not any(torch.equal(x, y) for x, y in zip(st.denoiser.cross.k, cross_before))
-        assert torch.equal(st.cache.k[:, :, :past], k_before[:, :, :past])      # past frames kept
-        assert torch.equal(st.cache.v[:, :, :past], v_before[:, :, :past])
-        assert torch.equal(st.cache.k[:, :, :k_three.shape[2]], k_three)
-        assert not torch.equal(st.cache.k[:, :, k_three.shape[2]:], k_before[:, :, k_three.shape[2]:])
+        assert not any(torch.equal(x, y) for x, y in zip(st.stream.denoiser.cross.k, cross_before))
+        assert torch.equal(st.stream.cache.k[:, :, :past], k_before[:, :, :past])      # past frames kept
+        assert torch.equal(st.stream.cache.v[:, :, :past], v_before[:, :, :past])
+        assert torch.equal(st.stream.cache.k[:, :, :k_three.shape[2]], k_three)
+        assert not torch.equal(st.stream.cache.k[:, :, k_three.shape[2]:], k_before[:, :, k_three.shape[2]:])
         s.reset()  # fresh state, the original prompt again: the same first blocks, not the switched one
         s.set_input("prompt", pipe.plan.spec.inputs["prompt"])
         same = [s.step().outputs["sampler"]["latent"] for _ in range(4)]
@@ -110,16 +110,16 @@ def test_window_eviction_runs_past_the_window(tmp_path, rope_mode):
             r = s.step()
             st = sampler_state(s)
             assert st.noise is None  # unbounded: noise drawn per block
-            assert st.cache.k.shape[2] == 9 * st.cache.frame_tokens
-            sink = st.cache.k[:, :, :3 * st.cache.frame_tokens].clone() if r.block == 0 else sink
+            assert st.stream.cache.k.shape[2] == 9 * st.stream.cache.frame_tokens
+            sink = st.stream.cache.k[:, :, :3 * st.stream.cache.frame_tokens].clone() if r.block == 0 else sink
         assert torch.isfinite(r.outputs["sampler"]["latent"]).all()
         if rope_mode == "absolute":  # the sink rows are written once, by block 0
-            assert torch.equal(st.cache.k[:, :, :3 * st.cache.frame_tokens], sink)
+            assert torch.equal(st.stream.cache.k[:, :, :3 * st.stream.cache.frame_tokens], sink)
 
 
 def test_breakdown_separates_dit_steps_from_the_kv_pass(tmp_path):
     pipe = tiny(tmp_path)
-    node = pipe.plan.nodes["sampler"].node
+    node = pipe.nodes["sampler"]
     with pipe.open_session() as s:
         s.step()
         b = node.last_breakdown_ms()
@@ -130,13 +130,13 @@ def test_breakdown_separates_dit_steps_from_the_kv_pass(tmp_path):
 
 def test_i2v_image_pass_then_blocks(tmp_path):
     pipe = tiny(tmp_path, "nodes.sampler.params.frames_per_block=1", "inputs.num_blocks=3")
-    node = pipe.plan.nodes["sampler"].node
-    handle = pipe.plan.nodes["dit"].node.handle
-    text = pipe.plan.nodes["text"].node.encode("a cat")
+    node = pipe.nodes["sampler"]
+    handle = pipe.nodes["dit"].handle
+    text = pipe.nodes["text"].encode("a cat")
     image = torch.randn(1, 1, 16, 4, 6)
     state = node.new_state()
     inputs = {"model": handle, "text": text, "image_latent": image}
-    outs = [node.run(inputs, state, Step(b, {}, extra={"changed": set()}))["latent"] for b in range(3)]
+    outs = [node.run(inputs, state, Step(b, {}))["latent"] for b in range(3)]
     assert outs[0].shape == (1, 2, 16, 4, 6) and outs[1].shape == (1, 1, 16, 4, 6)
     torch.testing.assert_close(outs[0][:, :1], image, atol=0, rtol=0)
     assert set(node.last_breakdown_ms()) == {"dit_ms", "kv_ms"}
@@ -151,12 +151,13 @@ def test_past_num_blocks_says_how_to_fix(tmp_path):
             s.step()
 
 
-def test_context_parallel_without_a_group_is_a_clear_error():
-    from nodes.wan.node_dit import WanDiTNode
-    node = WanDiTNode("dit", {"checkpoint": "random", "dim": 32, "num_layers": 1, "text_dim": 8, "text_len": 4,
-                              "ffn_dim": 16, "num_heads": 2}, "cpu", parallel={"context": 2})
-    with pytest.raises(FdError, match="context"):
-        node.load()
+def test_context_parallel_without_a_group_is_a_clear_error(tmp_path):
+    """A DiT can only be handed a group the pipeline made: asking for context 2 in a 1-process run is
+    refused when the spec is planned, naming the node's parallel field."""
+    from engine import SpecErrors
+    with pytest.raises(SpecErrors) as e:
+        tiny(tmp_path, "nodes.dit.parallel.context=2")
+    assert any(x.node == "dit" and "parallel" in (x.field or "") for x in e.value.errors)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch.testing import assert_close
 
 import parallel_workers as pw
-from engine.parallel import (SINGLE, ParallelGroup, attention, check_context_size, make_context_groups,
-                             merge_partials, merge_two, partial_attention, ring_attention, ring_attention_gather,
-                             spawn_ranks, ulysses_attention)
+from engine.parallel import SINGLE, ParallelGroup, check_context_size, make_context_groups, spawn_ranks
+from nodes.common.attention import attention
+from nodes.common.ring import merge_partials, merge_two, ring_attention, ring_attention_gather
+from nodes.common.ulysses import ulysses_attention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_lse_merge_of_shards_equals_full_attention():
     q, k, v = rand(B, Lq, H, D, seed=0), rand(B, Lk, H, D, seed=1), rand(B, Lk, H, D, seed=2)
     full = attention(q, k, v)
     cuts = [0, 7, 7, 16, 23]                                    # second shard is empty
-    parts = [partial_attention(q, k[:, a:b], v[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+    parts = [attention(q, k[:, a:b], v[:, a:b], return_lse=True) for a, b in zip(cuts, cuts[1:])]
     assert torch.isneginf(parts[1][1]).all() and (parts[1][0] == 0).all()
     out, lse = merge_partials([o for o, _ in parts], [l for _, l in parts])
     assert_close(out, full, **TOL)
@@ -50,21 +51,21 @@ def test_lse_merge_of_shards_equals_full_attention():
 def test_explicit_partial_matches_fused_and_masks_rows_to_nothing():
     B, Lq, Lk, H, D = 1, 4, 9, 2, 8
     q, k, v = rand(B, Lq, H, D, seed=3), rand(B, Lk, H, D, seed=4), rand(B, Lk, H, D, seed=5)
-    fused = partial_attention(q, k, v)
-    explicit = partial_attention(q, k, v, attn_mask=torch.ones(Lq, Lk, dtype=torch.bool))
+    fused = attention(q, k, v, return_lse=True)
+    explicit = attention(q, k, v, return_lse=True, mask=torch.ones(Lq, Lk, dtype=torch.bool))
     assert_close(explicit[0], fused[0], **TOL)
     assert_close(explicit[1], fused[1], **TOL)
     mask = torch.ones(Lq, Lk, dtype=torch.bool)
     mask[1] = False                                             # query row 1 sees nothing here
-    o, l = partial_attention(q, k, v, attn_mask=mask)
+    o, l = attention(q, k, v, return_lse=True, mask=mask)
     assert torch.isneginf(l[:, 1]).all() and (o[:, 1] == 0).all()
     # Merged with a partial that does see keys, the empty row takes that partial's answer, no NaN.
-    o2, l2 = partial_attention(q, k[:, :3], v[:, :3])
+    o2, l2 = attention(q, k[:, :3], v[:, :3], return_lse=True)
     out, _ = merge_partials([o, o2], [l, l2])
     assert not out.isnan().any()
     assert_close(out[:, 1], o2[:, 1], **TOL)
     # Every partial empty: zero output, -inf lse, still no NaN.
-    empty = partial_attention(q, k[:, :0], v[:, :0])
+    empty = attention(q, k[:, :0], v[:, :0], return_lse=True)
     out, lse = merge_partials([empty[0], empty[0]], [empty[1], empty[1]])
     assert (out == 0).all() and torch.isneginf(lse).all()
 

@@ -25,8 +25,9 @@ from goldens import case_json, case_value, tensors, variant_params
 from nodes.ar import ARRollout, ARSchedule
 from nodes.samplers import FlowMatchTable
 from nodes.wan.config import WanConfig
-from nodes.wan.dit import CausalDenoiser, WanDiT
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.wan.causal import CausalDenoiser
+from nodes.wan.dit import WanDiT
+from nodes.common.kv_cache import SelfKVCache
 
 CASES = ("causal_selfforcing", "causal_forcing_framewise", "causal_forcing_i2v")
 

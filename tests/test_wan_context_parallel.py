@@ -15,9 +15,9 @@ import cp_workers as cw
 from engine.parallel import SINGLE, ParallelGroup, spawn_ranks
 from nodes.checkpoint import random_init
 from nodes.wan.config import WanConfig
-from nodes.wan.context_parallel import TokenSharding, make_rank_cache
+from nodes.common.sharding import TokenSharding, make_rank_cache
 from nodes.wan.dit import WanDiT
-from nodes.wan.kv_cache import SelfKVCache
+from nodes.common.kv_cache import SelfKVCache
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 CFG = dict(text_len=8, in_dim=4, dim=48, ffn_dim=64, text_dim=8, out_dim=4, num_heads=6, num_layers=2)

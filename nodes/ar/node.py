@@ -1,9 +1,11 @@
-"""`ar.sampler`: one autoregressive block of a causal Wan DiT per engine block (Self-Forcing / Causal-Forcing).
+"""`ar.sampler`: one autoregressive block of any causal model per engine block (Self-Forcing / Causal-Forcing).
 
-Per session the node owns the self-attention KV cache, the prompt's cross-attention
-K/V, the block rollout (``nodes.ar.ARRollout``) and the RNG. A prompt switch rebuilds
-only the cross-attention K/V: the frames already generated stay in the self-attention
-cache, so the video continues under the new prompt.
+The model comes in on a ``causal_denoiser`` edge and is driven only through the causal-model
+contract (nodes/common/causal.py): per session the node opens a stream (the model's KV cache
+and graphs), sets its conditions, and runs the block rollout (``nodes.ar.ARRollout``) with
+the RNG. A prompt switch sets the conditions again: the frames already generated stay in the
+self-attention cache, so the video continues under the new prompt. Wired per-block condition
+inputs (camera, action, video, hdmap) reach the model by name, each block's value with it.
 
 Noise: with a global cache (``window_frames: null``) the rollout length is known, so the
 noise of all ``num_blocks`` blocks is drawn first from a generator seeded with the seed
@@ -25,20 +27,23 @@ import torch
 from engine.errors import FdError
 from engine.node import Node, Param, Port
 from engine.timing import NodeTimer
-from engine.types import DENOISER, INT, LATENT, TEXT_EMBEDDING
+from engine.types import CAMERA, CAUSAL_DENOISER, IMAGE_EMBEDDING, INT, LATENT, TENSOR, TEXT_EMBEDDING
+from nodes.common.causal import CausalModel, CausalStream, StreamSpec
 
 from .rollout import ARRollout, CallTrace
 from .schedule import ARSchedule
 
 KIND_KEYS = {"denoise": "dit_ms", "context": "kv_ms", "image": "image_ms"}
+# optional input port -> the condition name the model receives it under
+SESSION_CONDITIONS = {"text": "text", "image_embedding": "image"}
+BLOCK_CONDITIONS = ("camera", "action", "video", "hdmap")
 
 
 @dataclass
 class ARState:
-    """One session's rollout: caches, RNG, and the timers of the last block."""
-    handle: Any = None
-    cache: Any = None                 # nodes.wan.kv_cache.SelfKVCache
-    denoiser: Any = None              # CausalDenoiser (CUDA graphs on CUDA); holds the prompt's K/V
+    """One session's rollout: the model's stream (cache, conditions, graphs), RNG, and the timers of the last block."""
+    model: Any = None
+    stream: Any = None                # a nodes.common.causal.CausalStream
     rollout: ARRollout | None = None
     generator: torch.Generator | None = None
     noise: torch.Tensor | None = None  # all blocks' noise (global cache only)
@@ -50,14 +55,22 @@ class ARState:
 
 class ARSamplerNode(Node):
     type_name = "ar.sampler"
-    doc = ("Autoregressive few-step sampler of Self-Forcing / Causal-Forcing on a causal Wan DiT: per block, "
-           "warped FlowMatch denoising steps then a KV (context) pass. Owns the KV cache; a prompt switch keeps it.")
+    doc = ("Autoregressive few-step sampler of Self-Forcing / Causal-Forcing on any causal model: per block, "
+           "warped FlowMatch denoising steps then a KV (context) pass. The model's stream owns the KV cache; a prompt "
+           "switch keeps it.")
     inputs = (
-        Port("model", DENOISER, "a causal-capable Wan DiT (wan.dit)"),
+        Port("model", CAUSAL_DENOISER, "a causal model (wan.dit, or any node whose output implements the "
+             "causal-model contract)"),
         Port("text", TEXT_EMBEDDING, "prompt embeddings [B, L, text_dim]; a new value switches the prompt"),
+        Port("image_embedding", IMAGE_EMBEDDING, "image tokens for models conditioned on them (session condition "
+             "`image`)", optional=True),
         Port("image_latent", LATENT, "I2V: image latent frames [B, F, C, h, w] written to the cache first "
              "(Causal-Forcing initial_latent)", optional=True),
         Port("seed", INT, "noise seed (else the seed param)", optional=True),
+        Port("camera", CAMERA, "per-block camera condition, passed to the model by name", optional=True),
+        Port("action", TENSOR, "per-block action condition, passed to the model by name", optional=True),
+        Port("video", LATENT, "per-block video condition (e.g. low-res frames), passed by name", optional=True),
+        Port("hdmap", LATENT, "per-block HD-map condition, passed by name", optional=True),
     )
     outputs = (Port("latent", LATENT, "clean latents of this block [B, frames_per_block, C, h, w] (I2V block 0: "
                     "the image frames first)"),)
@@ -88,7 +101,7 @@ class ARSamplerNode(Node):
         super().__init__(*args, **kwargs)
         self._last: dict[str, list[NodeTimer]] = {}
         self._graphs = None  # the latest session's denoiser, for graph_status()
-        self._spare: tuple | None = None  # (key, cache, denoiser) a finished session left: graphs kept
+        self._spare: tuple | None = None  # (key, stream) a finished session left: cache and graphs kept
 
     def new_state(self) -> ARState:
         return ARState()
@@ -99,15 +112,31 @@ class ARSamplerNode(Node):
         return ARSchedule.build(FlowMatchTable(self.p.shift), self.p.steps, first_chunk_steps=self.p.first_chunk_steps,
                                 warp=self.p.warp, context_noise=self.p.context_noise)
 
-    def _start(self, state: ARState, inputs: dict) -> None:
-        from nodes.wan.context_parallel import make_rank_cache
+    def _model(self, inputs: dict) -> CausalModel:
+        model = inputs["model"]
+        if not isinstance(model, CausalModel):
+            raise FdError(f"node {self.name!r}: input `model` is a {type(model).__name__}, not a causal model; wire "
+                          "the output of a node whose type is causal_denoiser (it implements "
+                          "nodes.common.causal.CausalModel)")
+        return model
 
-        h = inputs["model"]
-        cfg, dev = h.config, h.module.patch_embedding.weight.device
-        _, ph, pw = cfg.patch_size
+    def _conditions(self, model: CausalModel, inputs: dict) -> tuple[dict, dict]:
+        """(session conditions, block conditions) from the wired inputs, refusing any the model does not take."""
+        session = {name: inputs[port] for port, name in SESSION_CONDITIONS.items() if port in inputs}
+        block = {name: inputs[name] for name in BLOCK_CONDITIONS if name in inputs}
+        for name, takes in [(n, model.session_conditions) for n in session] + [(n, model.block_conditions)
+                                                                               for n in block]:
+            if name not in takes:
+                raise FdError(f"node {self.name!r}: the model ({type(model).__name__}) takes no {name!r} condition "
+                              f"(it takes {', '.join(model.session_conditions + model.block_conditions)})")
+        return session, block
+
+    def _start(self, state: ARState, inputs: dict) -> None:
+        model = self._model(inputs)
+        ph, pw = model.patch_grid()
         lh, lw, nfpb = self.p.latent_height, self.p.latent_width, self.p.frames_per_block
         if lh % ph or lw % pw:
-            raise FdError(f"node {self.name!r}: latent {lh}x{lw} is not divisible by the DiT patch {ph}x{pw}")
+            raise FdError(f"node {self.name!r}: latent {lh}x{lw} is not divisible by the model's patch {ph}x{pw}")
         image = inputs.get("image_latent")
         prefix = 0 if image is None else image.shape[1]
         if image is not None and prefix % nfpb:
@@ -116,67 +145,43 @@ class ARSamplerNode(Node):
         if self.p.window_frames is not None and self.p.window_frames - self.p.sink_frames < nfpb:
             raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of {nfpb} frames "
                           "(upstream fails there too)")
-        group = getattr(h.module, "parallel", None)
-        on_cuda = str(dev).startswith("cuda")
-        graphs = bool(self.p.graphs and on_cuda and getattr(self, "capture_graphs", on_cuda))
-        key = (id(h.module), lh, lw, prefix, self.p.num_blocks, self.p.sink_frames, self.p.window_frames,
-               self.p.batch, self.p.rope_mode, graphs)
+        dev = model.device
+        session_conds, block_conds = self._conditions(model, inputs)
+        graphs = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        spec = StreamSpec(frame_shape=(self.p.latent_channels, lh, lw), frames_per_block=nfpb, batch=self.p.batch,
+                          sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
+                          max_frames=prefix + self.p.num_blocks * nfpb, rope_mode=self.p.rope_mode, graphs=graphs)
+        key = (id(model), spec)
         spare, self._spare = self._spare, None
-        if spare is not None and spare[0] == key:
-            state.cache, state.denoiser = spare[1], spare[2]   # a previous session's cache and captured graphs
-            state.cache.k.zero_()
-            state.cache.v.zero_()
+        fresh = spare is None or spare[0] != key
+        if not fresh:
+            state.stream = spare[1]             # a previous session's cache and captured graphs
+            state.stream.reset()
         else:
             try:
-                state.cache = make_rank_cache(
-                    cfg, group, (lh // ph) * (lw // pw), sink_frames=self.p.sink_frames,
-                    window_frames=self.p.window_frames, max_frames=prefix + self.p.num_blocks * nfpb,
-                    batch_size=self.p.batch, rope_mode=self.p.rope_mode, dtype=h.dtype, device=dev)
+                state.stream = model.open_stream(spec)
             except ValueError as e:
                 raise FdError(f"node {self.name!r}: {e}") from e
-        state.key = key
+        state.key, state.model = key, model
         seed = int(inputs.get("seed", self.p.seed))
         state.generator = torch.Generator(device=dev).manual_seed(seed)
         if self.p.window_frames is None:
             state.noise = torch.randn(self._noise_shape(self.p.num_blocks * nfpb), generator=state.generator,
                                       device=dev)
-        state.handle = h
-        cross = self._cross(h, inputs["text"])
-        if state.denoiser is not None:
-            state.denoiser.set_prompt(cross)                    # copies into the captured static buffers
-        else:  # context-parallel too: the DiT shards tokens itself; NCCL collectives are captured with it
-            from nodes.wan.dit import CausalDenoiser
-            state.denoiser = CausalDenoiser(h.module, state.cache, cross, graphs=graphs)
-            if graphs:  # capture every attended-length graph now, so no block pays a capture
-                with torch.no_grad():
-                    state.denoiser.prepare(torch.zeros(self._noise_shape(nfpb), device=dev))
-        self._graphs = state.denoiser
+        missing = [c for c in model.required_conditions if c not in session_conds]
+        if missing:
+            raise FdError(f"node {self.name!r}: the model needs the {', '.join(missing)} condition(s)")
+        state.stream.set_conditions(**session_conds)   # copies into the captured static buffers
+        if fresh and graphs:  # capture every attended-length graph now, so no block pays a capture
+            with torch.no_grad():
+                state.stream.prepare(torch.zeros(self._noise_shape(nfpb), device=dev), **block_conds)
+        self._graphs = state.stream
         init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
-        state.rollout = ARRollout(self._timed(state), self._schedule(), nfpb, initial_latent=init,
+        state.rollout = ARRollout(_TimedStream(state), self._schedule(), nfpb, initial_latent=init,
                                   generator=state.generator, trace=lambda tr: self._classify(state, tr))
 
     def _noise_shape(self, frames: int) -> tuple[int, ...]:
         return (self.p.batch, frames, self.p.latent_channels, self.p.latent_height, self.p.latent_width)
-
-    def _cross(self, h, text: torch.Tensor):
-        text = text.to(h.module.patch_embedding.weight.device)
-        if text.shape[0] != self.p.batch:
-            text = text.expand(self.p.batch, -1, -1)
-        with torch.no_grad():
-            return h.module.prepare_cross(text)
-
-    def _timed(self, state: ARState):
-        device = str(state.cache.k.device)
-
-        def denoise(x, t, frame_start):
-            timer = NodeTimer(device)
-            timer.start()
-            with torch.no_grad():
-                flow = state.denoiser(x, t, frame_start)
-            timer.stop()
-            state.pending = timer
-            return flow
-        return denoise
 
     def _classify(self, state: ARState, tr: CallTrace) -> None:
         state.timers.setdefault(KIND_KEYS[tr.kind], []).append(state.pending)
@@ -184,11 +189,10 @@ class ARSamplerNode(Node):
 
     # ------------------------------------------------------------------ running
     def run(self, inputs, state: ARState, step):
-        changed = step.extra.get("changed", set())
         if state.rollout is None:
             self._start(state, inputs)
-        elif "text" in changed:
-            state.denoiser.set_prompt(self._cross(state.handle, inputs["text"]))
+        elif step.changed & set(SESSION_CONDITIONS):
+            state.stream.set_conditions(**self._conditions(state.model, inputs)[0])
             state.prompt_switches += 1
         roll, nfpb = state.rollout, self.p.frames_per_block
         b = roll.block_index
@@ -198,19 +202,19 @@ class ARSamplerNode(Node):
                               "the global KV cache; raise num_blocks, or set window_frames for an unbounded rollout")
             noise = state.noise[:, b * nfpb:(b + 1) * nfpb]
         else:
-            noise = torch.randn(self._noise_shape(nfpb), generator=state.generator, device=state.cache.k.device)
+            noise = torch.randn(self._noise_shape(nfpb), generator=state.generator, device=state.model.device)
         state.timers = {}
-        x0 = roll.step(noise)
+        x0 = roll.step(noise, **self._conditions(state.model, inputs)[1])
         self._last = state.timers
         if b == 0 and roll.initial_latent is not None:
             x0 = torch.cat([roll.initial_latent.to(x0.dtype), x0], dim=1)
         return {"latent": x0}
 
     def release(self, state: ARState) -> None:
-        """Keep the finished session's cache and captured graphs for the next session of the same shape."""
-        if state.denoiser is not None and getattr(state, "key", None) is not None:
-            self._spare = (state.key, state.cache, state.denoiser)
-        state.denoiser = state.cache = state.rollout = None
+        """Keep the finished session's stream (cache and captured graphs) for the next session of the same shape."""
+        if state.stream is not None and state.key is not None:
+            self._spare = (state.key, state.stream)
+        state.stream = state.rollout = None
 
     def last_breakdown_ms(self, state: ARState | None = None) -> dict[str, float]:
         """Milliseconds of the last block by kind: dit_ms (all denoising steps), kv_ms (context pass),
@@ -225,3 +229,28 @@ class ARSamplerNode(Node):
 
 
 NODE_TYPES = (ARSamplerNode,)
+
+
+class _TimedStream(CausalStream):
+    """The session's stream with every call timed (CUDA events on GPU), for ``last_breakdown_ms``."""
+
+    def __init__(self, state: ARState):
+        self.state = state
+
+    def _timed(self, fn, *args, **kwargs):
+        timer = NodeTimer(str(self.state.model.device))
+        timer.start()
+        with torch.no_grad():
+            out = fn(*args, **kwargs)
+        timer.stop()
+        self.state.pending = timer
+        return out
+
+    def set_conditions(self, **conditions) -> None:
+        self.state.stream.set_conditions(**conditions)
+
+    def denoise(self, x, t, frame_start, **block):
+        return self._timed(self.state.stream.denoise, x, t, frame_start, **block)
+
+    def commit(self, x, t, frame_start, **block) -> None:
+        self._timed(self.state.stream.commit, x, t, frame_start, **block)

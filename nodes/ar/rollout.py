@@ -10,7 +10,12 @@ Per block of ``frames_per_block`` latent frames (pipeline/causal_inference.py):
 
 The causal model keeps its KV cache behind ``denoise``: every call of a block writes the
 same cache rows at ``frame_start``, and the context pass leaves the clean block's K/V there
-for the next block to attend to. The rollout never touches the cache.
+for the next block to attend to. The rollout never touches the cache. ``denoise`` is either
+a plain callable ``(x, t [B, f] tensor, frame_start) -> flow`` (parity tests replay records
+through it) or a ``CausalStream`` (nodes/common/causal.py): then denoising calls go to
+``stream.denoise(x, t, frame_start, **conditions)`` with the host timestep, the context and
+image passes to ``stream.commit``, and ``step(noise, **conditions)`` forwards the block's
+conditions by name.
 
 I2V (Causal-Forcing ``initial_latent``): before block 0 the image latent is passed at t=0 in
 chunks of ``frames_per_block`` from frame 0 (its output is unused); generated frames then
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 
 from nodes.ar.schedule import ARSchedule, StepPlan
+from nodes.common.causal import CausalStream
 
 # denoise(x [B, f, C, H, W], t [B, f] float32, frame_start) -> flow [B, f, C, H, W]
 Denoiser = Callable[[Tensor, Tensor, int], Tensor]
@@ -49,7 +55,7 @@ class CallTrace:
     x: Tensor
     t: Tensor
     frame_start: int
-    flow: Tensor
+    flow: Tensor | None     # None for a stream's commit (context / image) passes
     x0: Tensor | None       # denoise calls only
 
 
@@ -63,7 +69,7 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
 class ARRollout:
     """Streaming block sampler: ``step()`` generates one block, ``run_all()`` the whole video."""
 
-    def __init__(self, denoise: Denoiser, schedule: ARSchedule, frames_per_block: int,
+    def __init__(self, denoise: Denoiser | CausalStream, schedule: ARSchedule, frames_per_block: int,
                  noise: Tensor | None = None, *, initial_latent: Tensor | None = None,
                  draws: Iterable[Tensor] | None = None, generator: torch.Generator | None = None,
                  seed: int = 0, trace: Callable[[CallTrace], None] | None = None):
@@ -74,6 +80,8 @@ class ARRollout:
         if initial_latent is not None and initial_latent.shape[1] % frames_per_block:
             raise ValueError("initial_latent frames must be a multiple of frames_per_block")
         self.denoise = denoise
+        self.stream = denoise if isinstance(denoise, CausalStream) else None
+        self._conditions: dict = {}
         self.schedule = schedule
         self.nfpb = frames_per_block
         self.noise = noise
@@ -113,9 +121,15 @@ class ARRollout:
         return torch.randn(flat, generator=self._generator, device=like.device,
                            dtype=like.dtype).reshape(like.shape)
 
-    def _call(self, kind: str, x: Tensor, t: Tensor, frame_start: int, block: int | None = None,
-              step: int | None = None, sigma_x0: float | None = None) -> tuple[Tensor, Tensor | None]:
-        flow = self.denoise(x, t, frame_start)
+    def _call(self, kind: str, x: Tensor, t_value: float, frame_start: int, block: int | None = None,
+              step: int | None = None, sigma_x0: float | None = None) -> tuple[Tensor | None, Tensor | None]:
+        t = self._timestep(t_value, x)
+        if self.stream is None:
+            flow = self.denoise(x, t, frame_start)
+        elif kind == "denoise":
+            flow = self.stream.denoise(x, t_value, frame_start, **self._conditions)
+        else:
+            flow = self.stream.commit(x, t_value, frame_start, **self._conditions)
         x0 = None
         if sigma_x0 is not None:
             x0 = (x.double() - sigma_x0 * flow.double()).to(flow.dtype)
@@ -129,16 +143,18 @@ class ARRollout:
         lat = self.initial_latent
         for f0 in range(0, lat.shape[1], self.nfpb):
             chunk = lat[:, f0:f0 + self.nfpb]
-            self._call("image", chunk, self._timestep(0.0, chunk), f0)
+            self._call("image", chunk, 0.0, f0)
         self._primed = True
 
     @staticmethod
     def _renoise(x0: Tensor, draw: Tensor, sigma: float) -> Tensor:
         return ((1 - sigma) * x0 + sigma * draw).to(draw.dtype)
 
-    def step(self, noise_block: Tensor | None = None) -> Tensor:
-        """Generate the next block; returns its clean latents [B, nfpb, C, H, W]."""
+    def step(self, noise_block: Tensor | None = None, **conditions) -> Tensor:
+        """Generate the next block; returns its clean latents [B, nfpb, C, H, W]. ``conditions`` go to a
+        stream's calls by name (per-block camera, actions, ...)."""
         b = self.block_index
+        self._conditions = conditions
         if noise_block is None:
             if self.noise is None or b >= self.num_blocks:
                 raise IndexError(f"no noise for block {b}")
@@ -149,12 +165,12 @@ class ARRollout:
         frame_start = self.first_frame + b * self.nfpb
         x, x0 = noise_block, None
         for i, t in enumerate(plan.t):
-            _, x0 = self._call("denoise", x, self._timestep(t, x), frame_start, b, i, plan.sigma_x0[i])
+            _, x0 = self._call("denoise", x, t, frame_start, b, i, plan.sigma_x0[i])
             if i + 1 < len(plan):
                 x = self._renoise(x0, self._draw(x0), plan.sigma_noise[i + 1])
         ctx_t = self.schedule.context_t
         ctx_x = x0 if ctx_t <= 0 else self._renoise(x0, self._draw(x0), self.schedule.context_sigma_noise)
-        self._call("context", ctx_x, self._timestep(ctx_t, x0), frame_start, b)
+        self._call("context", ctx_x, ctx_t, frame_start, b)
         self.block_index += 1
         return x0
 

@@ -9,13 +9,20 @@ weights' dtype (bf16 on GPU). The causal path is Self-Forcing's CausalWanModel:
 per-frame timesteps, self-attention over [cached K/V + the block's own], cross-
 attention K/V computed once per prompt.
 
+Reading order, as gpt-fast's model file: ``Block.forward(x, cond, rope, ctx)``,
+where ``cond`` is the per-frame AdaLN modulation, ``rope`` the (cos, sin) rows of
+the tokens and ``ctx`` the ``CallContext`` every block of one call shares (the
+prompt's cross-attention K/V, the self-attention cache and where this call's rows
+go, the context-parallel sharding). The self-attention module owns the cache
+protocol: it writes its layer's rows and reads the attended window.
+
 Speed (CUDA): the elementwise stages between the matmuls (AdaLN modulation, qk
 RMS-norm + RoPE, gated residual adds) are plain functions collected in
 ``Kernels`` so that ``WanDiT.compile_elementwise()`` can hand them to
 torch.compile (one compile per shape, shared by all layers: short cold start);
 RoPE tables are built on the device; the causal cache is written through a
-device row index. ``CausalDenoiser`` wraps the causal call for ARRollout and
-replays it as CUDA graphs keyed by the attended length (engine.capture).
+device row index. nodes/wan/causal.py wraps the causal call as the causal-model
+contract and replays it as CUDA graphs keyed by the attended length.
 """
 from __future__ import annotations
 
@@ -25,13 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.capture import GraphCache, StaticTensors
+from dataclasses import dataclass
 
-from .attention import attention
+from nodes.common.attention import attention
+from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache
+from nodes.common.rope import RopeTable, apply_rope
+from nodes.common.sharding import TokenSharding
+from nodes.common.sharding import for_group as context_parallel_for
+
 from .config import WanConfig
-from .context_parallel import for_group as context_parallel_for
-from .kv_cache import CrossCache, DeviceRows, SelfKVCache
-from .rope import RopeTable, apply_rope
 
 CLIP_DIM = 1280  # CLIP ViT-H penultimate width, hard-coded upstream (MLPProj(1280, dim))
 
@@ -110,71 +119,107 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
-class Attention(nn.Module):
-    """q/k/v/o projections with optional RMS qk-norm; image K/V too for I2V cross-attention."""
+@dataclass
+class CrossCache:
+    """Per-layer cross-attention K/V of one prompt ([B, L, H, D] each).
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, image_kv: bool = False):
+    Built once per prompt by WanDiT.prepare_cross and reused by every call;
+    swapping it for another prompt leaves the self-attention cache alone.
+    k_img / v_img are the I2V image-token K/V (None for T2V).
+    """
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    k_img: list[torch.Tensor] | None = None
+    v_img: list[torch.Tensor] | None = None
+
+
+@dataclass
+class CallContext:
+    """What every block of one forward call shares."""
+    cross: CrossCache
+    backend: str = "auto"
+    kernels: "Kernels" = None
+    cache: SelfKVCache | None = None          # causal calls: the session's self-attention cache
+    plan: BlockPlan | None = None             # where this call's rows go in it
+    rows: DeviceRows | None = None            # the same, as device tensors (captured calls)
+    cp: TokenSharding | None = None           # context parallelism: this rank's tokens
+
+
+class Projections(nn.Module):
+    """q/k/v/o projections with optional RMS qk-norm (upstream parameter names)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, layer: int):
         super().__init__()
-        self.num_heads, self.eps = num_heads, eps
+        self.num_heads, self.eps, self.layer = num_heads, eps, layer
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         norm = (lambda: RMSNorm(dim, eps)) if qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
-        if image_kv:
-            self.k_img, self.v_img, self.norm_k_img = nn.Linear(dim, dim), nn.Linear(dim, dim), norm()
 
     def heads(self, x):
         return x.unflatten(-1, (self.num_heads, -1))
+
+
+class SelfAttention(Projections):
+    """Self-attention over [cached window + this call's tokens]; the cache protocol lives here."""
+
+    def forward(self, h, rope, ctx: CallContext):
+        kern = ctx.kernels
+        q = kern.norm_rope(self.q(h), _norm_weight(self.norm_q), self.eps, self.num_heads, *rope)
+        k = kern.norm_rope(self.k(h), _norm_weight(self.norm_k), self.eps, self.num_heads, *rope)
+        v = self.heads(self.v(h))
+        if ctx.cp is not None:  # context parallel (nodes/common/sharding.py): cache + cross-rank attention
+            y = ctx.cp.self_attention(q, k, v, self.layer, ctx.cache, ctx.plan, ctx.rows, ctx.backend)
+        else:
+            if ctx.cache is not None:
+                ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
+                k, v = ctx.cache.keys_values(self.layer, ctx.plan, ctx.rows)
+            y = attention(q, k, v, ctx.backend)
+        return self.o(y.flatten(2))
+
+
+class CrossAttention(Projections):
+    """Attention to the prompt (and, I2V, the image tokens) through K/V prepared once per prompt."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, layer: int, image_kv: bool = False):
+        super().__init__(dim, num_heads, qk_norm, eps, layer)
+        if image_kv:
+            norm = (lambda: RMSNorm(dim, eps)) if qk_norm else nn.Identity
+            self.k_img, self.v_img, self.norm_k_img = nn.Linear(dim, dim), nn.Linear(dim, dim), norm()
 
     def kv(self, x, image: bool = False):
         if image:
             return self.heads(self.norm_k_img(self.k_img(x))), self.heads(self.v_img(x))
         return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
 
-    def query(self, x):
-        return self.heads(self.norm_q(self.q(x)))
+    def forward(self, h, ctx: CallContext):
+        q, i, cross = self.heads(self.norm_q(self.q(h))), self.layer, ctx.cross
+        y = attention(q, cross.k[i], cross.v[i], ctx.backend)
+        if cross.k_img is not None:
+            y = y + attention(q, cross.k_img[i], cross.v_img[i], ctx.backend)
+        return self.o(y.flatten(2))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: WanConfig):
+    def __init__(self, cfg: WanConfig, layer: int):
         super().__init__()
         d = cfg.dim
         self.dim, self.eps = d, cfg.eps
-        self.self_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, layer)
         self.norm3 = FP32LayerNorm(d, eps=cfg.eps) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, image_kv=cfg.model_type == "i2v")
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, layer, cfg.model_type == "i2v")
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, e0, rope, cross: CrossCache, layer: int, backend: str, kern: Kernels = EAGER,
-                cache: SelfKVCache | None = None, plan=None, rows: DeviceRows | None = None, cp=None):
-        """x [B, L, dim] float32 residual; e0 [B, Fm, 6, dim] float32 (Fm = 1 or frames)."""
-        fm, wd, eps = e0.shape[1], self.ffn[0].weight.dtype, self.eps
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3).unbind(2)
-
-        sa = self.self_attn
-        h = kern.modulate(x, shift1, scale1, fm, eps, wd)
-        q = kern.norm_rope(sa.q(h), _norm_weight(sa.norm_q), sa.eps, sa.num_heads, *rope)
-        k = kern.norm_rope(sa.k(h), _norm_weight(sa.norm_k), sa.eps, sa.num_heads, *rope)
-        v = sa.heads(sa.v(h))
-        if cp is not None:  # context parallel (nodes/wan/context_parallel.py): cache + cross-rank attention
-            y = cp.self_attention(q, k, v, layer, cache, plan, rows, backend)
-        else:
-            if cache is not None:
-                cache.write(layer, plan, k, v, rows)
-                k, v = cache.keys_values(layer, plan, rows)
-            y = attention(q, k, v, backend)
-        x = kern.gated_add(x, sa.o(y.flatten(2)), gate1, fm)
-
-        ca = self.cross_attn
+    def forward(self, x, cond, rope, ctx: CallContext):
+        """x [B, L, dim] float32 residual; cond [B, Fm, 6, dim] float32 AdaLN terms (Fm = 1 or frames)."""
+        fm, wd, eps, kern = cond.shape[1], self.ffn[0].weight.dtype, self.eps, ctx.kernels
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + cond).unsqueeze(3).unbind(2)
+        x = kern.gated_add(x, self.self_attn(kern.modulate(x, shift1, scale1, fm, eps, wd), rope, ctx), gate1, fm)
         if isinstance(self.norm3, FP32LayerNorm):
             h = kern.ln_cast(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, wd)
         else:
             h = kern.ln_cast(x, None, None, eps, wd)
-        q = ca.query(h)
-        y = attention(q, cross.k[layer], cross.v[layer], backend)
-        if cross.k_img is not None:
-            y = y + attention(q, cross.k_img[layer], cross.v_img[layer], backend)
-        x = kern.add_float(x, ca.o(y.flatten(2)))
+        x = kern.add_float(x, self.cross_attn(h, ctx))
         return kern.gated_add(x, self.ffn(kern.modulate(x, shift2, scale2, fm, eps, wd)), gate2, fm)
 
 
@@ -220,7 +265,7 @@ class WanDiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(CLIP_DIM, d)
@@ -279,8 +324,9 @@ class WanDiT(nn.Module):
         if cache is not None and plan is None:
             plan = self.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
             rows = cache.device_rows(plan)
-        for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, rope, cross, i, self.backend, self.kernels, cache, plan, rows, cp)
+        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp)
+        for blk in self.blocks:
+            tokens = blk(tokens, e0, rope, ctx)
         out = self.head(tokens, e)
         if cp is not None:
             out = cp.gather(out, f)
@@ -319,101 +365,3 @@ class WanDiT(nn.Module):
         if y is not None:
             x = torch.cat([x, y.transpose(1, 2)], dim=1)
         return self._run(x, t, cross, frame_start, cache).transpose(1, 2)
-
-
-class CausalDenoiser:
-    """``denoise(x, t, frame_start) -> flow`` for ARRollout over one KV cache and one prompt,
-    replayed as CUDA graphs on CUDA (eager elsewhere, or with ``graphs=False``).
-
-    A call's only Python-level variation is the attended length (and, in 'relative' mode,
-    which sink rows it writes): that is the graph key. Everything else goes in as copied-in
-    tensors: the block latents, its timesteps, its RoPE table, its cache row index. So the
-    cache filling takes one graph per attended length and, once the window is full, one graph
-    replays for every later block. The prompt's cross-attention K/V live in static buffers:
-    ``set_prompt`` copies a new prompt into them (no re-capture).
-    """
-
-    def __init__(self, model: WanDiT, cache: SelfKVCache, cross: CrossCache | None = None, *,
-                 graphs: bool = True, warmup: int = 1):
-        self.model, self.cache = model, cache
-        self.static = StaticTensors()
-        self.cross: CrossCache | None = None
-        self.graphs = GraphCache(self._core, cache.k.device, enabled=graphs, warmup=warmup, name="dit")
-        self._plan = None
-        if cross is not None:
-            self.set_prompt(cross)
-
-    def set_prompt(self, cross: CrossCache) -> None:
-        """Copy a prompt's cross-attention K/V into the static buffers the graphs read."""
-        moved, lists = False, {}
-        for kind in ("k", "v", "k_img", "v_img"):
-            src = getattr(cross, kind)
-            if src is None:
-                lists[kind] = None
-                continue
-            for i, t in enumerate(src):
-                moved |= self.static.put(f"{kind}{i}", t)
-            lists[kind] = [self.static[f"{kind}{i}"] for i in range(len(src))]
-        if moved:
-            self.graphs.clear()
-        self.cross = CrossCache(**lists)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, y: torch.Tensor | None = None):
-        """x [B, f, C, H, W], t [B, f] (or [B]) -> flow [B, f, out_dim, H, W] float32."""
-        if self.cross is None:
-            raise RuntimeError("CausalDenoiser needs set_prompt() before the first call")
-        m, cache = self.model, self.cache
-        pt, ph, pw = m.cfg.patch_size
-        f, h, w = x.shape[1] // pt, x.shape[3] // ph, x.shape[4] // pw
-        cp = context_parallel_for(m.parallel)  # a rank's cache holds its slice of each frame's tokens
-        plan = m.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
-        rows = cache.device_rows(plan)
-        cos, sin = m.rope_table.get(frame_start, f, h, w, x.device)
-        extra = () if y is None else (y,)
-        self._plan = plan  # read by _core while warming up / capturing; replays never call it
-        return self.graphs(self._key(plan, x, t, y), x, t, cos, sin, *extra, *rows.tensors())
-
-    def _key(self, plan, x, t, y) -> tuple:
-        return (tuple(x.shape), tuple(t.shape), y is not None, plan.attend_rows, self.cache.sink_writes(plan),
-                self.cache.k.data_ptr())
-
-    @torch.no_grad()
-    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None) -> int:
-        """Capture, before block 0, every graph a rollout of blocks shaped like ``x`` will need
-        (one per attended length while the window fills, then the steady one), so that no block
-        pays a warmup or a capture. The dry calls write junk K/V rows, which every real block
-        rewrites before it attends to them; the cache is zeroed afterwards anyway. Returns the
-        number of graphs; 0 when graphs are off."""
-        if not self.graphs.enabled:
-            return 0
-        cache, pt = self.cache, self.model.cfg.patch_size[0]
-        f = x.shape[1] // pt
-        t = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
-        keys, frame = set(), first_frame
-        while True:
-            try:
-                plan = cache.plan(frame, f)
-            except ValueError:  # a bounded cache is full: nothing further to capture
-                break
-            key = self._key(plan, x, t, y)
-            if key in keys:
-                break
-            keys.add(key)
-            for _ in range(self.graphs.warmup + 1):
-                self(x, t, frame, y)
-            frame += f
-        for buf in (cache.k, cache.v, cache.sink_k):
-            if buf is not None:
-                buf.zero_()
-        return len(keys)
-
-    def _core(self, x, t, cos, sin, *rest):
-        y, rows = (rest[0], rest[1:]) if len(rest) in (2, 4) else (None, rest)
-        if y is not None:
-            x = torch.cat([x, y], dim=2)
-        out = self.model._run(x.transpose(1, 2), t, self.cross, self._plan.frame_start, self.cache,
-                              rope=(cos, sin), plan=self._plan, rows=DeviceRows.from_tensors(rows))
-        return out.transpose(1, 2)
-
-    def graph_status(self) -> str:
-        return self.graphs.status()

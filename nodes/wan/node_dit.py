@@ -9,17 +9,17 @@ size (or the explicit size params) with deterministic random weights, for benchm
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from engine.errors import FdError
 from engine.node import SESSION, Node, Param, Port
-from engine.types import DENOISER
+from engine.types import CAUSAL_DENOISER
+from nodes.common.attention import BACKENDS
 
-from .attention import BACKENDS
+from .causal import WanDenoiser
 from .config import WAN_14B, WAN_1_3B, WanConfig
 from .node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count, resolve_dtype,
                           seed_param)
@@ -29,21 +29,12 @@ SIZE_PARAMS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_le
 FSDP_INFIX = "_fsdp_wrapped_module."
 
 
-@dataclass
-class DenoiserHandle:
-    """What flows on a DENOISER edge: the module plus what a sampler needs to drive it."""
-    module: Any              # nodes.wan.dit.WanDiT, eval mode, no grad
-    config: WanConfig
-    dtype: torch.dtype
-    backend: str
-    device: str
-
-
 class WanDiTNode(Node):
     type_name = "wan.dit"
     doc = ("Wan 2.1 DiT (1.3B / 14B, T2V or I2V), bidirectional and causal in one module. Loads native, diffusers "
            "or Self-Forcing/Causal-Forcing checkpoints (ema picks generator_ema), or random weights of a preset size.")
-    outputs = (Port("model", DENOISER, "the loaded DiT (module, config, dtype, attention backend)"),)
+    outputs = (Port("model", CAUSAL_DENOISER, "the loaded DiT (module, config, dtype, attention backend); streams "
+                    "causally through the causal-model contract, and drives bidirectional samplers too"),)
     params = (
         checkpoint_param("random", "DiT weights"),
         Param("weights", str, "checkpoint", "'random' forces random weights whatever checkpoint says "
@@ -75,7 +66,7 @@ class WanDiTNode(Node):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.handle: DenoiserHandle | None = None
+        self.handle: WanDenoiser | None = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -99,12 +90,7 @@ class WanDiTNode(Node):
 
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
-        par = self.parallel
-        if par is None:
-            return 1
-        if isinstance(par, dict):
-            return int(par.get("context", 1))
-        return int(getattr(par, "size", 1))
+        return 1 if self.parallel is None else int(self.parallel.size)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> None:
@@ -114,12 +100,9 @@ class WanDiTNode(Node):
         if self.p.compile == "on" or (self.p.compile == "auto" and str(self.device).startswith("cuda")):
             module.compile_elementwise()
         if self.context_size() > 1:
-            if not hasattr(module, "parallel") or isinstance(self.parallel, dict):
-                raise FdError(f"node {self.name!r}: parallel.context={self.context_size()} needs a context-parallel "
-                              "group (launch with `fd exec --nproc N`); this WanDiT has no context-parallel path")
             module.parallel = self.parallel  # the DiT shards each frame's tokens over the group
         module.eval().requires_grad_(False)
-        self.handle = DenoiserHandle(module, module.cfg, dtype, self.p.attention, str(self.device))
+        self.handle = WanDenoiser(module, module.cfg, dtype, self.p.attention)
 
     def _random(self, dtype):
         from nodes.checkpoint import random_init

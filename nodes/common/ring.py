@@ -22,69 +22,12 @@ Two ways to use it:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from .groups import ParallelGroup
+from engine.parallel import ParallelGroup
 
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Plain single-device attention in the [B, L, H, D] layout (the zero-cost path of every variant)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          scale=scale).transpose(1, 2)
-
-
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                      attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over this set of keys, plus the log-sum-exp needed to merge it with other sets.
-
-    Returns ``out [B, Lq, H, D]`` in q's dtype and ``lse [B, Lq, H]`` float32. A query with no visible
-    key (empty shard, or a fully masked row of the boolean ``attn_mask`` [.., Lq, Lk], True = attend)
-    gets out = 0 and lse = -inf, which merges as "contributes nothing".
-    """
-    B, Lq, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if k.shape[1] == 0:
-        return q.new_zeros(B, Lq, H, v.shape[-1]), q.new_full((B, Lq, H), -math.inf, dtype=torch.float32)
-    if attn_mask is None:
-        fused = _fused_partial(q, k, v, scale)
-        if fused is not None:
-            return fused
-    return _explicit_partial(q, k, v, scale, attn_mask)
-
-
-def _fused_partial(q, k, v, scale):
-    """SDPA kernels that also return the lse, or None where none applies (then: explicit scores)."""
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    D = q.shape[-1]
-    if q.device.type == "cpu" and q.dtype == torch.float32:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, scale=scale)
-    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=scale)[:2]
-    elif q.device.type == "cuda" and D % 8 == 0:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, False,
-                                                                          scale=scale)[:2]
-    else:
-        return None
-    # The memory-efficient kernel pads lse's query axis to a multiple of 32: keep the real rows.
-    return out.transpose(1, 2), lse[..., : q.shape[1]].transpose(1, 2).float()
-
-
-def _explicit_partial(q, k, v, scale, attn_mask):
-    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask.to(torch.bool), -math.inf)
-    lse = torch.logsumexp(s, dim=-1)                                   # [B, H, Lq]; -inf on empty rows
-    p = torch.exp(s - _finite_or_zero(lse).unsqueeze(-1))              # empty rows: exp(-inf) = 0, no NaN
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v.float())
-    return out.to(q.dtype), lse.transpose(1, 2).contiguous()
-
-
-def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+from .attention import attention, finite_or_zero
 
 
 def merge_partials(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor | list[torch.Tensor]
@@ -99,7 +42,7 @@ def merge_partials(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor |
     lses = torch.stack(list(lses)) if isinstance(lses, (list, tuple)) else lses
     lses = lses.float()
     lse = torch.logsumexp(lses, dim=0)
-    w = torch.exp(lses - _finite_or_zero(lse))                         # [N, B, Lq, H]
+    w = torch.exp(lses - finite_or_zero(lse))                         # [N, B, Lq, H]
     return (w.unsqueeze(-1) * outs.float()).sum(0), lse
 
 
@@ -107,7 +50,7 @@ def merge_two(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running form of ``merge_partials`` for the ring: fold partial b into accumulator a (float32)."""
     lse = torch.logaddexp(lse_a, lse_b)
-    ref = _finite_or_zero(lse)
+    ref = finite_or_zero(lse)
     out = torch.exp(lse_a - ref).unsqueeze(-1) * out_a.float() + torch.exp(lse_b - ref).unsqueeze(-1) * out_b.float()
     return out, lse
 
@@ -123,9 +66,9 @@ def ring_attention_gather(q: torch.Tensor, k_shard: torch.Tensor, v_shard: torch
     """
     if not group.active:
         if k_shard.shape[1] == 0:
-            return partial_attention(q, k_shard, v_shard, scale)[0]
-        return attention(q, k_shard, v_shard, scale)
-    out, lse = partial_attention(q, k_shard, v_shard, scale)
+            return attention(q, k_shard, v_shard, scale=scale, return_lse=True)[0]
+        return attention(q, k_shard, v_shard, scale=scale)
+    out, lse = attention(q, k_shard, v_shard, scale=scale, return_lse=True)
     packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1).contiguous()      # [B, Lq, H, D + 1]
     gathered = [torch.empty_like(packed) for _ in range(group.size)]
     dist.all_gather(gathered, packed, group=group.group)
@@ -145,7 +88,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Par
     (the receive buffer is sized from the local one): pad the sequence to a multiple of N.
     """
     if not group.active:
-        return attention(q, k, v, scale)
+        return attention(q, k, v, scale=scale)
     kv = torch.stack([k, v]).contiguous()
     send_to, recv_from = group.global_rank(group.rank + 1), group.global_rank(group.rank - 1)
     out = lse = None
@@ -155,7 +98,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Par
             nxt = torch.empty_like(kv)
             reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, kv, send_to, group.group),
                                            dist.P2POp(dist.irecv, nxt, recv_from, group.group)])
-        o, l = partial_attention(q, kv[0], kv[1], scale)
+        o, l = attention(q, kv[0], kv[1], scale=scale, return_lse=True)
         out, lse = (o.float(), l) if out is None else merge_two(out, lse, o, l)
         for r in reqs:
             r.wait()

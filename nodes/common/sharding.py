@@ -1,4 +1,4 @@
-"""Context parallelism for the Wan DiT: every rank of a group runs the model on 1/N of each frame's tokens.
+"""Context parallelism for a causal DiT: every rank of a group runs the model on 1/N of each frame's tokens.
 
 Why split inside frames: the causal DiT denoises a short block of frames against a long KV cache,
 so splitting by frames would leave ranks idle. Rank r keeps tokens [r*s, (r+1)*s) of every frame
@@ -27,11 +27,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from engine.parallel import ParallelGroup, heads_to_seq, ring_attention, seq_to_heads
+from engine.parallel import ParallelGroup
 
 from .attention import attention
-from .config import WanConfig
 from .kv_cache import BlockPlan, DeviceRows, SelfKVCache
+from .ring import ring_attention
+from .ulysses import check_heads, heads_to_seq, seq_to_heads
 
 
 def for_group(group: ParallelGroup | None) -> "TokenSharding | None":
@@ -48,39 +49,30 @@ def tokens_per_rank(frame_tokens: int, group: ParallelGroup) -> int:
     return frame_tokens // group.size
 
 
-def _check_heads(heads: int, group: ParallelGroup) -> None:
-    if heads % group.size:
-        raise ValueError(f"Ulysses context parallelism splits attention heads: {heads} heads are not divisible "
-                         f"by the context size {group.size} (use a context size dividing {heads}, or strategy 'ring')")
-
-
-def make_rank_cache(cfg: WanConfig, group: ParallelGroup | None, frame_tokens: int, **cache_kwargs) -> SelfKVCache:
+def make_rank_cache(layout, group: ParallelGroup | None, frame_tokens: int, **cache_kwargs) -> SelfKVCache:
     """This rank's share of the rollout's self-attention cache.
 
+    ``layout`` is any model config with ``num_layers``, ``num_heads`` and ``head_dim``.
     ``frame_tokens`` is the full frame (h*w patch tokens); ``cache_kwargs`` are SelfKVCache's
     (sink_frames, window_frames, max_frames, batch_size, rope_mode, dtype, device). Ring: all heads
     of s = h*w/N tokens per frame; Ulysses: H/N heads of all h*w tokens. Either way 1/N of the memory.
     """
-    heads = cfg.num_heads
+    heads = layout.num_heads
     if group is not None and group.active:
-        if group.strategy == "ring":
-            frame_tokens = tokens_per_rank(frame_tokens, group)
-        elif group.strategy == "ulysses":
-            tokens_per_rank(frame_tokens, group)
-            _check_heads(heads, group)
+        tokens = tokens_per_rank(frame_tokens, group)
+        if group.strategy == "ulysses":
+            check_heads(heads, group)
             heads //= group.size
         else:
-            raise ValueError(f"unknown context-parallel strategy {group.strategy!r}")
-    return SelfKVCache(cfg.num_layers, heads, cfg.head_dim, frame_tokens, **cache_kwargs)
+            frame_tokens = tokens
+    return SelfKVCache(layout.num_layers, heads, layout.head_dim, frame_tokens, **cache_kwargs)
 
 
 class TokenSharding:
     """One active group's view of the DiT: which tokens are local, and how self-attention crosses ranks."""
 
     def __init__(self, group: ParallelGroup):
-        if group.strategy not in ("ring", "ulysses"):
-            raise ValueError(f"unknown context-parallel strategy {group.strategy!r}")
-        self.group = group
+        self.group = group  # its strategy was checked where the group was made (engine.parallel.groups)
 
     def _local(self, x: torch.Tensor, frames: int, dim: int) -> torch.Tensor:
         """x with f*h*w tokens (frame-major) on ``dim`` -> this rank's s tokens of every frame."""

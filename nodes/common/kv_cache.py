@@ -1,4 +1,4 @@
-"""Caches for causal (block-autoregressive) Wan inference.
+"""The static [sink | ring] self-attention KV cache of causal (block-autoregressive) DiTs.
 
 SelfKVCache holds every layer's self-attention K/V in one preallocated buffer
 per tensor, rows laid out [sink | ring]: frames < sink_frames live at their own
@@ -55,20 +55,6 @@ class DeviceRows:
     @classmethod
     def from_tensors(cls, tensors) -> "DeviceRows":
         return cls(*tensors)
-
-
-@dataclass
-class CrossCache:
-    """Per-layer cross-attention K/V of one prompt ([B, L, H, D] each).
-
-    Built once per prompt by WanDiT.prepare_cross and reused by every call;
-    swapping it for another prompt leaves the self-attention cache alone.
-    k_img / v_img are the I2V image-token K/V (None for T2V).
-    """
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    k_img: list[torch.Tensor] | None = None
-    v_img: list[torch.Tensor] | None = None
 
 
 class SelfKVCache:

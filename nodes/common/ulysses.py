@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .groups import ParallelGroup
-from .ring import attention
+from engine.parallel import ParallelGroup
+
+from .attention import attention
 
 
-def _check_heads(heads: int, group: ParallelGroup) -> None:
+def check_heads(heads: int, group: ParallelGroup) -> None:
     if heads % group.size:
         raise ValueError(f"Ulysses context parallelism splits attention heads: {heads} heads are not divisible "
                          f"by the context size {group.size} (use a context size dividing {heads}, or strategy 'ring')")
@@ -31,7 +32,7 @@ def seq_to_heads(x: torch.Tensor, group: ParallelGroup) -> torch.Tensor:
     if not group.active:
         return x
     B, Ls, H, D = x.shape
-    _check_heads(H, group)
+    check_heads(H, group)
     n = group.size
     send = x.reshape(B, Ls, n, H // n, D).permute(2, 0, 1, 3, 4).contiguous()      # [N, B, Ls, H/N, D]; row j -> rank j
     recv = torch.empty_like(send)
@@ -61,10 +62,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     or shorter than q (their shards are equal among themselves).
     """
     if not group.active:
-        return attention(q, k, v, scale)
-    _check_heads(q.shape[2], group)
+        return attention(q, k, v, scale=scale)
+    check_heads(q.shape[2], group)
     if q.shape == k.shape == v.shape:                   # one all-to-all for all three, stacked on batch
         qh, kh, vh = seq_to_heads(torch.cat([q, k, v]), group).chunk(3)
     else:
         qh, kh, vh = (seq_to_heads(t, group) for t in (q, k, v))
-    return heads_to_seq(attention(qh, kh, vh, scale), group)
+    return heads_to_seq(attention(qh, kh, vh, scale=scale), group)

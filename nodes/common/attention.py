@@ -1,0 +1,110 @@
+"""The one scaled-dot-product attention entry point of every model in fd.
+
+Tensors are [B, L, H, D] everywhere (the DiT layout); torch SDPA wants [B, H, L, D], so the
+transposes live here and nowhere else. No causal flag: a causal model gets causality from
+what it puts in its KV cache.
+
+``return_lse=True`` also returns the log-sum-exp of the scaled scores ([B, Lq, H], float32,
+natural log), which is what lets partial attentions over disjoint key sets be merged exactly
+(ring attention, nodes/common/ring.py). It takes the fused kernels that expose the lse where
+they apply and the explicit float32 formula elsewhere (or under a mask). A query with no
+visible key (empty key set, or a fully masked row) gets out = 0 and lse = -inf, which merges
+as "contributes nothing".
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash_attn")
+
+_SDPA = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+# cuDNN first where it applies (bf16/fp16 on CUDA); the others catch fp32 / odd head dims.
+_AUTO_CUDA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _sdpa(q, k, v, scale):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", *,
+              scale: float | None = None, return_lse: bool = False, mask: torch.Tensor | None = None):
+    """softmax(q k^T * scale) v for q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]
+    (scale defaults to 1/sqrt(D)). With ``return_lse``: (out, lse [B, Lq, H] float32); ``mask``
+    (boolean [.., Lq, Lk], True = attend) is only taken on that path."""
+    if return_lse:
+        return _with_lse(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, mask)
+    if mask is not None:
+        raise ValueError("a mask needs return_lse=True (the explicit path)")
+    if backend == "auto":
+        if q.is_cuda:
+            with sdpa_kernel(_AUTO_CUDA, set_priority=True):
+                return _sdpa(q, k, v, scale)
+        return _sdpa(q, k, v, scale)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_func  # optional dependency, imported on use
+
+        return flash_attn_func(q, k, v, softmax_scale=scale)
+    if backend not in _SDPA:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    with sdpa_kernel(_SDPA[backend]):
+        return _sdpa(q, k, v, scale)
+
+
+def _with_lse(q, k, v, scale, mask):
+    B, Lq, H, _ = q.shape
+    if k.shape[1] == 0:
+        return q.new_zeros(B, Lq, H, v.shape[-1]), q.new_full((B, Lq, H), -math.inf, dtype=torch.float32)
+    if mask is None:
+        fused = _fused_with_lse(q, k, v, scale)
+        if fused is not None:
+            return fused
+    return _explicit_with_lse(q, k, v, scale, mask)
+
+
+def _fused_with_lse(q, k, v, scale):
+    """SDPA kernels that also return the lse, or None where none applies (then: explicit scores)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    D = q.shape[-1]
+    if q.device.type == "cpu" and q.dtype == torch.float32:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, scale=scale)
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False, scale=scale)[:2]
+    elif q.device.type == "cuda" and D % 8 == 0:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, False,
+                                                                          scale=scale)[:2]
+    else:
+        return None
+    # The memory-efficient kernel pads lse's query axis to a multiple of 32: keep the real rows.
+    return out.transpose(1, 2), lse[..., : q.shape[1]].transpose(1, 2).float()
+
+
+def _explicit_with_lse(q, k, v, scale, mask):
+    """The plain formula in float32 (float64 stays float64): the reference path, not the fast one."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(ct), k.to(ct)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to(torch.bool), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)                                    # [B, H, Lq]; -inf on empty rows
+    p = torch.exp(s - finite_or_zero(lse).unsqueeze(-1))                # empty rows: exp(-inf) = 0, no NaN
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v.to(ct))
+    return out.to(q.dtype), lse.transpose(1, 2).float().contiguous()
+
+
+def finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))

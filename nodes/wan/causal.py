@@ -1,0 +1,193 @@
+"""The Wan DiT behind the causal-model contract (nodes/common/causal.py), replayed as CUDA graphs.
+
+``WanDenoiser`` is what a ``wan.dit`` node hands on: the loaded module plus its config, and the
+contract (``open_stream``) that ``ar.sampler`` drives. A session's ``WanCausalStream`` owns this
+rank's share of the self-attention KV cache and a ``CausalDenoiser``, the graph wrapper.
+
+``CausalDenoiser``: a call's only Python-level variation is the attended length (and, in
+'relative' mode, which sink rows it writes): that is the graph key. Everything else goes in as
+copied-in tensors, by name: the block latents, its timesteps, its RoPE rows, its cache row index.
+So the cache filling takes one graph per attended length and, once the window is full, one graph
+replays for every later block. The prompt's cross-attention K/V live in static buffers:
+``set_prompt`` copies a new prompt into them (no re-capture).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.capture import GraphCache, StaticTensors
+from nodes.common.causal import CausalModel, CausalStream, StreamSpec
+from nodes.common.kv_cache import DeviceRows, SelfKVCache
+from nodes.common.sharding import for_group as context_parallel_for
+from nodes.common.sharding import make_rank_cache
+
+from .config import WanConfig
+from .dit import CrossCache, WanDiT
+
+
+class CausalDenoiser:
+    """``denoise(x, t, frame_start) -> flow`` over one KV cache and one prompt (tensor timesteps,
+    the form ``ARRollout`` and the parity tests call), as CUDA graphs on CUDA, eager elsewhere
+    or with ``graphs=False``."""
+
+    def __init__(self, model: WanDiT, cache: SelfKVCache, cross: CrossCache | None = None, *,
+                 graphs: bool = True, warmup: int = 1):
+        self.model, self.cache = model, cache
+        self.static = StaticTensors()
+        self.cross: CrossCache | None = None
+        self.graphs = GraphCache(self._core, cache.k.device, enabled=graphs, warmup=warmup, name="dit")
+        self._plan = None
+        if cross is not None:
+            self.set_prompt(cross)
+
+    def set_prompt(self, cross: CrossCache) -> None:
+        """Copy a prompt's cross-attention K/V into the static buffers the graphs read."""
+        moved, lists = False, {}
+        for kind in ("k", "v", "k_img", "v_img"):
+            src = getattr(cross, kind)
+            if src is None:
+                lists[kind] = None
+                continue
+            for i, t in enumerate(src):
+                moved |= self.static.put(f"{kind}{i}", t)
+            lists[kind] = [self.static[f"{kind}{i}"] for i in range(len(src))]
+        if moved:
+            self.graphs.clear()
+        self.cross = CrossCache(**lists)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, y: torch.Tensor | None = None):
+        """x [B, f, C, H, W], t [B, f] (or [B]) -> flow [B, f, out_dim, H, W] float32."""
+        if self.cross is None:
+            raise RuntimeError("CausalDenoiser needs set_prompt() before the first call")
+        m, cache = self.model, self.cache
+        pt, ph, pw = m.cfg.patch_size
+        f, h, w = x.shape[1] // pt, x.shape[3] // ph, x.shape[4] // pw
+        cp = context_parallel_for(m.parallel)  # a rank's cache holds its slice of each frame's tokens
+        plan = m.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
+        rows = cache.device_rows(plan)
+        cos, sin = m.rope_table.get(frame_start, f, h, w, x.device)
+        self._plan = plan  # read by _core while warming up / capturing; replays never call it
+        return self.graphs(self._key(plan, x, t, y), x=x, t=t, cos=cos, sin=sin, y=y, index=rows.index,
+                           shift_cos=rows.shift_cos, shift_sin=rows.shift_sin)
+
+    def _key(self, plan, x, t, y) -> tuple:
+        return (tuple(x.shape), tuple(t.shape), y is not None, plan.attend_rows, self.cache.sink_writes(plan),
+                self.cache.k.data_ptr())
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None) -> int:
+        """Capture, before block 0, every graph a rollout of blocks shaped like ``x`` will need
+        (one per attended length while the window fills, then the steady one), so that no block
+        pays a warmup or a capture. The dry calls write junk K/V rows, which every real block
+        rewrites before it attends to them; the cache is zeroed afterwards anyway. Returns the
+        number of graphs; 0 when graphs are off."""
+        if not self.graphs.enabled:
+            return 0
+        cache, pt = self.cache, self.model.cfg.patch_size[0]
+        f = x.shape[1] // pt
+        t = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+        keys, frame = set(), first_frame
+        while True:
+            try:
+                plan = cache.plan(frame, f)
+            except ValueError:  # a bounded cache is full: nothing further to capture
+                break
+            key = self._key(plan, x, t, y)
+            if key in keys:
+                break
+            keys.add(key)
+            for _ in range(self.graphs.warmup + 1):
+                self(x, t, frame, y)
+            frame += f
+        clear_cache(cache)
+        return len(keys)
+
+    def _core(self, *, x, t, cos, sin, index, y=None, shift_cos=None, shift_sin=None):
+        if y is not None:
+            x = torch.cat([x, y], dim=2)
+        out = self.model._run(x.transpose(1, 2), t, self.cross, self._plan.frame_start, self.cache,
+                              rope=(cos, sin), plan=self._plan, rows=DeviceRows(index, shift_cos, shift_sin))
+        return out.transpose(1, 2)
+
+    def graph_status(self) -> str:
+        return self.graphs.status()
+
+
+def clear_cache(cache: SelfKVCache) -> None:
+    for buf in (cache.k, cache.v, cache.sink_k):
+        if buf is not None:
+            buf.zero_()
+
+
+@dataclass
+class WanDenoiser(CausalModel):
+    """What flows on a wan.dit edge: the module, what a bidirectional sampler needs to drive it, and the
+    causal-model contract (conditions: ``text`` embeddings [B, L, text_dim]; ``image`` CLIP tokens for I2V
+    weights; per block ``y``, channels concatenated to the latents)."""
+    module: Any              # WanDiT, eval mode, no grad
+    config: WanConfig
+    dtype_: torch.dtype
+    backend: str
+
+    session_conditions = ("text", "image")
+    block_conditions = ("y",)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_
+
+    def patch_grid(self) -> tuple[int, int]:
+        return tuple(self.config.patch_size[1:])
+
+    def open_stream(self, spec: StreamSpec) -> "WanCausalStream":
+        return WanCausalStream(self, spec)
+
+
+class WanCausalStream(CausalStream):
+    """One session of the causal Wan DiT: this rank's KV cache, the prompt's K/V, the captured graphs."""
+
+    def __init__(self, model: WanDenoiser, spec: StreamSpec):
+        if model.config.patch_size[0] != 1:
+            raise ValueError("causal mode needs temporal patch size 1")
+        cfg, (_, h, w), (ph, pw) = model.config, spec.frame_shape, model.patch_grid()
+        self.model, self.spec = model, spec
+        self.cache = make_rank_cache(
+            cfg, model.module.parallel, (h // ph) * (w // pw),
+            sink_frames=spec.sink_frames, window_frames=spec.window_frames, max_frames=spec.max_frames,
+            batch_size=spec.batch, rope_mode=spec.rope_mode, dtype=model.dtype, device=model.device)
+        self.denoiser = CausalDenoiser(model.module, self.cache, graphs=spec.graphs)
+        self._t: dict[tuple, torch.Tensor] = {}
+
+    def set_conditions(self, text: torch.Tensor, image: torch.Tensor | None = None) -> None:
+        dev = self.model.device
+        text = text.to(dev)
+        if text.shape[0] != self.spec.batch:
+            text = text.expand(self.spec.batch, -1, -1)
+        with torch.no_grad():
+            self.denoiser.set_prompt(self.model.module.prepare_cross(text, None if image is None else image.to(dev)))
+
+    def _timestep(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        key = (t, tuple(x.shape[:2]))
+        if key not in self._t:
+            self._t[key] = torch.full(x.shape[:2], t, dtype=torch.float32, device=x.device)
+        return self._t[key]
+
+    def denoise(self, x, t, frame_start, y=None):
+        with torch.no_grad():
+            return self.denoiser(x, self._timestep(t, x), frame_start, y)
+
+    def prepare(self, x, first_frame: int = 0, y=None) -> int:
+        return self.denoiser.prepare(x, first_frame, y)
+
+    def reset(self) -> None:
+        clear_cache(self.cache)
+
+    def graph_status(self) -> str:
+        return self.denoiser.graph_status()
