@@ -1,4 +1,5 @@
-"""An example node package: one node type that inverts the colours of a video."""
+"""An example node package: a node that inverts the colours of a video, and a toy causal world model
+(``toy_causal.py``) that streams through ``ar.sampler`` without being Wan."""
 from engine import Node, Param, Port
 from engine.types import PIXELS
 
@@ -16,4 +17,5 @@ class Invert(Node):
 
 
 def node_types():
-    return [Invert]
+    from .toy_causal import ToyCausalNode
+    return [Invert, ToyCausalNode]
