@@ -78,6 +78,23 @@ class Plan:
     def sinks(self) -> list[str]:
         return [n for n in self.order if self.nodes[n].is_sink]
 
+    def main_sink(self) -> str | None:
+        return main_sink(self.spec, lambda n: self.nodes[n].node_type if n in self.nodes else None)
+
+
+def main_sink(spec: Spec, type_of) -> str | None:
+    """The sink that ``--out`` redirects and ``fd serve`` streams: the one marked ``main: true``, else the
+    first video sink (its node type sets ``is_video``), else the first sink. ``type_of(name)`` gives a
+    node's type (or None)."""
+    sinks = [n for n, ns in spec.nodes.items() if ns.is_sink]
+    for n in sinks:
+        if spec.nodes[n].main is True:
+            return n
+    for n in sinks:
+        if getattr(type_of(n), "is_video", False):
+            return n
+    return sinks[0] if sinks else None
+
 
 def decide_capture(node: type[Node], requested: Any, device: str) -> CaptureDecision:
     if requested is False:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import FdError
 from .plan import Plan, make_plan
+from .plan import main_sink as plan_main_sink
 from .registry import Registry
 from .session import Pipeline
 from .spec import Spec, load_spec, parse_ref
@@ -38,17 +39,8 @@ class World:
 
 
 def main_sink(spec: Spec, registry: Registry) -> str | None:
-    """The sink that ``--out`` redirects and ``fd serve`` streams: the one marked ``main: true``, else the
-    first video sink (its node type sets ``is_video``), else the first sink."""
-    sinks = [n for n, ns in spec.nodes.items() if ns.is_sink]
-    for n in sinks:
-        if spec.nodes[n].main is True:
-            return n
-    for n in sinks:
-        nt = registry.get(spec.nodes[n].type)
-        if nt is not None and getattr(nt, "is_video", False):
-            return n
-    return sinks[0] if sinks else None
+    """The main sink (engine.plan.main_sink's rule) of a spec not planned yet."""
+    return plan_main_sink(spec, lambda n: registry.get(spec.nodes[n].type))
 
 
 def read_spec(ref: str | Path | Spec, overrides: list[str] = (), set_files: list[str] = (), *,
