@@ -28,8 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import LATENT_HW, env, events_ms, log, rel_err
 from benchmarks.w1_selfforcing import FPB, build_decoders, channels_last_taehv
+from nodes.common.conv import cudnn_autotune
 from nodes.taehv.stream import StreamingTAEHVDecoder
-from nodes.wan.vae_stream import StreamingDecoder, cudnn_autotune
+from nodes.wan.vae_stream import StreamingDecoder
 
 # name -> StreamingDecoder / StreamingTAEHVDecoder keyword arguments
 WAN_VARIANTS = {

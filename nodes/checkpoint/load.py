@@ -247,7 +247,8 @@ def _open_torch(path: Path, select: str | None) -> dict[str, _Entry]:
 
 def load_into(model: nn.Module | Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], *,
               keymap: KeyMap | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype | None = None, strict: bool = True) -> nn.Module:
+              dtype: torch.dtype | None = None, strict: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> nn.Module:
     """Load ``state_dict`` (a dict or a lazy ``Checkpoint``) into ``model`` and return it.
 
     ``model`` is a module (ideally built under ``torch.device("meta")``) or a
@@ -256,7 +257,8 @@ def load_into(model: nn.Module | Callable[[], nn.Module], state_dict: Mapping[st
     None keeps the dtype the module declares) right before it is assigned.
     Names and shapes are checked against the module before any tensor is read.
     ``strict=False`` ignores unexpected keys; missing ones are still an error
-    when they would stay on the meta device.
+    when they would stay on the meta device. ``progress(done, total)`` is called
+    after each tensor is read (a progress bar for large checkpoints).
     """
     if not isinstance(model, nn.Module):
         with torch.device("meta"):
@@ -265,12 +267,19 @@ def load_into(model: nn.Module | Callable[[], nn.Module], state_dict: Mapping[st
     sd = apply(keymap, state_dict)
     target = model.state_dict(keep_vars=True)
     _check_fit(model, sd, target, strict, keymap)
-    loaded = {}
+    loaded: dict[str, torch.Tensor] = {}
+    tied: dict[int, torch.Tensor] = {}  # a parameter shared by two names (tied embeddings) is read once
+    todo = [k for k in target if k in sd]
     with torch.no_grad():
-        for k, ref in target.items():
-            if k in sd:
-                want = dtype if dtype is not None else ref.dtype
+        for i, k in enumerate(todo):
+            if id(target[k]) in tied:
+                loaded[k] = tied[id(target[k])]
+            else:
+                want = dtype if dtype is not None else target[k].dtype
                 loaded[k] = sd.tensor(k, device, want) if isinstance(sd, Checkpoint) else _convert(sd[k], device, want)
+                tied[id(target[k])] = loaded[k]
+            if progress is not None:
+                progress(i + 1, len(todo))
     model.load_state_dict(loaded, strict=False, assign=True)
     _finish(model, device)
     return model

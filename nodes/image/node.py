@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from engine.errors import FdError
 from engine.node import SESSION, Node, Param, Port
 from engine.types import IMAGE, IMAGE_EMBEDDING
-from nodes.wan.node_params import checkpoint_param, dtype_bytes, dtype_param, is_random, resolve_dtype, seed_param
+from nodes.common.model_node import Built, ModelNode
+from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, seed_param
 
 WAN_CLIP = "hf://Wan-AI/Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 
@@ -59,7 +60,7 @@ class ImageLoadNode(Node):
         return {"image": to_model_image(read_image(self.p.path), self.p.height, self.p.width).to(self.device)}
 
 
-class ClipEncoderNode(Node):
+class ClipEncoderNode(ModelNode):
     type_name = "wan.clip_encoder"
     doc = ("Wan 2.1 I2V image encoder: open-clip XLM-RoBERTa ViT-H/14 vision tower, penultimate tokens "
            "[B, 257, 1280] of the conditioning image.")
@@ -78,46 +79,38 @@ class ClipEncoderNode(Node):
     )
     phase = SESSION
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.model = None
-
     def estimate_bytes(self) -> int:
+        """Counted from the size params, not on a meta module: planning need not import transformers."""
         p = self.p
         count = p.layers * (4 * p.hidden * p.hidden + 2 * p.hidden * p.mlp) + 3 * p.patch * p.patch * p.hidden
         return count * dtype_bytes(p.dtype, self.device)
 
-    def load(self) -> None:
-        dtype = resolve_dtype(self.p.dtype, self.device)
-        if is_random(self.p.checkpoint):
-            self.model = self._random_model(dtype)
-        else:
-            from nodes.checkpoint import open_checkpoint
-
-            from .clip import build_clip_vision
-            self.model = build_clip_vision(open_checkpoint(self.p.checkpoint), num_heads=self.p.num_heads,
-                                           device=self.device, dtype=dtype)
-
-    def _random_model(self, dtype):
+    def build_random(self):
         from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        from nodes.checkpoint import random_init
         p = self.p
-        cfg = CLIPVisionConfig(hidden_size=p.hidden, intermediate_size=p.mlp, num_hidden_layers=p.layers,
-                               num_attention_heads=p.num_heads, patch_size=p.patch, image_size=p.image_size,
-                               hidden_act="gelu", layer_norm_eps=1e-5)
+        return CLIPVisionModel(CLIPVisionConfig(hidden_size=p.hidden, intermediate_size=p.mlp,
+                                                num_hidden_layers=p.layers, num_attention_heads=p.num_heads,
+                                                patch_size=p.patch, image_size=p.image_size, hidden_act="gelu",
+                                                layer_norm_eps=1e-5))
+
+    def build_from(self, checkpoint) -> Built:
+        from transformers import CLIPVisionModel
+
+        from .clip import config_from_state_dict, to_hf_state_dict
+        hf = to_hf_state_dict(checkpoint)  # Wan, open-clip or HF layout -> HF names
         with torch.device("meta"):
-            model = CLIPVisionModel(cfg)
-        random_init(model, p.init_seed, device=self.device, dtype=dtype)
+            model = CLIPVisionModel(config_from_state_dict(hf, self.p.num_heads))
+        return Built(model, hf)
+
+    def constants(self, model) -> None:
+        """position_ids is a non-persistent buffer: in no checkpoint, and zeroed by random init."""
         model.embeddings.position_ids = torch.arange(model.embeddings.num_positions, device=self.device)[None]
-        return model.eval().requires_grad_(False)
 
     def run(self, inputs, state, step):
         from .clip import penultimate_features, preprocess
-        if self.model is None:
-            raise FdError(f"node {self.name!r} ran before load()")
-        pixels = preprocess(inputs["image"], self.model.config.image_size)
-        return {"tokens": penultimate_features(self.model, pixels).float()}
+        model = self.require_model()
+        pixels = preprocess(inputs["image"], model.config.image_size)
+        return {"tokens": penultimate_features(model, pixels).float()}
 
 
 NODE_TYPES = (ImageLoadNode, ClipEncoderNode)

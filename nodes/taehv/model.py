@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nodes.wan.vae_blocks import interleave_phases, subpixel_weights
+from nodes.common.conv import interleave_phases, subpixel_weights
 
 # Wan 2.1 VAE latent statistics. lightx2v's ``lighttaew2_1`` was trained on
 # un-normalised latents (lightx2v sets ``need_scaled`` for "lighttae" paths and

@@ -7,20 +7,21 @@ one full decode with upstream's leading-frame trim applied once (``mode: exact``
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from engine.errors import FdError
-from engine.node import Node, Param, Port
+from engine.node import Param, Port
 from engine.types import LATENT, PIXELS
-from nodes.wan.node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count,
-                                   resolve_dtype, seed_param)
+from nodes.common.model_node import Built, ModelNode
+from nodes.common.params import checkpoint_param, dtype_param, require_loaded, seed_param
 
 TAEW2_1 = "hf://lightx2v/Autoencoders/taew2_1.pth"
 
 
-class TAEHVDecodeNode(Node):
+class TAEHVDecodeNode(ModelNode):
     type_name = "taehv.decode"
     doc = ("Streaming TAEHV decoder (taew2_1 / lighttaew2_1) for Wan 2.1 latents: fast preview-quality frames, "
            "memory carried across blocks (first block trimmed as upstream).")
@@ -64,29 +65,28 @@ class TAEHVDecodeNode(Node):
                            decoder_channels=tuple(int(c) for c in self.p.channels),
                            latent_input=CHECKPOINT_LATENT_INPUT[self._family()])
 
-    def estimate_bytes(self) -> int:
+    def build_random(self):
         from .model import TAEHV
-        cfg = self._random_config()
-        return meta_param_count(lambda: TAEHV(cfg)) * dtype_bytes(self.p.dtype, self.device)
+        return TAEHV(self._random_config())
 
-    def load(self) -> None:
-        from nodes.checkpoint import open_checkpoint, random_init
+    def build_from(self, checkpoint) -> Built:
+        from .model import CHECKPOINT_LATENT_INPUT, TAEHV, TAEHVConfig, remap_state_dict
+        sd = dict(checkpoint.items())
+        cfg = TAEHVConfig.from_state_dict(sd, latent_input=CHECKPOINT_LATENT_INPUT[self._family()])
+        with torch.device("meta"):
+            model = TAEHV(replace(cfg, encoder_channels=None))  # a decoder node: the encoder's keys are dropped
+        return Built(model, remap_state_dict(sd, model))
 
-        from .model import TAEHV, build_taehv
+    def constants(self, model) -> None:
+        """Raw-latent weights (lighttaew2_1) normalise with Wan's latent statistics: buffers in no checkpoint."""
+        if hasattr(model, "latent_std"):
+            from .model import WAN21_LATENT_MEAN, WAN21_LATENT_STD
+            model.latent_mean = torch.tensor(WAN21_LATENT_MEAN, device=self.device).view(1, 1, -1, 1, 1)
+            model.latent_std = torch.tensor(WAN21_LATENT_STD, device=self.device).view(1, 1, -1, 1, 1)
+
+    def loaded(self, model) -> None:
         from .stream import StreamingTAEHVDecoder
-        dtype = resolve_dtype(self.p.dtype, self.device)
-        if is_random(self.p.checkpoint):
-            with torch.device("meta"):
-                model = TAEHV(self._random_config())
-            random_init(model, self.p.init_seed, device=self.device, dtype=dtype)
-            if hasattr(model, "latent_std"):  # constants zeroed by random_init: put the real ones back
-                from .model import WAN21_LATENT_MEAN, WAN21_LATENT_STD
-                model.latent_mean = torch.tensor(WAN21_LATENT_MEAN, device=self.device).view(1, 1, -1, 1, 1)
-                model.latent_std = torch.tensor(WAN21_LATENT_STD, device=self.device).view(1, 1, -1, 1, 1)
-            model = model.eval().requires_grad_(False)
-        else:
-            sd = dict(open_checkpoint(self.p.checkpoint).items())
-            model = build_taehv(sd, device=self.device, dtype=dtype, checkpoint=self._family(), with_encoder=False)
+        self.model = model
         on_cuda = str(self.device).startswith("cuda")
         self.stream = StreamingTAEHVDecoder(
             model, mode=self.p.mode, signed_output=True, fused=self.p.fused, compile=self.p.compile and on_cuda,
@@ -96,8 +96,7 @@ class TAEHVDecodeNode(Node):
         return None if self.stream is None else self.stream.new_state()
 
     def run(self, inputs, state, step):
-        if self.stream is None:
-            raise FdError(f"node {self.name!r} ran before load()")
+        require_loaded(self, "stream")
         frames = self.stream.decode(state, inputs["latent"])
         return {"pixels": frames.float().clamp_(-1, 1)}
 

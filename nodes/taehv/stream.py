@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.capture import GraphCache
-from nodes.wan.vae_stream import cudnn_autotune
+from nodes.common.conv import cudnn_autotune
 
 from .model import TAEHV, MemBlock, Memory
 

@@ -16,9 +16,10 @@ from collections import OrderedDict
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Node, Param, Port
+from engine.node import SESSION, Param, Port
 from engine.types import TEXT, TEXT_EMBEDDING
-from nodes.wan.node_params import checkpoint_param, dtype_bytes, dtype_param, is_random, resolve_dtype, seed_param
+from nodes.common.model_node import Built, ModelNode
+from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, seed_param
 
 WAN_T5 = "hf://Wan-AI/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER = "hf://Wan-AI/Wan2.1-T2V-1.3B/google/umt5-xxl"
@@ -35,7 +36,7 @@ def byte_tokenize(prompts: list[str], text_len: int) -> tuple[torch.Tensor, torc
     return ids, (ids != PAD_ID).long()
 
 
-class TextEncoderNode(Node):
+class TextEncoderNode(ModelNode):
     type_name = "wan.text_encoder"
     doc = ("UMT5-XXL text encoder of Wan 2.1 (models_t5_umt5-xxl-enc-bf16.pth or an HF folder): a prompt (and an "
            "optional negative prompt) to [1, text_len, dim] embeddings with padded rows zeroed. Cached per prompt.")
@@ -63,7 +64,6 @@ class TextEncoderNode(Node):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model = None
         self.tokenizer = None
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -78,28 +78,32 @@ class TextEncoderNode(Node):
                           layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
 
     def estimate_bytes(self) -> int:
+        """Counted from the size params, not on a meta module: planning need not import transformers."""
         p = self.p
         per_layer = (4 * p.dim * p.num_heads * p.head_dim + 3 * p.dim * p.ffn_dim + 2 * p.dim
                      + p.num_buckets * p.num_heads)
         count = p.vocab_size * p.dim + p.num_layers * per_layer + p.dim
         return count * dtype_bytes(p.dtype, self.device)
 
-    def load(self) -> None:
-        dtype = resolve_dtype(self.p.dtype, self.device)
-        if is_random(self.p.checkpoint):
-            from transformers import UMT5EncoderModel
+    def build_random(self):
+        from transformers import UMT5EncoderModel
+        return UMT5EncoderModel(self._random_config())
 
-            from nodes.checkpoint import random_init
-            with torch.device("meta"):
-                model = UMT5EncoderModel(self._random_config())
-            random_init(model, self.p.init_seed, device=self.device, dtype=dtype)
-            model.encoder.embed_tokens.weight = model.shared.weight
-        else:
-            from nodes.checkpoint import open_checkpoint
+    def build_from(self, checkpoint) -> Built:
+        from transformers import UMT5EncoderModel
 
-            from .umt5 import build_umt5_encoder
-            model = build_umt5_encoder(open_checkpoint(self.p.checkpoint), device=self.device, dtype=dtype)
-        self.model = model.eval().requires_grad_(False)
+        from .umt5 import config_from_state_dict, to_hf_state_dict
+        hf = to_hf_state_dict(checkpoint)  # Wan or HF layout -> HF names
+        with torch.device("meta"):
+            model = UMT5EncoderModel(config_from_state_dict(hf))
+        return Built(model, hf)
+
+    def finish(self, model):
+        model.encoder.embed_tokens.weight = model.shared.weight  # random init / assignment broke the tie
+        return model
+
+    def load(self, progress=None) -> None:
+        super().load(progress)
         if self.p.tokenizer == BYTES:
             if self.model.config.vocab_size < 256 + BYTE_OFFSET:
                 raise FdError(f"node {self.name!r}: tokenizer 'bytes' needs vocab_size >= {256 + BYTE_OFFSET}")
@@ -126,8 +130,7 @@ class TextEncoderNode(Node):
     def encode(self, prompt: str) -> torch.Tensor:
         """[1, text_len, dim] embeddings of ``prompt`` (cached)."""
         from .umt5 import encode
-        if self.model is None:
-            raise FdError(f"node {self.name!r} ran before load()")
+        self.require_model()
         if prompt in self._cache:
             self._cache.move_to_end(prompt)
             return self._cache[prompt]

@@ -13,11 +13,11 @@ from typing import Mapping
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Node, Param, Port
+from engine.node import SESSION, Param, Port
 from engine.types import IMAGE, LATENT, PIXELS
+from nodes.common.model_node import Built, ModelNode
+from nodes.common.params import checkpoint_param, dtype_param, seed_param
 
-from .node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count, resolve_dtype,
-                          seed_param)
 from .vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
 
 WAN21_VAE = "hf://Wan-AI/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth"
@@ -35,40 +35,33 @@ def _vae_params() -> tuple[Param, ...]:
     )
 
 
-class _WanVAENode(Node):
-    """Shared loading of the Wan VAE for the encode and decode nodes."""
+class _WanVAENode(ModelNode):
+    """Shared loading of the Wan VAE for the encode and decode nodes (the recipe is ModelNode's)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.vae = None
-
-    def estimate_bytes(self) -> int:
+    def build_random(self):
         from .vae import WanVAE
-        count = meta_param_count(lambda: WanVAE(dim=self.p.dim, z_dim=self.p.z_dim))
-        return count * dtype_bytes(self.p.dtype, self.device)
+        return WanVAE(dim=self.p.dim, z_dim=self.p.z_dim)
 
-    def load(self) -> None:
-        from nodes.checkpoint import load_into, open_checkpoint, random_init
+    def build_from(self, checkpoint) -> Built:
         from nodes.checkpoint.wan_layouts import VAE_DIFFUSERS_TO_NATIVE
 
         from .vae import WanVAE
-        dtype = resolve_dtype(self.p.dtype, self.device)
-        if is_random(self.p.checkpoint):
-            with torch.device("meta"):
-                vae = WanVAE(dim=self.p.dim, z_dim=self.p.z_dim)
-            random_init(vae, self.p.init_seed, device=self.device, dtype=dtype)
-        else:
-            sd = open_checkpoint(self.p.checkpoint)
-            dim = _vae_dim(sd)
-            keymap = VAE_DIFFUSERS_TO_NATIVE if "decoder.conv_in.weight" in sd else None
-            with torch.device("meta"):
-                vae = WanVAE(dim=dim, z_dim=self.p.z_dim)
-            _materialize_stats(vae, self.device)
-            load_into(vae, sd, keymap=keymap, device=self.device, dtype=dtype)
-        _materialize_stats(vae, self.device)
-        if self.p.channels_last:
-            vae.to_channels_last()
-        self.vae = vae.eval().requires_grad_(False)
+        keymap = VAE_DIFFUSERS_TO_NATIVE if "decoder.conv_in.weight" in checkpoint else None
+        with torch.device("meta"):
+            vae = WanVAE(dim=_vae_dim(checkpoint), z_dim=self.p.z_dim)
+        return Built(vae, checkpoint, keymap)
+
+    def constants(self, vae) -> None:
+        """The latent mean/std are constants, not checkpoint entries: (re)create them on the device."""
+        vae.latent_mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=self.device)
+        vae.latent_std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=self.device)
+
+    def finish(self, vae):
+        return vae.to_channels_last() if self.p.channels_last else vae
+
+    @property
+    def vae(self):
+        return self.model
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, T, H, W] on the VAE's device/dtype, in the memory format its weights use."""
@@ -77,9 +70,7 @@ class _WanVAENode(Node):
         return x.contiguous(memory_format=torch.channels_last_3d) if self.p.channels_last else x.contiguous()
 
     def _vae(self):
-        if self.vae is None:
-            raise FdError(f"node {self.name!r} ran before load()")
-        return self.vae
+        return self.require_model()
 
 
 def _vae_dim(sd: Mapping) -> int:
@@ -87,12 +78,6 @@ def _vae_dim(sd: Mapping) -> int:
         if key in sd:
             return sd.shape(key)[0] if hasattr(sd, "shape") else sd[key].shape[0]
     raise FdError("not a Wan 2.1 VAE checkpoint (no encoder.conv1.weight / encoder.conv_in.weight)")
-
-
-def _materialize_stats(vae, device) -> None:
-    """The latent mean/std are constants, not checkpoint entries: (re)create them on the device."""
-    vae.latent_mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=device)
-    vae.latent_std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=device)
 
 
 class WanVAEDecodeNode(_WanVAENode):

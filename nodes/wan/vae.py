@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .vae_blocks import CausalConv3d, ConvCache, Decoder3d, Encoder3d
+from .vae_stream import StreamingDecoder, StreamingEncoder
 
 # Per-channel latent statistics of Wan 2.1 (wan/modules/vae.py WanVAE, utils/wan_wrapper.py).
 WAN21_LATENT_MEAN = (
@@ -96,7 +97,6 @@ class WanVAE(nn.Module):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """[B,3,T,H,W] in [-1,1] -> [B,z,1+(T-1)//4,H/8,W/8]; trailing frames past 1+4k are
         ignored, as upstream does."""
-        from .vae_stream import StreamingEncoder
         enc = StreamingEncoder(self)
         t = self.temporal_factor
         n = 1 + (video.shape[2] - 1) // t
@@ -107,7 +107,6 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, clamp: bool = False, chunk: int = 1) -> torch.Tensor:
         """[B,z,F,h,w] -> [B,3,1+4(F-1),8h,8w]; ``chunk`` latent frames per pass (memory)."""
-        from .vae_stream import StreamingDecoder
         dec = StreamingDecoder(self, clamp=clamp)
         outs = [dec.decode_chunk(latent[:, :, s: s + chunk])
                 for s in range(0, latent.shape[2], chunk)]

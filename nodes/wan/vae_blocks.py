@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nodes.common.conv import interleave_phases, subpixel_weights
+
 HISTORY = 2  # frames of past input a temporal-kernel-3 causal conv needs
 
 
@@ -189,38 +191,6 @@ def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1) -> torc
     pad = conv.padding[0]
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride),
                     padding=(0, pad, pad))
-
-
-def subpixel_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A 3x3 conv after a nearest x2 upsample, as one 2x2 conv on the low-res input.
-
-    Output pixel (2i+a, 2j+b) reads upsampled rows 2i+a-1..2i+a+1, i.e. low-res rows
-    {i-1, i} (a=0: taps k0 | k1+k2) or {i, i+1} (a=1: k0+k1 | k2), likewise for columns;
-    the zero padding maps to zero padding. The four phases are stacked as output channel
-    blocks (phase 2a+b), each a 2x2 kernel: 16 taps per low-res pixel instead of 36, and
-    no upsampled tensor is ever written. Sums are taken in float32.
-    """
-    w = conv.weight.float()
-    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-    phases = []
-    for a in range(2):
-        r = rows[a]
-        for cols in ((r[..., 0], r[..., 1] + r[..., 2]), (r[..., 0] + r[..., 1], r[..., 2])):
-            phases.append(torch.stack(cols, -1))
-    w4 = torch.cat(phases, 0).to(conv.weight.dtype)
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    return w4, bias
-
-
-def interleave_phases(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Scatter the 4 phase blocks of a sub-pixel conv's output [.., 4co, (t,) h+1, w+1] into
-    ``out`` [.., co, (t,) 2h, 2w]: out pixel (2i+a, 2j+b) is phase 2a+b at (i+a, j+b)."""
-    co, h, w = out.shape[1], out.shape[-2] // 2, out.shape[-1] // 2
-    for p in range(4):
-        a, c = divmod(p, 2)
-        out[..., a::2, c::2] = y[:, p * co:(p + 1) * co, ..., a:a + h, c:c + w]
-    return out
 
 
 def upsample_conv_subpixel(conv: nn.Conv2d, x: torch.Tensor, weights=None) -> torch.Tensor:

@@ -25,32 +25,20 @@ against.
 ``graphs=True`` (CUDA) replays the decode of every later chunk as a CUDA graph
 (engine.capture): after the first chunk the conv caches exist and keep their
 addresses, so a chunk of a given size is one static graph.
+
+The streams drive any module with ``encode_step`` / ``decode_step`` / ``temporal_factor``
+(``nodes.wan.vae.WanVAE``) and import none: ``vae.py`` uses the streams for its whole-clip
+``encode`` / ``decode``, so an import back would be a circle.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from engine.capture import GraphCache
+from nodes.common.conv import cudnn_autotune
 
 from .vae_blocks import ConvCache, FusedOps
-
-if TYPE_CHECKING:
-    from .vae import WanVAE
-
-
-@contextlib.contextmanager
-def cudnn_autotune(enabled: bool = True):
-    """Scoped ``cudnn.benchmark``: cuDNN times its conv algorithms once per shape (the first,
-    eager chunk; graphs then replay the winner). Restores the caller's setting on exit."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before or enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -60,7 +48,7 @@ def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
 class StreamingDecoder:
     """Decode latent chunks of any size; outputs concatenate to the whole-clip decode."""
 
-    def __init__(self, vae: "WanVAE", zero_init: bool = False, clamp: bool = False,
+    def __init__(self, vae: nn.Module, zero_init: bool = False, clamp: bool = False,
                  layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False,
                  fused: bool = True, compile: bool = False, autotune: bool = True):
         if layout not in ("bcthw", "btchw"):
@@ -84,7 +72,7 @@ class StreamingDecoder:
         return self.graphs.status()
 
     @classmethod
-    def demo(cls, vae: "WanVAE") -> "StreamingDecoder":
+    def demo(cls, vae: nn.Module) -> "StreamingDecoder":
         """Self-Forcing demo decoder: zero cache, clamped, [B,T,C,H,W] in and out."""
         return cls(vae, zero_init=True, clamp=True, layout="btchw")
 
@@ -120,7 +108,7 @@ class StreamingDecoder:
 class StreamingEncoder:
     """Encode a clip as frame 0 then chunks of 4k frames (first chunk may be 1+4k)."""
 
-    def __init__(self, vae: "WanVAE", cache: list[torch.Tensor] | None = None):
+    def __init__(self, vae: nn.Module, cache: list[torch.Tensor] | None = None):
         self.vae = vae
         self.cache: list[torch.Tensor] = [] if cache is None else cache
         self.first = True
