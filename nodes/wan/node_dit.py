@@ -15,21 +15,21 @@ from pathlib import Path
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Node, Param, Port
+from engine.node import SESSION, Param, Port
 from engine.types import CAUSAL_DENOISER
 from nodes.common.attention import BACKENDS
+from nodes.common.model_node import Built, ModelNode
 
 from .causal import WanDenoiser
 from .config import WAN_14B, WAN_1_3B, WanConfig
-from .node_params import (checkpoint_param, dtype_bytes, dtype_param, is_random, meta_param_count, resolve_dtype,
-                          seed_param)
+from nodes.common.params import checkpoint_param, dtype_param, is_random, seed_param
 
 PRESETS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
 SIZE_PARAMS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "in_dim", "out_dim")
 FSDP_INFIX = "_fsdp_wrapped_module."
 
 
-class WanDiTNode(Node):
+class WanDiTNode(ModelNode):
     type_name = "wan.dit"
     doc = ("Wan 2.1 DiT (1.3B / 14B, T2V or I2V), bidirectional and causal in one module. Loads native, diffusers "
            "or Self-Forcing/Causal-Forcing checkpoints (ema picks generator_ema), or random weights of a preset size.")
@@ -83,43 +83,36 @@ class WanDiTNode(Node):
             over["num_heads"] = max(1, over["dim"] // 128)
         return replace(base, model_type=self.p.model_type, **over)
 
-    def estimate_bytes(self) -> int:
-        from .dit import WanDiT
-        cfg = self.size_config()
-        return meta_param_count(lambda: WanDiT(cfg)) * dtype_bytes(self.p.dtype, self.device)
-
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
         return 1 if self.parallel is None else int(self.parallel.size)
 
-    # ------------------------------------------------------------------ loading
-    def load(self) -> None:
-        dtype = resolve_dtype(self.p.dtype, self.device)
-        module = self._random(dtype) if self.random_weights else self._from_checkpoint(dtype)
+    # ------------------------------------------------------------------ loading (ModelNode's recipe)
+    def build_random(self):
+        from .dit import WanDiT
+        return WanDiT(self.size_config())
+
+    def open_weights(self):
+        from nodes.checkpoint.wan_layouts import to_native
+        return strip_fsdp(to_native(open_dit_checkpoint(self.p.checkpoint, self.p.ema), ema=self.p.ema))
+
+    def build_from(self, sd) -> Built:
+        from .dit import WanDiT
+        cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
+        with torch.device("meta"):
+            return Built(WanDiT(cfg), sd)
+
+    def finish(self, module):
         module.backend = self.p.attention
         if self.p.compile == "on" or (self.p.compile == "auto" and str(self.device).startswith("cuda")):
             module.compile_elementwise()
         if self.context_size() > 1:
             module.parallel = self.parallel  # the DiT shards each frame's tokens over the group
-        module.eval().requires_grad_(False)
-        self.handle = WanDenoiser(module, module.cfg, dtype, self.p.attention)
+        return module
 
-    def _random(self, dtype):
-        from nodes.checkpoint import random_init
-
-        from .dit import WanDiT
-        with torch.device("meta"):
-            module = WanDiT(self.size_config())
-        return random_init(module, self.p.init_seed, device=self.device, dtype=dtype)
-
-    def _from_checkpoint(self, dtype):
-        from nodes.checkpoint import load_into
-        from nodes.checkpoint.wan_layouts import to_native
-
-        from .dit import WanDiT
-        sd = strip_fsdp(to_native(open_dit_checkpoint(self.p.checkpoint, self.p.ema), ema=self.p.ema))
-        cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
-        return load_into(lambda: WanDiT(cfg), sd, device=self.device, dtype=dtype)
+    def loaded(self, module) -> None:
+        self.model = module
+        self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention)
 
     def run(self, inputs, state, step):
         if self.handle is None:
