@@ -173,5 +173,5 @@ def _run_long(pipe, times: list, mem: dict) -> None:
                 mem[b + 1] = (_tensor_bytes(st), _rss_bytes())
         st = s.states["sampler"]
         assert st.rollout.block_index == 1000 and st.noise is None
-        assert st.cache.k.shape[2] == 4 * st.cache.frame_tokens
+        assert st.stream.cache.k.shape[2] == 4 * st.stream.cache.frame_tokens
         assert torch.isfinite(s.values["sampler"]["latent"]).all()

@@ -174,7 +174,7 @@ async def serving(spec, **config):
 
 def reference_frames(spec, prompts_at: dict[int, str], blocks: int) -> dict[int, np.ndarray]:
     """Frames per block from the engine directly: prompt switches at given blocks, state kept."""
-    pipe = Pipeline(make_plan(stream_source(spec).served, registry()))
+    pipe = Pipeline(make_plan(stream_source(spec, registry()).served, registry()))
     out = {}
     with pipe.open_session(prompt=prompts_at[0]) as s:
         for b in range(blocks):

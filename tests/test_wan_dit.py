@@ -100,13 +100,13 @@ def test_attention_backends_and_lse():
     for backend in ("auto", "flash"):  # the torch backends that exist on CPU
         torch.testing.assert_close(attention(q, k, v, backend), ref, atol=1e-5, rtol=1e-5)
     out, lse = attention(q, k, v, return_lse=True)
-    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+    assert lse.shape == (2, 5, 3) and lse.dtype == torch.float32  # [B, Lq, H]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # merging two key shards by their LSE reproduces the full attention
     (o1, l1), (o2, l2) = (attention(q, k[:, :4], v[:, :4], return_lse=True),
                           attention(q, k[:, 4:], v[:, 4:], return_lse=True))
     lse_all = torch.logaddexp(l1, l2)
-    w1, w2 = (torch.exp(l - lse_all).transpose(1, 2)[..., None] for l in (l1, l2))
+    w1, w2 = (torch.exp(l - lse_all)[..., None] for l in (l1, l2))
     torch.testing.assert_close(w1 * o1 + w2 * o2, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_all, lse, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
