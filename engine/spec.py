@@ -6,6 +6,7 @@ person has to edit. Nothing here knows about node types: that is validate.py.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import Location, SpecError, SpecErrors
+from .errors import Location, Related, SpecError, SpecErrors
 
 TOP_LEVEL_KEYS = ("name", "description", "extends", "inputs", "nodes", "sinks")
 NODE_FIELDS = ("type", "params", "params_by_type", "in", "device", "parallel", "capture", "offload", "main", "doc")
@@ -60,6 +61,15 @@ class Spec:
     nodes: dict[str, NodeSpec]        # sinks included (is_sink=True), in file order
     raw: dict
     locations: dict[Path_, Location]
+    via: dict[str, tuple[Related, ...]] = field(default_factory=dict)   # file -> how it was pulled in
+
+    def annotate(self, errors: list[SpecError]) -> list[SpecError]:
+        """Errors located in a file the user did not name get the ``extends:``/``--set`` chain that reached it."""
+        return self.annotate_with(self.via, errors)
+
+    @staticmethod
+    def annotate_with(via: dict, errors: list[SpecError]) -> list[SpecError]:
+        return [e.with_related(*via.get(e.location.file, ())) for e in errors]
 
     def where(self, *path) -> Location:
         """Best location for ``path``: the deepest prefix that has one."""
@@ -68,7 +78,7 @@ class Spec:
             if p in self.locations:
                 return self.locations[p]
             p = p[:-1]
-        return Location(self.file)
+        return Location(self.file, 1, 1)   # nothing more precise: the top of the file the user named
 
     def node_where(self, node: str, *path) -> Location:
         ns = self.nodes.get(node)
@@ -108,6 +118,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Path_, Location]]:
         text = path.read_text()
     except OSError as e:
         raise SpecErrors([SpecError("unreadable_spec", f"cannot read spec: {e.strerror}", Location(file))])
+    except UnicodeDecodeError:
+        raise SpecErrors([SpecError("unreadable_spec", "not a text file, so not a YAML spec", Location(file))])
     try:
         data = yaml.safe_load(text)
         locs = _compose_locations(text, file)
@@ -152,28 +164,127 @@ def find_spec(ref: str | Path, relative_to: Path | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------- loading
-def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, dict[Path_, Location]]:
+_NOT_A_SPEC = ("unreadable_spec", "yaml_syntax", "bad_spec")
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = (), via: dict | None = None,
+                       reached_by: tuple[Related, ...] = ()) -> tuple[Any, dict[Path_, Location]]:
+    """Load ``path`` and its ``extends:`` ancestors, merged. ``via`` collects, per file, the ``extends:``
+    lines (nearest first) that pulled it in, so later errors in a parent can name the user's own file."""
     path = path.resolve()
+    via = {} if via is None else via
+    if reached_by:
+        via.setdefault(str(path), reached_by)
     if path in chain:
         names = " -> ".join(str(p) for p in chain + (path,))
-        raise SpecErrors([SpecError("extends_cycle", f"extends: forms a cycle: {names}", Location(str(path)))])
+        where = reached_by[0].location if reached_by else Location(str(path), 1, 1)
+        raise SpecErrors([SpecError("extends_cycle", f"extends: forms a cycle: {names}", where, field="extends",
+                                    related=reached_by[1:])])
     data, locs = _read_yaml(path)
     parent_ref = data.pop("extends", None)
     cfg = OmegaConf.create(data)
     if parent_ref is None:
         return cfg, locs
+    ext_at = locs.get(("extends",), Location(str(path), 1, 1))
     if not isinstance(parent_ref, str):
-        raise SpecErrors([SpecError("bad_extends", "extends: must be a spec path or name",
-                                    locs.get(("extends",), Location(str(path))))])
+        raise SpecErrors([SpecError("bad_extends", "extends: must be a spec path or name", ext_at, field="extends",
+                                    related=reached_by)])
     try:
         parent_path = find_spec(parent_ref, relative_to=path.parent)
     except SpecErrors as e:
         err = e.errors[0]
-        raise SpecErrors([SpecError("extends_not_found", err.message, locs.get(("extends",), Location(str(path))),
-                                    field="extends", hint=err.hint)])
-    parent_cfg, parent_locs = _load_with_extends(parent_path, chain + (path,))
-    merged = OmegaConf.merge(parent_cfg, cfg)
-    return merged, {**parent_locs, **locs}
+        raise SpecErrors([SpecError("extends_not_found", err.message, ext_at, field="extends", hint=err.hint,
+                                    related=reached_by)])
+    here = (Related(ext_at, f"reached through `extends: {parent_ref}`"),) + reached_by
+    try:
+        parent_cfg, parent_locs = _load_with_extends(parent_path, chain + (path,), via, here)
+    except SpecErrors as e:
+        bad = e.errors[0]
+        if len(e.errors) == 1 and bad.code in _NOT_A_SPEC and bad.location.file == str(parent_path.resolve()):
+            raise SpecErrors([SpecError("extends_not_a_spec", f"extends: {parent_ref} is not a spec: {bad.message}",
+                                        ext_at, field="extends", related=(Related(bad.location, "the target"),)
+                                        + reached_by)]) from None
+        raise
+    if parent_cfg and not any(k in TOP_LEVEL_KEYS for k in parent_cfg):
+        raise SpecErrors([SpecError("extends_not_a_spec", f"extends: {parent_ref} is not a spec: it has none of "
+                                    f"the sections {', '.join(TOP_LEVEL_KEYS)}", ext_at, field="extends",
+                                    related=(Related(Location(str(parent_path.resolve()), 1, 1), "the target"),)
+                                    + reached_by)])
+    merged = _merge(parent_cfg, cfg, parent_locs, locs, "extends")
+    return merged, _overlay_locs(parent_locs, locs, data)
+
+
+def _overlay_locs(base: dict, over: dict, over_data: Any) -> dict:
+    """Locations after a merge: ``over`` wins, and where ``over`` puts a scalar or a list, the base's
+    locations below that key are dropped (they describe values the merge threw away)."""
+    out = dict(base)
+    for p in over:
+        try:
+            v = _dig(over_data, p)
+        except (KeyError, IndexError, TypeError):
+            continue
+        if not isinstance(v, dict):
+            for q in [q for q in out if len(q) > len(p) and q[:len(p)] == p]:
+                del out[q]
+    out.update(over)
+    return out
+
+
+def _plain(cfg) -> Any:
+    return OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+
+
+def _container_conflict(a, b, path: Path_ = ()) -> Path_ | None:
+    """The first key path where one side holds a mapping and the other a list (omegaconf cannot merge those)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in b:
+            if k in a:
+                found = _container_conflict(a[k], b[k], path + (str(k),))
+                if found is not None:
+                    return found
+        return None
+    if isinstance(a, (dict, list)) and isinstance(b, (dict, list)) and type(a) is not type(b):
+        return path
+    return None
+
+
+def _kind(v) -> str:
+    return "a mapping" if isinstance(v, dict) else "a list"
+
+
+def _dig(d, path):
+    for k in path:
+        d = d[k]
+    return d
+
+
+def _merge(base, over, base_locs: dict, over_locs: dict, how: str, over_where: Location | None = None):
+    """``OmegaConf.merge`` that turns a list-over-mapping clash into a spec error naming both places."""
+    try:
+        return OmegaConf.merge(base, over)
+    except (TypeError, OmegaConfBaseException) as e:
+        a, b = _plain(base), _plain(over)
+        path = _container_conflict(a, b)
+        if path is None:
+            raise SpecErrors([SpecError("incompatible_merge", f"{how}: cannot merge: {str(e).splitlines()[0]}",
+                                        over_where or Location("<merge>"))]) from None
+        key = ".".join(path) or "<top>"
+        here = over_where or _best(over_locs, path)
+        raise SpecErrors([SpecError(
+            "incompatible_merge", f"{how}: {key} is {_kind(_dig(b, path))} here but {_kind(_dig(a, path))} in "
+            "the spec it is merged over", here, field=key, related=(Related(_best(base_locs, path), "merged over"),),
+            hint="write the same kind of value (a mapping where the base has a mapping, a list where it has a list)"
+        )]) from None
+
+
+def _best(locs: dict, path: Path_) -> Location:
+    p = tuple(path)
+    while p:
+        if p in locs:
+            return locs[p]
+        p = p[:-1]
+    any_loc = next(iter(locs.values()), None)
+    return Location(any_loc.file, 1, 1) if any_loc else Location("<unknown>")
 
 
 def _check_override_path(cfg, key: str, where: Location) -> SpecError | None:
@@ -203,19 +314,32 @@ def _near(word: str, options: list[str]) -> str | None:
 
 
 def load_spec(ref: str | Path, overrides: list[str] = (), set_files: list[str | Path] = ()) -> Spec:
-    """Read a spec (path or packaged name), merge ``--set`` files and dotlist overrides, resolve ``${...}``."""
+    """Read a spec (path or packaged name), merge ``--set`` files and dotlist overrides, resolve ``${...}``.
+    Every error located in a file the user did not name also names the ``extends:``/``--set`` chain."""
+    via: dict[str, tuple[Related, ...]] = {}
+    try:
+        return _load_spec(ref, overrides, set_files, via)
+    except SpecErrors as e:
+        raise SpecErrors(Spec.annotate_with(via, e.errors)) from None
+
+
+def _load_spec(ref, overrides, set_files, via) -> Spec:
     path = find_spec(ref)
-    cfg, locs = _load_with_extends(path)
-    for f in set_files:
+    cfg, locs = _load_with_extends(path, via=via)
+    for i, f in enumerate(set_files):
         fp = find_spec(f)
-        extra, extra_locs = _load_with_extends(fp)
-        cfg = OmegaConf.merge(cfg, extra)
-        locs.update(extra_locs)
+        by = (Related(Location(f"<--set {i + 1}: {f}>"), "this file came in through --set"),)
+        extra, extra_locs = _load_with_extends(fp, via=via, reached_by=by)
+        via.setdefault(str(fp.resolve()), by)
+        cfg = _merge(cfg, extra, locs, extra_locs, f"--set {f}")
+        locs = _overlay_locs(locs, extra_locs, _plain(extra))
     errors: list[SpecError] = []
     for i, ov in enumerate(overrides):
         where = Location(f"<override {i + 1}: {ov}>")
         if "=" not in ov:
-            errors.append(SpecError("bad_override", f"override {ov!r} must look like key.path=value", where))
+            hint = "to merge a YAML file over the spec, use --set " + ov if ov.endswith((".yaml", ".yml")) else None
+            errors.append(SpecError("bad_override", f"override {ov!r} must look like key.path=value", where,
+                                    hint=hint))
             continue
         key, value_text = ov.split("=", 1)
         err = _check_override_path(cfg, key.strip(), where)
@@ -226,12 +350,56 @@ def load_spec(ref: str | Path, overrides: list[str] = (), set_files: list[str | 
             value = yaml.safe_load(value_text) if value_text.strip() else ""
         except yaml.YAMLError:
             value = value_text
-        OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
-        locs[tuple(key.strip().split("."))] = where
+        try:
+            OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
+        except (TypeError, OmegaConfBaseException) as e:
+            kp = tuple(key.strip().split("."))
+            old = OmegaConf.select(cfg, key.strip(), default=None)
+            what = f"{_kind(value)} over {_kind(_plain(old))}" if isinstance(value, (dict, list)) and \
+                isinstance(_plain(old), (dict, list)) else str(e).splitlines()[0]
+            errors.append(SpecError("incompatible_merge", f"override {key.strip()!r}: cannot merge {what}", where,
+                                    field=key.strip(), related=(Related(_best(locs, kp), "merged over"),)))
+            continue
+        kp = tuple(key.strip().split("."))
+        locs = _overlay_locs(locs, {kp: where}, {kp[0]: value} if len(kp) == 1 else _nest(kp, value))
+    top = str(path)
     if errors:
         raise SpecErrors(errors)
-    data = _resolve(cfg, locs, str(path))
-    return _build(data, locs, str(path))
+    data = _resolve(cfg, locs, top)
+    spec = _build(data, locs, top)
+    spec.via = via
+    return spec
+
+
+_REF_RE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+def _interpolation_error(node, k, p, e, locs, file) -> SpecError:
+    """Name the interpolation's line and the line of every value it reads; when those lie in different files
+    (a child's ``inputs: 3`` breaking a parent's ``${inputs.num_blocks}``), lead with the child's."""
+    msg = str(e).splitlines()[0]
+    key = ".".join(map(str, p))
+    site = locs.get(p, Location(file, 1, 1))
+    try:
+        text = node._get_node(k)._value()
+    except Exception:   # noqa: BLE001 - omegaconf internals; fall back to the site alone
+        text = None
+    refs = _REF_RE.findall(text) if isinstance(text, str) else []
+    read = [(r, _best(locs, tuple(r.split(".")))) for r in refs]
+    elsewhere = [(r, loc) for r, loc in read if loc.file != site.file]
+    if elsewhere:
+        r, loc = elsewhere[0]
+        return SpecError("bad_interpolation", f"{r} (read by {key}: {text}) cannot be resolved: {msg}", loc,
+                         field=key, related=(Related(site, f"the interpolation {text}"),))
+    return SpecError("bad_interpolation", f"cannot resolve {key}: {msg}", site, field=key,
+                     related=tuple(Related(loc, f"{r} is set") for r, loc in read if loc != site and
+                                   tuple(r.split(".")) in locs))
+
+
+def _nest(path: Path_, value) -> dict:
+    for k in reversed(path):
+        value = {k: value}
+    return value
 
 
 def _resolve(cfg, locs, file) -> dict:
@@ -247,15 +415,14 @@ def _resolve(cfg, locs, file) -> dict:
             try:
                 child = node[k]
             except OmegaConfBaseException as e:
-                msg = str(e).splitlines()[0]
-                errors.append(SpecError("bad_interpolation", f"cannot resolve {'.'.join(map(str, p))}: {msg}",
-                                        locs.get(p, Location(file)), field=".".join(map(str, p))))
+                errors.append(_interpolation_error(node, k, p, e, locs, file))
                 continue
             if OmegaConf.is_config(child):
                 walk(child, p)
 
     walk(cfg, ())
-    raise SpecErrors(errors or [SpecError("bad_interpolation", "cannot resolve interpolations", Location(file))])
+    raise SpecErrors(errors or [SpecError("bad_interpolation", "cannot resolve interpolations",
+                                          Location(file, 1, 1))])
 
 
 def _build(data: dict, locs: dict, file: str) -> Spec:

@@ -42,8 +42,13 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
                 hint=f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
     if "inputs" in spec.raw and not isinstance(spec.raw["inputs"], dict):
         err("bad_inputs", "inputs: must be a mapping of name: value", spec.where("inputs"), field="inputs")
+    for section in ("nodes", "sinks"):
+        if spec.raw.get(section) is not None and not isinstance(spec.raw[section], dict):
+            err("bad_section", f"{section}: must be a mapping of name: {{type: ..., params: ...}}, "
+                f"not {type(spec.raw[section]).__name__}", spec.where(section), field=section)
     if not spec.nodes:
-        err("no_nodes", "the spec has no nodes", spec.where("nodes"), field="nodes")
+        err("no_nodes", "the spec has no nodes", spec.where("nodes"), field="nodes",
+            hint="add a `nodes:` mapping, e.g. nodes: {enc: {type: ..., in: {...}}}")
 
     known_types: dict[str, type] = {}
     for name, ns in spec.nodes.items():
@@ -144,7 +149,47 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
     if len(mains) > 1:
         err("two_main_sinks", f"only one sink may be `main: true`, found {', '.join(mains)}",
             spec.node_where(mains[1], "main"), node=mains[1], field="main")
-    return errs
+    return spec.annotate(errs)
+
+
+def device_problems(spec: Spec, cuda_devices: int | None = None) -> list[SpecError]:
+    """Devices the spec pins that this machine lacks. An error for ``fd exec`` (and ``fd validate --here``),
+    a warning for plain ``fd validate``: a GPU spec checked on a laptop or in CI is still a valid spec."""
+    cuda_devices = cuda_device_count() if cuda_devices is None else cuda_devices
+    out = []
+    for name, ns in spec.nodes.items():
+        dev = ns.device
+        if isinstance(dev, str) and _DEVICE_RE.match(dev) and dev.startswith("cuda"):
+            idx = int(dev.split(":")[1]) if ":" in dev else 0
+            if idx >= cuda_devices:
+                have = f"{cuda_devices} CUDA device(s)" if cuda_devices else "no CUDA device"
+                out.append(SpecError("unknown_device", f"device {dev!r} is not on this machine ({have})",
+                                     spec.node_where(name, "device"), node=name, field="device",
+                                     hint=f"use device: auto, or override it, e.g. nodes.{name}.device=cpu"))
+    return spec.annotate(out)
+
+
+GPU_SIZED_BYTES = 2 * 2**30   # ~1B parameters in 16-bit: a model that belongs on a GPU
+
+
+def cpu_fallback_warnings(plan) -> list[SpecError]:
+    """Models of GPU size that ``device: auto`` put on the CPU: legal, but a 14B model on a laptop CPU is
+    almost never what the user meant, so ``fd validate`` says so before any weight is fetched."""
+    out = []
+    for name, np_ in plan.nodes.items():
+        pl = np_.placement
+        if pl.device == "cpu" and pl.reason.startswith("auto") and pl.estimate_bytes >= GPU_SIZED_BYTES:
+            out.append(SpecError("gpu_model_on_cpu", f"{pl.estimate_bytes / 2**30:.1f} GiB model placed on the "
+                                 f"CPU ({pl.reason})", plan.spec.node_where(name, "device")
+                                 if "device" in (plan.spec.nodes[name].raw or {}) else plan.spec.node_where(name),
+                                 node=name, field="device", hint="run it on a machine with a GPU, or set "
+                                 f"nodes.{name}.device=cpu to say you mean it"))
+    return plan.spec.annotate(out)
+
+
+def _one_node(spec: Spec, name: str) -> Spec:
+    from dataclasses import replace
+    return replace(spec, nodes={name: spec.nodes[name]}, via={})
 
 
 def _hint(word, options):
@@ -180,11 +225,8 @@ def _check_placement(spec, name, ns, nt, err, world_size, cuda_devices, check_de
     if not isinstance(dev, str) or not _DEVICE_RE.match(dev):
         err("bad_device", f"device {dev!r} must be cpu, cuda, cuda:N, mps or auto", where, node=name, field="device")
     elif check_devices and dev.startswith("cuda"):
-        idx = int(dev.split(":")[1]) if ":" in dev else 0
-        if idx >= cuda_devices:
-            have = f"{cuda_devices} CUDA device(s)" if cuda_devices else "no CUDA device"
-            err("unknown_device", f"device {dev!r} is not on this machine ({have})", where, node=name,
-                field="device", hint="use device: auto, or override it, e.g. nodes.%s.device=cpu" % name)
+        for e in device_problems(_one_node(spec, name), cuda_devices):
+            err(e.code, e.message, e.location, node=e.node, field=e.field, hint=e.hint)
     if ns.capture not in ("auto", True, False):
         err("bad_capture", f"capture must be auto, true or false, got {ns.capture!r}",
             spec.node_where(name, "capture"), node=name, field="capture")
