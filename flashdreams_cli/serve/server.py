@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 from engine.registry import Registry
 from engine.spec import Spec
 
-from . import protocol
+from . import origin, protocol
 from .protocol import ProtocolError
 from .sessions import Metrics, Outbox, QueueFull, Replica, Rollout, SessionManager, Ticket, \
     stream_source
@@ -48,6 +48,7 @@ class ServeConfig:
     outbox_frames: int = 2           # frames buffered per client before the oldest is dropped
     auth_timeout: float = 10.0       # seconds to send {type: auth} when the URL carried no token
     transport_max_bytes: int = 1 << 20   # larger WebSocket messages close the connection
+    allow_origins: tuple[str, ...] = ()  # page origins besides the server's own that may connect (origin.py)
 
 
 class Server:
@@ -66,7 +67,7 @@ class Server:
 
     # ------------------------------------------------------------------ lifecycle
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[origin.middleware(self.config.host, tuple(self.config.allow_origins))])
         app.router.add_get("/", self._page)
         app.router.add_get("/app.js", self._page)
         app.router.add_get("/style.css", self._page)
