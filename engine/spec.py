@@ -182,7 +182,7 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = (), via: dict | Non
                                     related=reached_by[1:])])
     data, locs = _read_yaml(path)
     parent_ref = data.pop("extends", None)
-    cfg = OmegaConf.create(data)
+    cfg = _create(data, locs, str(path))
     if parent_ref is None:
         return cfg, locs
     ext_at = locs.get(("extends",), Location(str(path), 1, 1))
@@ -228,6 +228,32 @@ def _overlay_locs(base: dict, over: dict, over_data: Any) -> dict:
                 del out[q]
     out.update(over)
     return out
+
+
+def _create(data: dict, locs: dict, file: str):
+    """``OmegaConf.create`` that names the line of an interpolation it cannot even parse (``"${"``)."""
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException:
+        pass
+    errors = []
+
+    def walk(v, path):
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, x in items:
+            p = path + (str(k) if isinstance(v, dict) else k,)
+            if isinstance(x, str) and "$" in x:
+                try:
+                    OmegaConf.create({"v": x})
+                except OmegaConfBaseException as e:
+                    errors.append(SpecError("bad_interpolation", f"{'.'.join(map(str, p))}: {x!r} is not a valid "
+                                            f"interpolation: {str(e).splitlines()[0]}", _best(locs, p) if locs
+                                            else Location(file, 1, 1), field=".".join(map(str, p)),
+                                            hint="write ${section.key}, or escape a literal as \\${"))
+            walk(x, p)
+
+    walk(data, ())
+    raise SpecErrors(errors or [SpecError("bad_spec", "omegaconf cannot read this spec", Location(file, 1, 1))])
 
 
 def _plain(cfg) -> Any:
@@ -350,6 +376,13 @@ def _load_spec(ref, overrides, set_files, via) -> Spec:
             value = yaml.safe_load(value_text) if value_text.strip() else ""
         except yaml.YAMLError:
             value = value_text
+        try:
+            if isinstance(value, (str, dict, list)):
+                _create({"v": value}, {}, where.file)
+        except SpecErrors as e:
+            errors.extend(SpecError(x.code, f"override {ov!r}: {x.message}", where, field=key.strip(), hint=x.hint)
+                          for x in e.errors)
+            continue
         try:
             OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
         except (TypeError, OmegaConfBaseException) as e:

@@ -10,7 +10,7 @@ import re
 
 import networkx as nx
 
-from .errors import SpecError
+from .errors import Related, SpecError
 from .node import BLOCK, SESSION
 from .registry import Registry
 from .spec import NODE_FIELDS, TOP_LEVEL_KEYS, Spec, parse_ref
@@ -74,8 +74,11 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
             err("wrong_section", f"node type {ns.type!r} is {kind}; put it under "
                 f"`{'sinks' if nt.is_sink else 'nodes'}:`", spec.node_where(name, "type"), node=name, field="type")
         known_types[name] = nt
+        before = len(errs)
         _check_params(spec, name, ns, nt, err)
         _check_placement(spec, name, ns, nt, err, world_size, cuda_devices, check_devices)
+        if len(errs) == before:
+            _check_buildable(spec, name, ns, nt, err, errs)
 
     # wiring: every declared input of known-type nodes
     graph = nx.DiGraph()
@@ -185,6 +188,21 @@ def cpu_fallback_warnings(plan) -> list[SpecError]:
                                  node=name, field="device", hint="run it on a machine with a GPU, or set "
                                  f"nodes.{name}.device=cpu to say you mean it"))
     return plan.spec.annotate(out)
+
+
+def _check_buildable(spec, name, ns, nt, err, errs):
+    """Params each in range can still describe an impossible model (a 10^12-wide layer): build the node and ask
+    its size on no device, as planning will, so that surfaces here with a line instead of as a traceback."""
+    try:
+        nt(name, dict(ns.params), device="cpu").estimate_bytes()
+    except Exception as e:  # noqa: BLE001 - any failure here is caused by the params the user wrote
+        err("bad_params", f"these params do not describe a buildable {nt.type_name}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}", spec.node_where(name, "params"), node=name, field="params",
+            hint=f"`fd nodes {nt.type_name}` lists each param and its range")
+        prefix = (ns.section, name)
+        cli = {loc for p, loc in spec.locations.items() if p[:2] == prefix and loc.file.startswith("<")}
+        if cli:   # the command line changed this node's params: name those arguments too
+            errs[-1] = errs[-1].with_related(*(Related(loc, "set on the command line") for loc in sorted(cli, key=str)))
 
 
 def _one_node(spec: Spec, name: str) -> Spec:

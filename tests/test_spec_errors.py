@@ -151,3 +151,21 @@ def test_exec_help_names_the_packaged_specs_and_no_missing_flag(capsys):
         main(["exec", "--help"])
     text = capsys.readouterr().out
     assert "--list" not in text and "tiny_self_forcing" in text
+
+
+def test_unparsable_interpolation_names_its_line(tmp_path, capsys):
+    p = write(tmp_path, "c.yaml", 'extends: tiny_self_forcing\nnodes:\n  text:\n    params:\n      ffn_dim: "${"\n')
+    rc, out = fd_json(capsys, "validate", str(p))
+    err = out["errors"][0]
+    assert rc == 2 and err["code"] == "bad_interpolation" and (err["file"], err["line"]) == (str(p.resolve()), 5)
+    rc, out = fd_json(capsys, "validate", "tiny_self_forcing", "inputs.prompt=${")
+    assert rc == 2 and out["errors"][0]["file"].startswith("<override 1")
+
+
+def test_params_in_range_that_build_no_model_are_a_spec_error(capsys):
+    rc, out = fd_json(capsys, "validate", "tiny_self_forcing", "nodes.dit.params.dim=1000000000000")
+    assert rc == 2
+    err = out["errors"][0]
+    assert err["code"] == "bad_params" and err["node"] == "dit" and err["line"]
+    assert err["file"].endswith("tiny_self_forcing.yaml")
+    assert any(f.startswith("<override 1") for f, _ in places(err))
