@@ -78,6 +78,8 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
         _check_params(spec, name, ns, nt, err)
         _check_placement(spec, name, ns, nt, err, world_size, cuda_devices, check_devices)
         if len(errs) == before:
+            _check_local_checkpoint(spec, name, ns, err)
+        if len(errs) == before:
             _check_buildable(spec, name, ns, nt, err, errs)
 
     # wiring: every declared input of known-type nodes
@@ -188,6 +190,19 @@ def cpu_fallback_warnings(plan) -> list[SpecError]:
                                  node=name, field="device", hint="run it on a machine with a GPU, or set "
                                  f"nodes.{name}.device=cpu to say you mean it"))
     return plan.spec.annotate(out)
+
+
+def _check_local_checkpoint(spec, name, ns, err):
+    """A local ``checkpoint:`` that is not there fails at load time, minutes later and far from the spec line;
+    it costs one stat to say so now. ``random`` and ``hf://`` references are not local (the Hub is not asked)."""
+    from pathlib import Path
+    ref = ns.params.get("checkpoint")
+    if not isinstance(ref, str) or ref == "random" or "://" in ref:
+        return
+    if not Path(ref).expanduser().exists():
+        err("missing_checkpoint", f"checkpoint {ref!r} does not exist (relative paths are read from the "
+            f"current directory)", spec.node_where(name, "params", "checkpoint"), node=name, field="params.checkpoint",
+            hint="give an existing file or folder, an hf://org/repo/path reference, or random")
 
 
 def _check_buildable(spec, name, ns, nt, err, errs):

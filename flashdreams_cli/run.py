@@ -28,6 +28,9 @@ def resolve_spec(args):
     overrides = list(args.overrides)
     spec = load_spec(args.spec, overrides, args.set_files)
     if getattr(args, "out", None):
+        from pathlib import Path
+        if not Path(args.out).expanduser().parent.is_dir():   # a typo'd folder is not created behind the user's back
+            raise FdError(f"--out {args.out}: the folder {Path(args.out).expanduser().parent} does not exist")
         main = main_sink_name(spec)
         if main is None:
             raise FdError(f"{spec.file}: --out given but the spec has no sink")
@@ -88,11 +91,19 @@ def run_exec(args) -> int:
 
         pipe.load(progress=on_load)
         block_task = progress.add_task("blocks", total=n_blocks)
-        with pipe.open_session() as session:
+        from .interrupt import stop_after_block
+        notice = Console(stderr=True, quiet=rank != 0)        # said even with --quiet: the run ends early
+        done = 0
+        with pipe.open_session() as session, stop_after_block(
+                lambda: notice.print("[yellow]interrupted: finishing this block and writing what was generated "
+                                      "(Ctrl-C again to discard it)[/]")) as stop:
             for result in session.stream(n_blocks):
+                done += 1
                 ms = sum(result.timings_ms.values())
                 progress.update(block_task, advance=1, description=f"block {result.block} ({ms:.0f} ms)")
-    summary = {"ok": True, "spec": plan.spec.file, "blocks": n_blocks,
+                if stop.requested:
+                    break
+    summary = {"ok": True, "spec": plan.spec.file, "blocks": done, "interrupted": stop.requested,
                "node_ms_median": {n: round(median(p.timings_ms), 3) for n, p in plan.nodes.items() if p.timings_ms},
                "outputs": {n: plan.nodes[n].node.p.path for n in plan.sinks if hasattr(plan.nodes[n].node.p, "path")}}
     if rank == 0:
@@ -100,5 +111,7 @@ def run_exec(args) -> int:
             print(json.dumps(summary, indent=2))
         else:
             for n, path in summary["outputs"].items():
-                console.print(f"[green]✓[/] {n}: wrote {path}")
-    return 0
+                (notice if stop.requested else console).print(
+                    f"[green]✓[/] {n}: wrote {path}" + (f" ({done} of {n_blocks} blocks: interrupted)"
+                                                         if stop.requested else ""))
+    return 130 if stop.requested else 0

@@ -169,3 +169,15 @@ def test_params_in_range_that_build_no_model_are_a_spec_error(capsys):
     assert err["code"] == "bad_params" and err["node"] == "dit" and err["line"]
     assert err["file"].endswith("tiny_self_forcing.yaml")
     assert any(f.startswith("<override 1") for f, _ in places(err))
+
+
+def test_missing_local_checkpoint_is_a_spec_error_with_its_line(tmp_path, capsys):
+    p = write(tmp_path, "c.yaml", "extends: tiny_self_forcing\nnodes:\n  dit:\n    params:\n"
+                                  "      checkpoint: weights/nowhere.safetensors\n")
+    rc, out = fd_json(capsys, "validate", str(p))
+    err = out["errors"][0]
+    assert rc == 2 and err["code"] == "missing_checkpoint" and err["field"] == "params.checkpoint"
+    assert (err["file"], err["line"]) == (str(p.resolve()), 5)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    rc, _ = fd_json(capsys, "validate", "tiny_self_forcing", f"nodes.dit.params.checkpoint={tmp_path / 'w.safetensors'}")
+    assert rc == 0
