@@ -314,7 +314,7 @@ def _best(locs: dict, path: Path_) -> Location:
 
 
 def _check_override_path(cfg, key: str, where: Location) -> SpecError | None:
-    parts = key.split(".")
+    parts = list(_split_key(key))
     if parts[0] not in TOP_LEVEL_KEYS:
         return SpecError("unknown_override", f"override {key!r}: no top-level section {parts[0]!r}", where,
                          hint=f"sections: {', '.join(TOP_LEVEL_KEYS)}")
@@ -331,6 +331,11 @@ def _check_override_path(cfg, key: str, where: Location) -> SpecError | None:
             return SpecError("unknown_override", f"override {key!r}: {parts[2]!r} is not a node field", where,
                              node=parts[1], field=parts[2], hint=f"fields: {', '.join(NODE_FIELDS)}")
     return None
+
+
+def _split_key(key: str) -> Path_:
+    """``nodes.decoder.params_by_type.taehv\\.decode`` -> (..., "taehv.decode"): omegaconf's escaped dots."""
+    return tuple(part.replace("\0", ".") for part in key.replace("\\.", "\0").split("."))
 
 
 def _near(word: str, options: list[str]) -> str | None:
@@ -386,14 +391,14 @@ def _load_spec(ref, overrides, set_files, via) -> Spec:
         try:
             OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
         except (TypeError, OmegaConfBaseException) as e:
-            kp = tuple(key.strip().split("."))
+            kp = _split_key(key.strip())
             old = OmegaConf.select(cfg, key.strip(), default=None)
             what = f"{_kind(value)} over {_kind(_plain(old))}" if isinstance(value, (dict, list)) and \
                 isinstance(_plain(old), (dict, list)) else str(e).splitlines()[0]
             errors.append(SpecError("incompatible_merge", f"override {key.strip()!r}: cannot merge {what}", where,
                                     field=key.strip(), related=(Related(_best(locs, kp), "merged over"),)))
             continue
-        kp = tuple(key.strip().split("."))
+        kp = _split_key(key.strip())
         locs = _overlay_locs(locs, {kp: where}, {kp[0]: value} if len(kp) == 1 else _nest(kp, value))
     top = str(path)
     if errors:
@@ -464,7 +469,9 @@ def _build(data: dict, locs: dict, file: str) -> Spec:
         for name, body in (data.get(section) or {}).items() if isinstance(data.get(section), dict) else []:
             body = body if isinstance(body, dict) else {}
             by_type = body.get("params_by_type") or {}
-            params = dict(by_type.get(body.get("type")) or {}) if isinstance(by_type, dict) else {}
+            typed = by_type.get(body.get("type")) if isinstance(by_type, dict) and isinstance(body.get("type"),
+                                                                                              str) else None
+            params = dict(typed) if isinstance(typed, dict) else {}   # a wrong kind is validate.py's to report
             params.update(body.get("params") or {} if isinstance(body.get("params") or {}, dict) else {})
             nodes[str(name)] = NodeSpec(
                 name=str(name), type=body.get("type"),

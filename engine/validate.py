@@ -60,6 +60,10 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
             if f not in NODE_FIELDS:
                 err("unknown_field", f"unknown field {f!r}", spec.node_where(name, f), node=name, field=f,
                     hint=f"fields: {', '.join(NODE_FIELDS)}")
+        if "type" in ns.raw and not (isinstance(ns.type, str) and ns.type):
+            err("bad_type", f"type: must be a node type name, got {ns.type!r}", spec.node_where(name, "type"),
+                node=name, field="type", hint="run `fd nodes` for the list")
+            continue
         if not isinstance(ns.type, str) or not ns.type:
             err("missing_type", "missing `type:`", where, node=name, field="type")
             continue
@@ -235,6 +239,16 @@ def _check_params(spec, name, ns, nt, err):
     if not isinstance(ns.raw.get("params", {}) or {}, dict):
         err("bad_params", "params: must be a mapping", spec.node_where(name, "params"), node=name, field="params")
         return
+    by_type = ns.raw.get("params_by_type") or {}
+    if not isinstance(by_type, dict):
+        err("bad_params", "params_by_type: must map node types to params", spec.node_where(name, "params_by_type"),
+            node=name, field="params_by_type")
+        return
+    for t, ps in by_type.items():
+        if ps is not None and not isinstance(ps, dict):
+            err("bad_params", f"params_by_type.{t}: must be a mapping of params",
+                spec.node_where(name, "params_by_type", str(t)), node=name, field=f"params_by_type.{t}")
+            return
     declared = {p.name: p for p in nt.params}
     for key, value in ns.params.items():
         where = spec.node_where(name, "params", key)

@@ -181,3 +181,16 @@ def test_missing_local_checkpoint_is_a_spec_error_with_its_line(tmp_path, capsys
     (tmp_path / "w.safetensors").write_bytes(b"")
     rc, _ = fd_json(capsys, "validate", "tiny_self_forcing", f"nodes.dit.params.checkpoint={tmp_path / 'w.safetensors'}")
     assert rc == 0
+
+
+@pytest.mark.parametrize("override, code, field", [
+    ("sinks.video.type=[1, 2]", "bad_type", "type"),
+    ("nodes.dit.type={a: 1}", "bad_type", "type"),
+    ("nodes.decoder.params_by_type=x", "bad_params", "params_by_type"),
+    ("nodes.decoder.params_by_type.taehv\\.decode=../../etc/passwd", "bad_params", "params_by_type.taehv.decode"),
+])
+def test_values_of_the_wrong_kind_found_by_the_fuzzer(capsys, override, code, field):
+    rc, out = fd_json(capsys, "validate", "tiny_self_forcing", override)
+    assert rc == 2
+    err = out["errors"][0]
+    assert (err["code"], err["field"]) == (code, field) and err["file"].startswith("<override 1")
