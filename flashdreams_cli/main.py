@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, help="number of blocks (default: inputs.num_blocks)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, help="run on N local processes (context parallelism)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run GPU-sized models (2 GiB of weights or more) that device: auto put on the CPU")
     p = sub.add_parser("validate", help="check a spec (or several: fd validate a.yaml b.yaml) without loading "
                        "any weight")
     _spec_args(p)

@@ -20,6 +20,11 @@ def main_sink_name(spec) -> str | None:
     return sinks[0] if sinks else None
 
 
+def _with_hint(e, hint: str):
+    from dataclasses import replace
+    return replace(e, hint=f"{e.hint}; or {hint}" if e.hint else hint)
+
+
 def resolve_spec(args):
     """The spec with overrides applied, ``--out`` turned into an override of the main sink's path."""
     from engine.errors import FdError
@@ -79,6 +84,12 @@ def run_exec(args) -> int:
         init_distributed()
     spec = resolve_spec(args)
     plan = make_plan(spec, Registry.default(), world_size=world_size)
+    if not getattr(args, "allow_cpu", False):
+        from engine.errors import SpecErrors
+        from engine.validate import cpu_fallback_warnings
+        too_big = cpu_fallback_warnings(plan)
+        if too_big:   # minutes of loading, then hours per block: ask first
+            raise SpecErrors([_with_hint(e, "pass --allow-cpu to run it anyway") for e in too_big])
     pipe = Pipeline(plan, rank=rank)
     console = Console(stderr=True, quiet=args.quiet or rank != 0)
     n_blocks = args.blocks if args.blocks is not None else int(plan.spec.inputs.get("num_blocks", 1))

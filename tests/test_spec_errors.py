@@ -194,3 +194,12 @@ def test_values_of_the_wrong_kind_found_by_the_fuzzer(capsys, override, code, fi
     assert rc == 2
     err = out["errors"][0]
     assert (err["code"], err["field"]) == (code, field) and err["file"].startswith("<override 1")
+
+
+def test_exec_asks_for_allow_cpu_before_a_gpu_sized_model_on_cpu(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("auto places on the GPU here")
+    rc, out = fd_json(capsys, "exec", "self_forcing", "--quiet")      # refused before any weight is fetched
+    assert rc == 2 and {e["code"] for e in out["errors"]} == {"gpu_model_on_cpu"}
+    assert all("--allow-cpu" in e["hint"] and e["line"] for e in out["errors"])
