@@ -178,6 +178,18 @@ def device_problems(spec: Spec, cuda_devices: int | None = None) -> list[SpecErr
     return spec.annotate(out)
 
 
+def unused_node_warnings(plan) -> list[SpecError]:
+    """A node no sink depends on still loads its weights and runs every block/session: usually a leftover
+    from an edit (a decoder swapped out, a wire moved), so ``fd validate`` points at it."""
+    import networkx as nx
+    sinks = [n for n in plan.order if plan.nodes[n].node.is_sink]
+    needed = set(sinks).union(*(nx.ancestors(plan.graph, s) for s in sinks)) if sinks else set(plan.order)
+    return plan.spec.annotate([
+        SpecError("unused_node", "no sink uses this node's outputs, but it would still load and run",
+                  plan.spec.node_where(n), node=n, hint=f"wire it to a sink, or delete nodes.{n}")
+        for n in plan.order if n not in needed])
+
+
 GPU_SIZED_BYTES = 2 * 2**30   # ~1B parameters in 16-bit: a model that belongs on a GPU
 
 

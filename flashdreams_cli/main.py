@@ -135,7 +135,7 @@ def _split_specs(args) -> tuple[list[str], list[str]]:
 def cmd_validate(args) -> int:
     from engine import load_plan
     from engine.errors import SpecErrors
-    from engine.validate import cpu_fallback_warnings, device_problems
+    from engine.validate import cpu_fallback_warnings, device_problems, unused_node_warnings
 
     specs, overrides = _split_specs(args)
     results, failed = [], []
@@ -146,7 +146,8 @@ def cmd_validate(args) -> int:
             failed.extend(e.errors)
             results.append({"ok": False, "spec": str(ref), "errors": [x.to_json() for x in e.errors]})
             continue
-        warnings = ([] if args.here else device_problems(plan.spec)) + cpu_fallback_warnings(plan)
+        warnings = (([] if args.here else device_problems(plan.spec)) + cpu_fallback_warnings(plan)
+                    + unused_node_warnings(plan))
         results.append({"ok": True, "spec": plan.spec.file, "nodes": plan.order, "errors": [],
                         "warnings": [w.to_json() for w in warnings], "_plan": plan, "_warn": warnings})
     if len(specs) == 1 and failed:

@@ -203,3 +203,12 @@ def test_exec_asks_for_allow_cpu_before_a_gpu_sized_model_on_cpu(capsys):
     rc, out = fd_json(capsys, "exec", "self_forcing", "--quiet")      # refused before any weight is fetched
     assert rc == 2 and {e["code"] for e in out["errors"]} == {"gpu_model_on_cpu"}
     assert all("--allow-cpu" in e["hint"] and e["line"] for e in out["errors"])
+
+
+def test_a_node_no_sink_uses_is_warned_about(tmp_path, capsys):
+    p = write(tmp_path, "c.yaml", "extends: tiny_self_forcing\nnodes:\n  spare:\n    type: taehv.decode\n"
+                                  "    in: {latent: sampler.latent}\n"
+                                  "    params: {checkpoint: random, channels: [32, 16, 16, 16]}\n")
+    rc, out = fd_json(capsys, "validate", str(p))
+    assert rc == 0
+    assert [(w["code"], w["node"], w["line"]) for w in out["warnings"]] == [("unused_node", "spare", 3)]
