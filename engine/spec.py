@@ -6,7 +6,6 @@ person has to edit. Nothing here knows about node types: that is validate.py.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import Location, Related, SpecError, SpecErrors
+from .spec_merge import best, create, interpolation_error, kind, merge, nest, overlay_locs, plain
 
 TOP_LEVEL_KEYS = ("name", "description", "extends", "inputs", "nodes", "sinks")
 NODE_FIELDS = ("type", "params", "params_by_type", "in", "device", "parallel", "capture", "offload", "main", "doc")
@@ -182,7 +182,7 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = (), via: dict | Non
                                     related=reached_by[1:])])
     data, locs = _read_yaml(path)
     parent_ref = data.pop("extends", None)
-    cfg = _create(data, locs, str(path))
+    cfg = create(data, locs, str(path))
     if parent_ref is None:
         return cfg, locs
     ext_at = locs.get(("extends",), Location(str(path), 1, 1))
@@ -210,107 +210,8 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = (), via: dict | Non
                                     f"the sections {', '.join(TOP_LEVEL_KEYS)}", ext_at, field="extends",
                                     related=(Related(Location(str(parent_path.resolve()), 1, 1), "the target"),)
                                     + reached_by)])
-    merged = _merge(parent_cfg, cfg, parent_locs, locs, "extends")
-    return merged, _overlay_locs(parent_locs, locs, data)
-
-
-def _overlay_locs(base: dict, over: dict, over_data: Any) -> dict:
-    """Locations after a merge: ``over`` wins, and where ``over`` puts a scalar or a list, the base's
-    locations below that key are dropped (they describe values the merge threw away)."""
-    out = dict(base)
-    for p in over:
-        try:
-            v = _dig(over_data, p)
-        except (KeyError, IndexError, TypeError):
-            continue
-        if not isinstance(v, dict):
-            for q in [q for q in out if len(q) > len(p) and q[:len(p)] == p]:
-                del out[q]
-    out.update(over)
-    return out
-
-
-def _create(data: dict, locs: dict, file: str):
-    """``OmegaConf.create`` that names the line of an interpolation it cannot even parse (``"${"``)."""
-    try:
-        return OmegaConf.create(data)
-    except OmegaConfBaseException:
-        pass
-    errors = []
-
-    def walk(v, path):
-        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
-        for k, x in items:
-            p = path + (str(k) if isinstance(v, dict) else k,)
-            if isinstance(x, str) and "$" in x:
-                try:
-                    OmegaConf.create({"v": x})
-                except OmegaConfBaseException as e:
-                    errors.append(SpecError("bad_interpolation", f"{'.'.join(map(str, p))}: {x!r} is not a valid "
-                                            f"interpolation: {str(e).splitlines()[0]}", _best(locs, p) if locs
-                                            else Location(file, 1, 1), field=".".join(map(str, p)),
-                                            hint="write ${section.key}, or escape a literal as \\${"))
-            walk(x, p)
-
-    walk(data, ())
-    raise SpecErrors(errors or [SpecError("bad_spec", "omegaconf cannot read this spec", Location(file, 1, 1))])
-
-
-def _plain(cfg) -> Any:
-    return OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
-
-
-def _container_conflict(a, b, path: Path_ = ()) -> Path_ | None:
-    """The first key path where one side holds a mapping and the other a list (omegaconf cannot merge those)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in b:
-            if k in a:
-                found = _container_conflict(a[k], b[k], path + (str(k),))
-                if found is not None:
-                    return found
-        return None
-    if isinstance(a, (dict, list)) and isinstance(b, (dict, list)) and type(a) is not type(b):
-        return path
-    return None
-
-
-def _kind(v) -> str:
-    return "a mapping" if isinstance(v, dict) else "a list"
-
-
-def _dig(d, path):
-    for k in path:
-        d = d[k]
-    return d
-
-
-def _merge(base, over, base_locs: dict, over_locs: dict, how: str, over_where: Location | None = None):
-    """``OmegaConf.merge`` that turns a list-over-mapping clash into a spec error naming both places."""
-    try:
-        return OmegaConf.merge(base, over)
-    except (TypeError, OmegaConfBaseException) as e:
-        a, b = _plain(base), _plain(over)
-        path = _container_conflict(a, b)
-        if path is None:
-            raise SpecErrors([SpecError("incompatible_merge", f"{how}: cannot merge: {str(e).splitlines()[0]}",
-                                        over_where or Location("<merge>"))]) from None
-        key = ".".join(path) or "<top>"
-        here = over_where or _best(over_locs, path)
-        raise SpecErrors([SpecError(
-            "incompatible_merge", f"{how}: {key} is {_kind(_dig(b, path))} here but {_kind(_dig(a, path))} in "
-            "the spec it is merged over", here, field=key, related=(Related(_best(base_locs, path), "merged over"),),
-            hint="write the same kind of value (a mapping where the base has a mapping, a list where it has a list)"
-        )]) from None
-
-
-def _best(locs: dict, path: Path_) -> Location:
-    p = tuple(path)
-    while p:
-        if p in locs:
-            return locs[p]
-        p = p[:-1]
-    any_loc = next(iter(locs.values()), None)
-    return Location(any_loc.file, 1, 1) if any_loc else Location("<unknown>")
+    merged = merge(parent_cfg, cfg, parent_locs, locs, "extends")
+    return merged, overlay_locs(parent_locs, locs, data)
 
 
 def _check_override_path(cfg, key: str, where: Location) -> SpecError | None:
@@ -362,8 +263,8 @@ def _load_spec(ref, overrides, set_files, via) -> Spec:
         by = (Related(Location(f"<--set {i + 1}: {f}>"), "this file came in through --set"),)
         extra, extra_locs = _load_with_extends(fp, via=via, reached_by=by)
         via.setdefault(str(fp.resolve()), by)
-        cfg = _merge(cfg, extra, locs, extra_locs, f"--set {f}")
-        locs = _overlay_locs(locs, extra_locs, _plain(extra))
+        cfg = merge(cfg, extra, locs, extra_locs, f"--set {f}")
+        locs = overlay_locs(locs, extra_locs, plain(extra))
     errors: list[SpecError] = []
     for i, ov in enumerate(overrides):
         where = Location(f"<override {i + 1}: {ov}>")
@@ -383,7 +284,7 @@ def _load_spec(ref, overrides, set_files, via) -> Spec:
             value = value_text
         try:
             if isinstance(value, (str, dict, list)):
-                _create({"v": value}, {}, where.file)
+                create({"v": value}, {}, where.file)
         except SpecErrors as e:
             errors.extend(SpecError(x.code, f"override {ov!r}: {x.message}", where, field=key.strip(), hint=x.hint)
                           for x in e.errors)
@@ -393,13 +294,13 @@ def _load_spec(ref, overrides, set_files, via) -> Spec:
         except (TypeError, OmegaConfBaseException) as e:
             kp = _split_key(key.strip())
             old = OmegaConf.select(cfg, key.strip(), default=None)
-            what = f"{_kind(value)} over {_kind(_plain(old))}" if isinstance(value, (dict, list)) and \
-                isinstance(_plain(old), (dict, list)) else str(e).splitlines()[0]
+            what = f"{kind(value)} over {kind(plain(old))}" if isinstance(value, (dict, list)) and \
+                isinstance(plain(old), (dict, list)) else str(e).splitlines()[0]
             errors.append(SpecError("incompatible_merge", f"override {key.strip()!r}: cannot merge {what}", where,
-                                    field=key.strip(), related=(Related(_best(locs, kp), "merged over"),)))
+                                    field=key.strip(), related=(Related(best(locs, kp), "merged over"),)))
             continue
         kp = _split_key(key.strip())
-        locs = _overlay_locs(locs, {kp: where}, {kp[0]: value} if len(kp) == 1 else _nest(kp, value))
+        locs = overlay_locs(locs, {kp: where}, {kp[0]: value} if len(kp) == 1 else nest(kp, value))
     top = str(path)
     if errors:
         raise SpecErrors(errors)
@@ -407,37 +308,6 @@ def _load_spec(ref, overrides, set_files, via) -> Spec:
     spec = _build(data, locs, top)
     spec.via = via
     return spec
-
-
-_REF_RE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
-
-
-def _interpolation_error(node, k, p, e, locs, file) -> SpecError:
-    """Name the interpolation's line and the line of every value it reads; when those lie in different files
-    (a child's ``inputs: 3`` breaking a parent's ``${inputs.num_blocks}``), lead with the child's."""
-    msg = str(e).splitlines()[0]
-    key = ".".join(map(str, p))
-    site = locs.get(p, Location(file, 1, 1))
-    try:
-        text = node._get_node(k)._value()
-    except Exception:   # noqa: BLE001 - omegaconf internals; fall back to the site alone
-        text = None
-    refs = _REF_RE.findall(text) if isinstance(text, str) else []
-    read = [(r, _best(locs, tuple(r.split(".")))) for r in refs]
-    elsewhere = [(r, loc) for r, loc in read if loc.file != site.file]
-    if elsewhere:
-        r, loc = elsewhere[0]
-        return SpecError("bad_interpolation", f"{r} (read by {key}: {text}) cannot be resolved: {msg}", loc,
-                         field=key, related=(Related(site, f"the interpolation {text}"),))
-    return SpecError("bad_interpolation", f"cannot resolve {key}: {msg}", site, field=key,
-                     related=tuple(Related(loc, f"{r} is set") for r, loc in read if loc != site and
-                                   tuple(r.split(".")) in locs))
-
-
-def _nest(path: Path_, value) -> dict:
-    for k in reversed(path):
-        value = {k: value}
-    return value
 
 
 def _resolve(cfg, locs, file) -> dict:
@@ -453,7 +323,7 @@ def _resolve(cfg, locs, file) -> dict:
             try:
                 child = node[k]
             except OmegaConfBaseException as e:
-                errors.append(_interpolation_error(node, k, p, e, locs, file))
+                errors.append(interpolation_error(node, k, p, e, locs, file))
                 continue
             if OmegaConf.is_config(child):
                 walk(child, p)

@@ -26,15 +26,14 @@ def write(tmp_path, name, text):
 
 
 def test_extends_a_file_that_is_not_a_spec_names_the_extends_line(tmp_path, capsys):
-    for target, code_line in (("/etc/passwd", 2), (str(write(tmp_path, "blob.bin", "")), 2)):
-        if target.endswith(".bin"):
-            (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    for target in ("/etc/passwd", str(tmp_path / "blob.bin")):
         p = write(tmp_path, "child.yaml", f"name: c\nextends: {target}\n")
         rc, out = fd_json(capsys, "validate", str(p))
         assert rc == 2
         err = out["errors"][0]
         assert err["code"] == "extends_not_a_spec" and "is not a spec" in err["message"]
-        assert (err["file"], err["line"]) == (str(p.resolve()), code_line)
+        assert (err["file"], err["line"]) == (str(p.resolve()), 2)
         assert any(f == target for f, _ in places(err))          # and the target itself
 
 
