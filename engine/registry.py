@@ -7,10 +7,10 @@ and pass it along.
 """
 from __future__ import annotations
 
-import difflib
 from importlib import metadata
 from typing import Iterable
 
+from .errors import close_matches
 from .node import Node
 
 ENTRY_POINT_GROUP = "fd.nodes"
@@ -38,7 +38,7 @@ class Registry:
         return sorted(self._types)
 
     def suggest(self, name: str) -> list[str]:
-        return difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        return close_matches(name, self.names())
 
     def __contains__(self, name: str) -> bool:
         return name in self._types

@@ -52,6 +52,8 @@ def read_spec(ref: str | Path | Spec, overrides: list[str] = (), set_files: list
         return ref
     spec = load_spec(ref, list(overrides), list(set_files))
     if out:
+        if not Path(out).expanduser().parent.is_dir():   # a typo'd folder is not created behind the user's back
+            raise FdError(f"--out {out}: the folder {Path(out).expanduser().parent} does not exist")
         main = main_sink(spec, registry or Registry.default())
         if main is None:
             raise FdError(f"{spec.file}: --out given but the spec has no sink")

@@ -15,7 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import Location, SpecError, SpecErrors
+from .errors import Location, Related, SpecError, SpecErrors, did_you_mean
+from .spec_merge import best, create, interpolation_error, kind, merge, nest, overlay_locs, plain
 
 TOP_LEVEL_KEYS = ("name", "description", "extends", "inputs", "nodes", "sinks")
 NODE_FIELDS = ("type", "params", "params_by_type", "in", "device", "parallel", "capture", "offload", "main", "doc")
@@ -60,6 +61,15 @@ class Spec:
     nodes: dict[str, NodeSpec]        # sinks included (is_sink=True), in file order
     raw: dict
     locations: dict[Path_, Location]
+    via: dict[str, tuple[Related, ...]] = field(default_factory=dict)   # file -> how it was pulled in
+
+    def annotate(self, errors: list[SpecError]) -> list[SpecError]:
+        """Errors located in a file the user did not name get the ``extends:``/``--set`` chain that reached it."""
+        return self.annotate_with(self.via, errors)
+
+    @staticmethod
+    def annotate_with(via: dict, errors: list[SpecError]) -> list[SpecError]:
+        return [e.with_related(*via.get(e.location.file, ())) for e in errors]
 
     def where(self, *path) -> Location:
         """Best location for ``path``: the deepest prefix that has one."""
@@ -68,7 +78,7 @@ class Spec:
             if p in self.locations:
                 return self.locations[p]
             p = p[:-1]
-        return Location(self.file)
+        return Location(self.file, 1, 1)   # nothing more precise: the top of the file the user named
 
     def node_where(self, node: str, *path) -> Location:
         ns = self.nodes.get(node)
@@ -108,6 +118,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Path_, Location]]:
         text = path.read_text()
     except OSError as e:
         raise SpecErrors([SpecError("unreadable_spec", f"cannot read spec: {e.strerror}", Location(file))])
+    except UnicodeDecodeError:
+        raise SpecErrors([SpecError("unreadable_spec", "not a text file, so not a YAML spec", Location(file))])
     try:
         data = yaml.safe_load(text)
         locs = _compose_locations(text, file)
@@ -144,78 +156,115 @@ def find_spec(ref: str | Path, relative_to: Path | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    import difflib
-    near = difflib.get_close_matches(str(ref), packaged_spec_names(), n=3)
-    hint = f"did you mean {', '.join(near)}?" if near else f"packaged specs: {', '.join(packaged_spec_names())}"
+    hint = did_you_mean(str(ref), packaged_spec_names(), cutoff=0.6) or \
+        f"packaged specs: {', '.join(packaged_spec_names())}"
     raise SpecErrors([SpecError("spec_not_found", f"no spec file or packaged spec named {str(ref)!r}",
                                 Location(str(ref)), hint=hint)])
 
 
 # --------------------------------------------------------------------------- loading
-def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, dict[Path_, Location]]:
+_NOT_A_SPEC = ("unreadable_spec", "yaml_syntax", "bad_spec")
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...] = (), via: dict | None = None,
+                       reached_by: tuple[Related, ...] = ()) -> tuple[Any, dict[Path_, Location]]:
+    """Load ``path`` and its ``extends:`` ancestors, merged. ``via`` collects, per file, the ``extends:``
+    lines (nearest first) that pulled it in, so later errors in a parent can name the user's own file."""
     path = path.resolve()
+    via = {} if via is None else via
+    if reached_by:
+        via.setdefault(str(path), reached_by)
     if path in chain:
         names = " -> ".join(str(p) for p in chain + (path,))
-        raise SpecErrors([SpecError("extends_cycle", f"extends: forms a cycle: {names}", Location(str(path)))])
+        where = reached_by[0].location if reached_by else Location(str(path), 1, 1)
+        raise SpecErrors([SpecError("extends_cycle", f"extends: forms a cycle: {names}", where, field="extends",
+                                    related=reached_by[1:])])
     data, locs = _read_yaml(path)
     parent_ref = data.pop("extends", None)
-    cfg = OmegaConf.create(data)
+    cfg = create(data, locs, str(path))
     if parent_ref is None:
         return cfg, locs
+    ext_at = locs.get(("extends",), Location(str(path), 1, 1))
     if not isinstance(parent_ref, str):
-        raise SpecErrors([SpecError("bad_extends", "extends: must be a spec path or name",
-                                    locs.get(("extends",), Location(str(path))))])
+        raise SpecErrors([SpecError("bad_extends", "extends: must be a spec path or name", ext_at, field="extends",
+                                    related=reached_by)])
     try:
         parent_path = find_spec(parent_ref, relative_to=path.parent)
     except SpecErrors as e:
         err = e.errors[0]
-        raise SpecErrors([SpecError("extends_not_found", err.message, locs.get(("extends",), Location(str(path))),
-                                    field="extends", hint=err.hint)])
-    parent_cfg, parent_locs = _load_with_extends(parent_path, chain + (path,))
-    merged = OmegaConf.merge(parent_cfg, cfg)
-    return merged, {**parent_locs, **locs}
+        raise SpecErrors([SpecError("extends_not_found", err.message, ext_at, field="extends", hint=err.hint,
+                                    related=reached_by)])
+    here = (Related(ext_at, f"reached through `extends: {parent_ref}`"),) + reached_by
+    try:
+        parent_cfg, parent_locs = _load_with_extends(parent_path, chain + (path,), via, here)
+    except SpecErrors as e:
+        bad = e.errors[0]
+        if len(e.errors) == 1 and bad.code in _NOT_A_SPEC and bad.location.file == str(parent_path.resolve()):
+            raise SpecErrors([SpecError("extends_not_a_spec", f"extends: {parent_ref} is not a spec: {bad.message}",
+                                        ext_at, field="extends", related=(Related(bad.location, "the target"),)
+                                        + reached_by)]) from None
+        raise
+    if parent_cfg and not any(k in TOP_LEVEL_KEYS for k in parent_cfg):
+        raise SpecErrors([SpecError("extends_not_a_spec", f"extends: {parent_ref} is not a spec: it has none of "
+                                    f"the sections {', '.join(TOP_LEVEL_KEYS)}", ext_at, field="extends",
+                                    related=(Related(Location(str(parent_path.resolve()), 1, 1), "the target"),)
+                                    + reached_by)])
+    merged = merge(parent_cfg, cfg, parent_locs, locs, "extends")
+    return merged, overlay_locs(parent_locs, locs, data)
 
 
 def _check_override_path(cfg, key: str, where: Location) -> SpecError | None:
-    parts = key.split(".")
+    parts = list(_split_key(key))
     if parts[0] not in TOP_LEVEL_KEYS:
         return SpecError("unknown_override", f"override {key!r}: no top-level section {parts[0]!r}", where,
                          hint=f"sections: {', '.join(TOP_LEVEL_KEYS)}")
     if parts[0] in ("inputs",) and len(parts) >= 2 and parts[1] not in (cfg.get("inputs") or {}):
-        near = _near(parts[1], list(cfg.get("inputs") or {}))
+        near = did_you_mean(parts[1], list(cfg.get("inputs") or {}))
         return SpecError("unknown_override", f"override {key!r}: the spec has no input {parts[1]!r}", where,
                          field=key, hint=near)
     if parts[0] in ("nodes", "sinks") and len(parts) >= 2:
         section = cfg.get(parts[0]) or {}
         if parts[1] not in section:
             return SpecError("unknown_override", f"override {key!r}: the spec has no {parts[0][:-1]} {parts[1]!r}",
-                             where, field=key, hint=_near(parts[1], list(section)))
+                             where, field=key, hint=did_you_mean(parts[1], list(section)))
         if len(parts) >= 3 and parts[2] not in NODE_FIELDS:
             return SpecError("unknown_override", f"override {key!r}: {parts[2]!r} is not a node field", where,
                              node=parts[1], field=parts[2], hint=f"fields: {', '.join(NODE_FIELDS)}")
     return None
 
 
-def _near(word: str, options: list[str]) -> str | None:
-    import difflib
-    m = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(m)}?" if m else None
+def _split_key(key: str) -> Path_:
+    """``nodes.decoder.params_by_type.taehv\\.decode`` -> (..., "taehv.decode"): omegaconf's escaped dots."""
+    return tuple(part.replace("\0", ".") for part in key.replace("\\.", "\0").split("."))
 
 
 def load_spec(ref: str | Path, overrides: list[str] = (), set_files: list[str | Path] = ()) -> Spec:
-    """Read a spec (path or packaged name), merge ``--set`` files and dotlist overrides, resolve ``${...}``."""
+    """Read a spec (path or packaged name), merge ``--set`` files and dotlist overrides, resolve ``${...}``.
+    Every error located in a file the user did not name also names the ``extends:``/``--set`` chain."""
+    via: dict[str, tuple[Related, ...]] = {}
+    try:
+        return _load_spec(ref, overrides, set_files, via)
+    except SpecErrors as e:
+        raise SpecErrors(Spec.annotate_with(via, e.errors)) from None
+
+
+def _load_spec(ref, overrides, set_files, via) -> Spec:
     path = find_spec(ref)
-    cfg, locs = _load_with_extends(path)
-    for f in set_files:
+    cfg, locs = _load_with_extends(path, via=via)
+    for i, f in enumerate(set_files):
         fp = find_spec(f)
-        extra, extra_locs = _load_with_extends(fp)
-        cfg = OmegaConf.merge(cfg, extra)
-        locs.update(extra_locs)
+        by = (Related(Location(f"<--set {i + 1}: {f}>"), "this file came in through --set"),)
+        extra, extra_locs = _load_with_extends(fp, via=via, reached_by=by)
+        via.setdefault(str(fp.resolve()), by)
+        cfg = merge(cfg, extra, locs, extra_locs, f"--set {f}")
+        locs = overlay_locs(locs, extra_locs, plain(extra))
     errors: list[SpecError] = []
     for i, ov in enumerate(overrides):
         where = Location(f"<override {i + 1}: {ov}>")
         if "=" not in ov:
-            errors.append(SpecError("bad_override", f"override {ov!r} must look like key.path=value", where))
+            hint = "to merge a YAML file over the spec, use --set " + ov if ov.endswith((".yaml", ".yml")) else None
+            errors.append(SpecError("bad_override", f"override {ov!r} must look like key.path=value", where,
+                                    hint=hint))
             continue
         key, value_text = ov.split("=", 1)
         err = _check_override_path(cfg, key.strip(), where)
@@ -226,12 +275,32 @@ def load_spec(ref: str | Path, overrides: list[str] = (), set_files: list[str | 
             value = yaml.safe_load(value_text) if value_text.strip() else ""
         except yaml.YAMLError:
             value = value_text
-        OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
-        locs[tuple(key.strip().split("."))] = where
+        try:
+            if isinstance(value, (str, dict, list)):
+                create({"v": value}, {}, where.file)
+        except SpecErrors as e:
+            errors.extend(SpecError(x.code, f"override {ov!r}: {x.message}", where, field=key.strip(), hint=x.hint)
+                          for x in e.errors)
+            continue
+        try:
+            OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
+        except (TypeError, OmegaConfBaseException) as e:
+            kp = _split_key(key.strip())
+            old = OmegaConf.select(cfg, key.strip(), default=None)
+            what = f"{kind(value)} over {kind(plain(old))}" if isinstance(value, (dict, list)) and \
+                isinstance(plain(old), (dict, list)) else str(e).splitlines()[0]
+            errors.append(SpecError("incompatible_merge", f"override {key.strip()!r}: cannot merge {what}", where,
+                                    field=key.strip(), related=(Related(best(locs, kp), "merged over"),)))
+            continue
+        kp = _split_key(key.strip())
+        locs = overlay_locs(locs, {kp: where}, {kp[0]: value} if len(kp) == 1 else nest(kp, value))
+    top = str(path)
     if errors:
         raise SpecErrors(errors)
-    data = _resolve(cfg, locs, str(path))
-    return _build(data, locs, str(path))
+    data = _resolve(cfg, locs, top)
+    spec = _build(data, locs, top)
+    spec.via = via
+    return spec
 
 
 def _resolve(cfg, locs, file) -> dict:
@@ -247,15 +316,14 @@ def _resolve(cfg, locs, file) -> dict:
             try:
                 child = node[k]
             except OmegaConfBaseException as e:
-                msg = str(e).splitlines()[0]
-                errors.append(SpecError("bad_interpolation", f"cannot resolve {'.'.join(map(str, p))}: {msg}",
-                                        locs.get(p, Location(file)), field=".".join(map(str, p))))
+                errors.append(interpolation_error(node, k, p, e, locs, file))
                 continue
             if OmegaConf.is_config(child):
                 walk(child, p)
 
     walk(cfg, ())
-    raise SpecErrors(errors or [SpecError("bad_interpolation", "cannot resolve interpolations", Location(file))])
+    raise SpecErrors(errors or [SpecError("bad_interpolation", "cannot resolve interpolations",
+                                          Location(file, 1, 1))])
 
 
 def _build(data: dict, locs: dict, file: str) -> Spec:
@@ -264,7 +332,9 @@ def _build(data: dict, locs: dict, file: str) -> Spec:
         for name, body in (data.get(section) or {}).items() if isinstance(data.get(section), dict) else []:
             body = body if isinstance(body, dict) else {}
             by_type = body.get("params_by_type") or {}
-            params = dict(by_type.get(body.get("type")) or {}) if isinstance(by_type, dict) else {}
+            typed = by_type.get(body.get("type")) if isinstance(by_type, dict) and isinstance(body.get("type"),
+                                                                                              str) else None
+            params = dict(typed) if isinstance(typed, dict) else {}   # a wrong kind is validate.py's to report
             params.update(body.get("params") or {} if isinstance(body.get("params") or {}, dict) else {})
             nodes[str(name)] = NodeSpec(
                 name=str(name), type=body.get("type"),

@@ -23,8 +23,16 @@ EPILOG = """examples:
 """
 
 
+def _packaged_names() -> str:
+    try:
+        from engine.spec import packaged_spec_names
+        return ", ".join(packaged_spec_names())
+    except Exception:  # noqa: BLE001 - help text must never stop the CLI
+        return "see specs/"
+
+
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="spec file, or the name of a packaged spec (see `fd exec --list`)")
+    p.add_argument("spec", help="spec file, or the name of a packaged spec (" + _packaged_names() + ")")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. inputs.prompt='a cat' nodes.dit.device=cpu")
     p.add_argument("--set", dest="set_files", action="append", default=[], metavar="FILE",
                    help="merge another YAML file over the spec (repeatable)")
@@ -43,10 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, help="number of blocks (default: inputs.num_blocks)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=int, default=1, help="run on N local processes (context parallelism)")
-    p = sub.add_parser("validate", help="check a spec without loading any weight")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run GPU-sized models (2 GiB of weights or more) that device: auto put on the CPU")
+    p = sub.add_parser("validate", help="check a spec (or several: fd validate a.yaml b.yaml) without loading "
+                       "any weight")
     _spec_args(p)
     p.add_argument("--world-size", type=int, default=1, help="world size to check parallel groups against")
-    p.add_argument("--no-device-check", action="store_true", help="do not require the spec's devices to exist here")
+    p.add_argument("--here", action="store_true",
+                   help="also ask 'can it run on this machine?': devices the spec pins that are absent are errors "
+                        "(without it they are warnings)")
+    p.add_argument("--no-device-check", action="store_true", help=argparse.SUPPRESS)   # the default now
     p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot)")
     _spec_args(p)
     p.add_argument("-o", "--output", help="write a drawing: .svg, .html or .dot")
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FdError as e:
         if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": str(e)}))
+            print(json.dumps({"ok": False, "errors": [runtime_error_json(e)]}, indent=2))
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         if getattr(args, "debug", False):
             console.print_exception()
@@ -101,17 +115,69 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def runtime_error_json(e) -> dict:
+    """A runtime failure in the shape of a validation error (``errors[]`` items), so one parser reads both."""
+    where = getattr(e, "where", None)
+    return {"code": "runtime_error" if hasattr(e, "node") else "error", "message": str(e),
+            "file": where.file if where else None, "line": where.line if where else None,
+            "column": where.column if where else None, "node": getattr(e, "node", None), "field": None,
+            "hint": None, "related": []}
+
+
+def _split_specs(args) -> tuple[list[str], list[str]]:
+    """``fd validate a.yaml b.yaml k=v``: positionals without ``=`` are more specs, not overrides."""
+    specs, overrides = [args.spec], []
+    for x in args.overrides:
+        (overrides if "=" in x else specs).append(x)
+    return specs, overrides
+
+
 def cmd_validate(args) -> int:
     from engine import load_plan
+    from engine.errors import SpecErrors
+    from engine.validate import cpu_fallback_warnings, device_problems, unused_node_warnings
 
-    plan = load_plan(args.spec, args.overrides, args.set_files, world_size=args.world_size,
-                     check_devices=not args.no_device_check)
+    specs, overrides = _split_specs(args)
+    results, failed = [], []
+    for ref in specs:
+        try:
+            plan = load_plan(ref, overrides, args.set_files, world_size=args.world_size, check_devices=args.here)
+        except SpecErrors as e:
+            failed.extend(e.errors)
+            results.append({"ok": False, "spec": str(ref), "errors": [x.to_json() for x in e.errors]})
+            continue
+        warnings = (([] if args.here else device_problems(plan.spec)) + cpu_fallback_warnings(plan)
+                    + unused_node_warnings(plan))
+        results.append({"ok": True, "spec": plan.spec.file, "nodes": plan.order, "errors": [],
+                        "warnings": [w.to_json() for w in warnings], "_plan": plan, "_warn": warnings})
+    if len(specs) == 1 and failed:
+        raise SpecErrors(failed)
     if args.json:
-        print(json.dumps({"ok": True, "spec": plan.spec.file, "nodes": plan.order, "errors": []}, indent=2))
-    else:
-        Console().print(f"[green]✓[/] {plan.spec.file}: {len(plan.order)} nodes "
-                        f"({len(plan.session_nodes)} once per session, {len(plan.block_nodes)} per block)")
-    return 0
+        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+        print(json.dumps(clean[0] if len(clean) == 1 else {"ok": not failed, "specs": clean}, indent=2))
+        return 2 if failed else 0
+    out, err = Console(), Console(stderr=True, soft_wrap=True)
+    from rich.text import Text
+    for r in results:
+        if not r["ok"]:
+            err.print(f"[bold red]{len(r['errors'])} error(s) in {r['spec']}[/]")
+            for x in r["errors"]:
+                err.print(Text("  ✗ ", style="red") + Text(_error_line(x)), highlight=False)
+            continue
+        plan = r["_plan"]
+        for w in r["_warn"]:
+            err.print(Text("  ⚠ ", style="yellow") + Text(str(w)), highlight=False)
+        out.print(f"[green]✓[/] {plan.spec.file}: {len(plan.order)} nodes "
+                  f"({len(plan.session_nodes)} once per session, {len(plan.block_nodes)} per block)"
+                  + (f", {len(r['_warn'])} warning(s)" if r["_warn"] else ""))
+    return 2 if failed else 0
+
+
+def _error_line(d: dict) -> str:
+    from engine.errors import Location, Related, SpecError
+    rel = tuple(Related(Location(x["file"], x["line"], x["column"]), x["why"]) for x in d.get("related", []))
+    return str(SpecError(d["code"], d["message"], Location(d["file"], d["line"], d["column"]), d["node"],
+                         d["field"], d["hint"], rel))
 
 
 def cmd_viz(args) -> int:

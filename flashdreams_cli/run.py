@@ -10,6 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def _with_hint(e, hint: str):
+    from dataclasses import replace
+    return replace(e, hint=f"{e.hint}; or {hint}" if e.hint else hint)
+
+
 def _launch_local_ranks(nproc: int, rank_main) -> int:
     """``fd exec --nproc N``: the same command on N local processes joined in one process group (torch's
     launcher semantics: RANK/WORLD_SIZE/MASTER_ADDR set per rank); one failing rank ends them all."""
@@ -37,6 +42,12 @@ def run_exec(args, rank_main=None) -> int:
         return _launch_local_ranks(args.nproc, rank_main)
     pipe = open_pipeline(args.spec, args.overrides, args.set_files, out=getattr(args, "out", None))
     plan, rank = pipe.plan, pipe.rank
+    if not getattr(args, "allow_cpu", False):
+        from engine.errors import SpecErrors
+        from engine.validate import cpu_fallback_warnings
+        too_big = cpu_fallback_warnings(plan)
+        if too_big:   # minutes of loading, then hours per block: ask first
+            raise SpecErrors([_with_hint(e, "pass --allow-cpu to run it anyway") for e in too_big])
     console = Console(stderr=True, quiet=args.quiet or rank != 0)
     n_blocks = args.blocks if args.blocks is not None else int(plan.spec.inputs.get("num_blocks", 1))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -48,11 +59,19 @@ def run_exec(args, rank_main=None) -> int:
 
         pipe.load(progress=on_load)
         block_task = progress.add_task("blocks", total=n_blocks)
-        with pipe.open_session() as session:
+        from .interrupt import stop_after_block
+        notice = Console(stderr=True, quiet=rank != 0)        # said even with --quiet: the run ends early
+        done = 0
+        with pipe.open_session() as session, stop_after_block(
+                lambda: notice.print("[yellow]interrupted: finishing this block and writing what was generated "
+                                      "(Ctrl-C again to discard it)[/]")) as stop:
             for result in session.stream(n_blocks):
+                done += 1
                 ms = sum(result.timings_ms.values())
                 progress.update(block_task, advance=1, description=f"block {result.block} ({ms:.0f} ms)")
-    summary = {"ok": True, "spec": plan.spec.file, "blocks": n_blocks,
+                if stop.requested:
+                    break
+    summary = {"ok": True, "spec": plan.spec.file, "blocks": done, "interrupted": stop.requested,
                "node_ms_median": {n: round(median(ms), 3) for n, ms in pipe.timings_ms.items() if ms},
                "outputs": {n: pipe.nodes[n].p.path for n in plan.sinks if hasattr(pipe.nodes[n].p, "path")}}
     if rank == 0:
@@ -60,5 +79,7 @@ def run_exec(args, rank_main=None) -> int:
             print(json.dumps(summary, indent=2))
         else:
             for n, path in summary["outputs"].items():
-                console.print(f"[green]✓[/] {n}: wrote {path}")
-    return 0
+                (notice if stop.requested else console).print(
+                    f"[green]✓[/] {n}: wrote {path}" + (f" ({done} of {n_blocks} blocks: interrupted)"
+                                                         if stop.requested else ""))
+    return 130 if stop.requested else 0

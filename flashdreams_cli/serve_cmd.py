@@ -18,6 +18,9 @@ def add_parser(sub, spec_args) -> None:
                    help="seconds a paused or finished session may sit before it is freed (default 60)")
     p.add_argument("--replicas", type=int, default=1, help="pipeline copies, one rollout each (default 1)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality 1-100 (default 85)")
+    p.add_argument("--allow-origin", dest="allow_origins", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin (e.g. https://my.app) that may use the server besides its own page; "
+                        "repeatable. Others are refused with 403")
 
 
 def run_serve(args) -> int:
@@ -42,7 +45,8 @@ def run_serve(args) -> int:
     spec = read_spec(args.spec, args.overrides, args.set_files)
     console = Console(stderr=True)
     config = ServeConfig(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue,
-                         idle_timeout=args.idle_timeout, replicas=args.replicas, quality=args.quality)
+                         idle_timeout=args.idle_timeout, replicas=args.replicas, quality=args.quality,
+                         allow_origins=tuple(args.allow_origins))
     if args.host not in LOOPBACK and not args.token:
         console.print(f"[yellow]warning:[/] binding {args.host} without --token: anyone who can reach this "
                       "port can drive the model")

@@ -70,3 +70,39 @@ def test_page_streams_switches_prompt_and_stops(tmp_path):
             browser.close()
     assert not (tmp_path / "never.mp4").exists()
     assert math.isfinite(first)
+
+
+HOSTILE_PAGE = """<!doctype html><title>evil</title><script>
+window.result = 'pending';
+const ws = new WebSocket('ws://127.0.0.1:%d/ws');
+ws.onopen = () => { window.result = 'opened'; };
+ws.onerror = () => { if (window.result === 'pending') window.result = 'refused'; };
+ws.onclose = () => { if (window.result === 'pending') window.result = 'refused'; };
+</script>"""
+
+
+def test_page_from_another_origin_cannot_open_the_websocket(tmp_path):
+    """Cross-site WebSocket hijacking: a page on another origin tries /ws and is refused (403 at the upgrade);
+    the server's own page still reaches 'ready'."""
+    import http.server
+    import threading
+
+    with BackgroundServer(rings_spec(tmp_path), ServeConfig(port=0), registry=registry()) as bg, \
+            sync_api.sync_playwright() as pw:
+        (tmp_path / "evil.html").write_text(HOSTILE_PAGE % bg.server.port)
+        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{evil.server_address[1]}/evil.html")
+            page.wait_for_function("window.result !== 'pending'", timeout=10_000)
+            assert page.evaluate("window.result") == "refused"
+            assert not bg.server.connections
+            own = browser.new_page()
+            own.goto(bg.url + "/")
+            own.wait_for_function("window.fdDebug.phase === 'ready'", timeout=10_000)
+        finally:
+            browser.close()
+            evil.shutdown()

@@ -24,7 +24,7 @@ from aiohttp import WSMsgType, web
 from engine.registry import Registry
 from engine.spec import Spec
 
-from . import protocol
+from . import origin, protocol
 from .protocol import ProtocolError
 from .sessions import Metrics, Outbox, QueueFull, Replica, Rollout, SessionManager, Ticket, \
     stream_source
@@ -48,6 +48,9 @@ class ServeConfig:
     outbox_frames: int = 2           # frames buffered per client before the oldest is dropped
     auth_timeout: float = 10.0       # seconds to send {type: auth} when the URL carried no token
     transport_max_bytes: int = 1 << 20   # larger WebSocket messages close the connection
+    allow_origins: tuple[str, ...] = ()  # page origins besides the server's own that may connect (origin.py)
+    messages_per_s: float = 50.0     # sustained client messages per connection (the page sends ~1-30/s)
+    message_burst: int = 100         # ... and how many may arrive at once before the rate applies
 
 
 class Server:
@@ -66,7 +69,7 @@ class Server:
 
     # ------------------------------------------------------------------ lifecycle
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[origin.middleware(self.config.host, tuple(self.config.allow_origins))])
         app.router.add_get("/", self._page)
         app.router.add_get("/app.js", self._page)
         app.router.add_get("/style.css", self._page)
@@ -200,6 +203,23 @@ class Connection:
         self._starting: asyncio.Task | None = None
         self.last_message = time.monotonic()
         self.connected_at = time.monotonic()
+        self._tokens, self._refilled = float(self.config.message_burst), time.monotonic()
+        self._told_rate = 0.0
+
+    def _within_rate(self) -> bool:
+        """A token bucket per connection: a flood costs the flooder dropped messages, not the server's loop."""
+        now = time.monotonic()
+        cap = float(self.config.message_burst)
+        self._tokens = min(cap, self._tokens + (now - self._refilled) * self.config.messages_per_s)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        if now - self._told_rate > 1.0:        # one error a second, not one per dropped message
+            self._told_rate = now
+            self.send(protocol.error(f"rate limit: at most {self.config.messages_per_s:g} messages/s; "
+                                     "messages were dropped"))
+        return False
 
     def send(self, msg: dict) -> None:
         self.outbox.push_json(msg)
@@ -212,6 +232,8 @@ class Connection:
             async for raw in self.ws:
                 if raw.type in (WSMsgType.ERROR, WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                     break
+                if not self._within_rate():
+                    continue
                 try:
                     msg = protocol.parse_message(raw.data if raw.type == WSMsgType.TEXT else bytes(raw.data))
                     if msg["type"] != "ping":     # the page pings every 2 s: that is not a person using it

@@ -1,0 +1,81 @@
+"""Who may talk to a local ``fd serve``: Origin and Host checks against web pages in the user's browser.
+
+A server on 127.0.0.1 without a token is reachable by every page the user opens: browsers let any page open
+``ws://127.0.0.1:8188/ws`` (WebSockets are not bound by the same-origin policy) and send ``fetch`` requests to
+it. Two checks close that, as Jupyter and the Chrome DevTools port do:
+
+* **Origin** — browsers always send it on WebSocket upgrades and cross-origin requests. It must be the server's
+  own page (same scheme-less host:port as the request's Host) or one given with ``--allow-origin``. Requests
+  without Origin come from programs (the Python client, curl), not from a page, and pass.
+* **Host** — DNS rebinding makes ``evil.example`` resolve to 127.0.0.1, so the attacker's page becomes "same
+  origin". When the server is bound to loopback, the Host header must name loopback too.
+"""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_port(netloc: str) -> tuple[str, int | None]:
+    parts = urlsplit("//" + netloc)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1            # unparsable: never equal to a real port
+    return (parts.hostname or "").lower(), port
+
+
+def normalize_origin(origin: str) -> str:
+    """``http://LOCALHOST:8188/`` -> ``http://localhost:8188`` (what browsers send has no path)."""
+    parts = urlsplit(origin.strip())
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}" if parts.scheme and parts.netloc else origin.strip()
+
+
+def host_ok(host_header: str | None, bound_host: str) -> bool:
+    """Bound to loopback, only loopback names may appear in Host (no DNS-rebinding names)."""
+    if bound_host not in LOOPBACK_NAMES:
+        return True              # a LAN bind: the --token is the guard (serve_cmd warns without one)
+    if not host_header:
+        return False
+    host, port = _host_port(host_header)
+    return host in LOOPBACK_NAMES and port != -1
+
+
+def origin_ok(origin: str | None, host_header: str | None, allowed: tuple[str, ...]) -> bool:
+    if origin is None:
+        return True              # not a browser page (browsers always send Origin on a WebSocket upgrade)
+    norm = normalize_origin(origin)
+    if norm in allowed:
+        return True
+    parts = urlsplit(norm)
+    if parts.scheme not in ("http", "https") or not host_header:
+        return False             # "null" (sandboxed frames, file://) and anything odd
+    return _host_port(parts.netloc) == _host_port(host_header) or (
+        _default_port(parts) == _host_port(host_header))
+
+
+def _default_port(parts) -> tuple[str, int | None]:
+    """``http://localhost`` and Host ``localhost:80`` are the same origin."""
+    host, port = _host_port(parts.netloc)
+    return host, port if port is not None else {"http": 80, "https": 443}[parts.scheme]
+
+
+def middleware(bound_host: str, allowed_origins: tuple[str, ...]):
+    allowed = tuple(normalize_origin(o) for o in allowed_origins)
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        host = request.headers.get("Host")
+        if not host_ok(host, bound_host):
+            return web.json_response({"error": f"forbidden: Host {host!r} is not this server (DNS rebinding?)"},
+                                     status=403)
+        origin = request.headers.get("Origin")
+        if not origin_ok(origin, host, allowed):
+            return web.json_response({"error": f"forbidden: origin {origin!r} is not allowed (start fd serve "
+                                      "with --allow-origin to allow a page)"}, status=403)
+        return await handler(request)
+
+    return check
