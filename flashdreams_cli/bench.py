@@ -36,7 +36,8 @@ def environment() -> dict:
                                        timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
-    env["commit"] = env["commit"] or os.environ.get("FD_COMMIT")  # a copied tree without .git (device runs)
+    # a copied tree (device runs, or an old tree beside the new one) says which commit it is through FD_COMMIT
+    env["commit"] = os.environ.get("FD_COMMIT") or env["commit"]
     return env
 
 
