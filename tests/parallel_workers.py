@@ -49,8 +49,10 @@ def attention_cases(world, cases: dict) -> dict:
 
 
 def _note_pid(pid_dir: str, rank: int) -> None:
-    with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
+    path = os.path.join(pid_dir, f"rank{rank}.pid")
+    with open(path + ".tmp", "w") as f:   # atomic: a rank killed mid-write must not leave an empty pid file
         f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
 
 
 def subgroup_cases(world, qs: list, k: torch.Tensor, v: torch.Tensor) -> dict:
