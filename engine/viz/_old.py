@@ -13,7 +13,7 @@ from statistics import median
 
 import networkx as nx
 
-from .plan import Plan
+from ..plan import Plan
 
 
 def node_facts(plan: Plan, name: str) -> list[str]:
