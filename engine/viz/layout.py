@@ -139,7 +139,8 @@ def box_text(n) -> BoxText:
     if n.est_bytes:
         facts.append(f"weights ≈ {fmt_bytes(n.est_bytes)}")
     if n.timings_ms:
-        facts.append(f"p50 {n.p50():.2f} ms · p99 {n.p99():.2f} ms/block (n={len(n.timings_ms)})")
+        per = "ms/block" if n.phase == "block" else "ms/call"
+        facts.append(f"p50 {n.p50():.2f} ms · p99 {n.p99():.2f} {per} (n={len(n.timings_ms)})")
     return BoxText([(n.name, "title"), (sub, "sub"), *[(f, "fact") for f in facts]], 0.0,
                    max(len(n.in_ports), len(n.out_ports)))
 
@@ -232,7 +233,7 @@ def layout(g: VizGraph) -> Layout:
             t = max(center - ext / 2, cursor + SEP)
             top[key] = t
             cursor = t + ext
-    shift = MARGIN + 30 - min(top.values(), default=0.0)          # room for the title above
+    shift = MARGIN + 50 - min(top.values(), default=0.0)          # room for the title and a frame caption
     top = {k: v + shift for k, v in top.items()}
     # 2. x positions: lane (labels of edges entering this rank) then band (the boxes)
     lane_w = [12.0] * nranks

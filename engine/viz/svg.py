@@ -31,11 +31,12 @@ def device_fills(g: VizGraph) -> dict[str, str]:
 
 
 def heat(ms: float, hi: float) -> str:
-    """White -> orange -> red as ms goes 0 -> hi."""
+    """White -> amber -> salmon as ms goes 0 -> hi; light enough that black text stays readable."""
     t = 0.0 if hi <= 0 else max(0.0, min(1.0, ms / hi))
-    r, g_, b = (255, int(255 - 120 * t * 2), int(255 - 255 * t * 2)) if t < 0.5 else \
-        (int(255 - 60 * (t - 0.5) * 2), int(135 - 100 * (t - 0.5) * 2), 0)
-    return f"#{r:02x}{max(g_, 0):02x}{max(b, 0):02x}"
+    stops = [(255, 255, 255), (255, 214, 120), (250, 128, 100)]
+    a, b = (stops[0], stops[1]) if t < 0.5 else (stops[1], stops[2])
+    u = t * 2 if t < 0.5 else (t - 0.5) * 2
+    return "#" + "".join(f"{round(x + (y - x) * u):02x}" for x, y in zip(a, b))
 
 
 def _frame_colour(title: str) -> str:
@@ -157,7 +158,7 @@ def _legend(g: VizGraph, fills: dict, timed: bool, hi: float, top: float) -> tup
                  "wire: out-port → in-port, labelled with its type"))
     if timed:
         rows.append((''.join(f'<rect x="{i * 4.5:.1f}" y="-6" width="4.5" height="12" fill="{heat(hi * i / 3, hi)}"/>'
-                             for i in range(4)), f"fill: p50 ms per block, 0 → {hi:.2f} ms"))
+                             for i in range(4)), f"fill: measured p50 ms, 0 → {hi:.2f} ms"))
     y0 = top + 10
     w = max(text_width(t, 11) for _, t in rows) + 60
     h = 26 + len(rows) * 17 + 10
