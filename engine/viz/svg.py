@@ -56,7 +56,7 @@ def render(g: VizGraph, lay: Layout | None = None) -> str:
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{MONO}" font-size="{FONT}">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
            'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
-           f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
+           f'<rect width="{width:.0f}" height="{height:.0f}" fill="white" pointer-events="none"/>',
            f'<text x="24" y="30" font-size="15" font-weight="bold">{e(g.name)}</text>',
            f'<text x="24" y="46" font-size="11" fill="#555">{e(g.description)}</text>']
     for f in lay.frames:
