@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(p)
     p.add_argument("--world-size", type=int, default=1, help="world size to check parallel groups against")
     p.add_argument("--no-device-check", action="store_true", help="do not require the spec's devices to exist here")
-    p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot)")
+    p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot/.png)")
     _spec_args(p)
     p.add_argument("-o", "--output", help="write a drawing: .svg, .html (interactive, offline), .dot or .png (Graphviz)")
     p.add_argument("--layout", choices=("auto", "dot", "python"), default="auto",

@@ -84,3 +84,11 @@ def test_terminal_tree_fits_100_columns(capsys):
     out = capsys.readouterr().out
     assert "graph inputs" in out and "every block" in out and "inputs.seed" in out
     assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_without_graphviz_svg_falls_back_to_python_and_png_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(viz._dot, "available", lambda: False)
+    plan = engine.load_plan("preview_cpu", check_devices=False)
+    assert 'class="legend"' in viz.to_svg(plan)                       # our renderer, not Graphviz's
+    assert main(["viz", "preview_cpu", "-o", str(tmp_path / "p.png")]) == 2
+    assert not (tmp_path / "p.png").exists()
