@@ -18,8 +18,17 @@ def _node_names(plan) -> list[str]:
     return list(plan.order)
 
 
-def _node_plan(plan, name: str):
-    return plan.nodes[name]
+def _spec(plan):
+    return plan.spec
+
+
+def _decisions(plan, name: str) -> dict:
+    """What the planner decided for one node, as plain values."""
+    np_ = plan.nodes[name]
+    return {"phase": np_.phase, "device": str(np_.placement.device), "device_reason": np_.placement.reason,
+            "est_bytes": int(getattr(np_.placement, "estimate_bytes", 0) or 0), "offload": bool(np_.offload),
+            "captured": bool(np_.capture.captured), "capture_reason": np_.capture.reason,
+            "parallel": dict(np_.parallel) if np_.parallel else None}
 
 
 def _instance(plan, name: str):
@@ -36,8 +45,9 @@ def _timings_ms(plan, name: str, timings: dict | None) -> list[float]:
     return [float(x) for x in getattr(plan.nodes[name], "timings_ms", ()) or ()]
 
 
-def _where(plan, name: str) -> str:
-    loc = plan.spec.where("sinks" if _instance(plan, name).is_sink else "nodes", name)
+def _where(plan, *path) -> str:
+    """file:line of a spec entry, e.g. ("nodes", "dit") or ("inputs", "seed")."""
+    loc = plan.spec.where(*path)
     return f"{loc.file}:{loc.line}" if getattr(loc, "line", None) else str(loc.file)
 
 
@@ -170,24 +180,21 @@ def build(plan, timings: dict[str, list[float]] | None = None) -> VizGraph:
     for name in names:
         for port, ref in _wires(plan, name).items():
             if ref.node == "inputs" and f"inputs.{ref.port}" not in nodes:
-                value = plan.spec.inputs.get(ref.port)
+                value = _spec(plan).inputs.get(ref.port)
                 nodes[f"inputs.{ref.port}"] = VNode(
                     name=f"inputs.{ref.port}", kind="input", type_name=type(value).__name__, phase="input",
                     out_ports=[ref.port], params={"value": _jsonable(value)},
-                    where=_input_where(plan, ref.port))
+                    where=_where(plan, "inputs", ref.port))
     for name in names:
-        np_, inst = _node_plan(plan, name), _instance(plan, name)
+        inst = _instance(plan, name)
         wires = _wires(plan, name)
         declared_in = [p.name for p in inst.inputs if p.name in wires]
         nodes[name] = VNode(
-            name=name, kind="node", type_name=inst.type_name, doc=inst.doc, phase=np_.phase,
-            device=str(np_.placement.device), device_reason=np_.placement.reason, offload=bool(np_.offload),
-            captured=bool(np_.capture.captured), capture_reason=np_.capture.reason,
-            parallel=dict(np_.parallel) if np_.parallel else None, is_sink=bool(inst.is_sink),
+            name=name, kind="node", type_name=inst.type_name, doc=inst.doc, is_sink=bool(inst.is_sink),
             in_ports=declared_in + [p for p in wires if p not in declared_in],
-            out_ports=[p.name for p in inst.outputs], params=_jsonable(vars(inst.p)), where=_where(plan, name),
-            kv=kv_cache_facts(plan, name), est_bytes=int(getattr(np_.placement, "estimate_bytes", 0) or 0),
-            timings_ms=_timings_ms(plan, name, timings))
+            out_ports=[p.name for p in inst.outputs], params=_jsonable(vars(inst.p)),
+            where=_where(plan, "sinks" if inst.is_sink else "nodes", name), kv=kv_cache_facts(plan, name),
+            timings_ms=_timings_ms(plan, name, timings), **_decisions(plan, name))
         for port, ref in wires.items():
             if ref.node == "inputs":
                 src, sport, etype = f"inputs.{ref.port}", ref.port, nodes[f"inputs.{ref.port}"].type_name
@@ -197,9 +204,5 @@ def build(plan, timings: dict[str, list[float]] | None = None) -> VizGraph:
                 etype = str(op.type) if op is not None else "?"
             ip = inst.input_port(port)
             edges.append(VEdge(src, sport, name, port, etype, ip.doc if ip is not None else ""))
-    return VizGraph(plan.spec.name, plan.spec.description, plan.spec.file, nodes, edges)
-
-
-def _input_where(plan, port: str) -> str:
-    loc = plan.spec.where("inputs", port)
-    return f"{loc.file}:{loc.line}" if getattr(loc, "line", None) else str(loc.file)
+    spec = _spec(plan)
+    return VizGraph(spec.name, spec.description, spec.file, nodes, edges)
