@@ -59,6 +59,7 @@ def test_html_is_one_offline_file_with_node_details(tmp_path):
     assert data["nodes"]["sampler"]["params"]["num_steps"] == 40
     assert re.search(r"wan21_i2v_14b\.yaml:\d+$", data["nodes"]["sampler"]["where"])
     assert data["nodes"]["clip"]["doc"]
+    assert "g.ELK" in text and len(data["elk"]["children"]) == len(data["nodes"])      # elkjs shipped inline
     assert {e["type"] for e in data["edges"]} >= {"text_embedding", "denoiser"}
 
 

@@ -3,7 +3,9 @@
 ``model`` reads the plan (the only module that knows its shape), ``layout`` places boxes
 and routes edges (grandalf ranks, our port routing), ``svg``/``dot``/``html``/``tree`` draw.
 SVG uses Graphviz ``dot`` when it is installed and the pure-Python layout otherwise; the
-HTML view always embeds the pure-Python SVG, whose element ids its script relies on.
+HTML view embeds the pure-Python SVG (whose element ids its scripts rely on) and re-lays it
+in the browser with the vendored elkjs (``assets/elk.bundled.js``, EPL-2.0, see
+``assets/elkjs-LICENSE.md``).
 ``timings`` ({node: [ms, ...]}) overrides the per-node times recorded on the plan.
 """
 from __future__ import annotations

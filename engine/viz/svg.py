@@ -7,6 +7,7 @@ HTML view can make them interactive without a second renderer.
 from __future__ import annotations
 
 import html
+import json
 
 from .layout import FONT, LABEL_FONT, LINE, PAD, ROW, Layout, Rect, _SIZES, fmt_bytes, layout, text_width
 from .model import VizGraph
@@ -61,7 +62,8 @@ def render(g: VizGraph, lay: Layout | None = None) -> str:
            f'<text x="24" y="46" font-size="11" fill="#555">{e(g.description)}</text>']
     for f in lay.frames:
         c = _frame_colour(f.title)
-        out.append(f'<g class="frame"><rect x="{f.rect.x:.1f}" y="{f.rect.y:.1f}" width="{f.rect.w:.1f}" '
+        members = html.escape(json.dumps(f.members), quote=True)
+        out.append(f'<g class="frame" data-members="{members}"><rect x="{f.rect.x:.1f}" y="{f.rect.y:.1f}" width="{f.rect.w:.1f}" '
                    f'height="{f.rect.h:.1f}" rx="10" fill="none" stroke="{c}" stroke-width="1.5" '
                    f'stroke-dasharray="6 3"/><text x="{f.rect.x + 4:.1f}" y="{f.rect.y - 4:.1f}" font-size="10" '
                    f'fill="{c}">{e(f.title)}</text></g>')

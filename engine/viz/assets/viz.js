@@ -9,6 +9,10 @@
   const hover = document.getElementById("hover");
   const [x0, y0, w0, h0] = svg.getAttribute("viewBox").split(" ").map(Number);
   let vb = { x: x0, y: y0, w: w0, h: h0 };
+  window.fdResetView = () => {       // the ELK layer changes the drawing's extent after loading
+    const [x, y, w, h] = svg.getAttribute("viewBox").split(" ").map(Number);
+    vb = { x, y, w, h };
+  };
   svg.removeAttribute("width"); svg.removeAttribute("height");
   const apply = () => svg.setAttribute("viewBox", `${vb.x} ${vb.y} ${vb.w} ${vb.h}`);
   host.addEventListener("wheel", (ev) => {
