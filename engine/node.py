@@ -158,6 +158,13 @@ class Node:
     def param(cls, name: str) -> Param | None:
         return next((p for p in cls.params if p.name == name), None)
 
+    # --- plan facts -------------------------------------------------------
+    def facts(self, sources: dict[str, "Node"]) -> dict[str, Any]:
+        """Facts a drawing or a memory plan shows about this node before any weight is read (e.g. the KV
+        cache a sampler will allocate), from params alone; ``sources`` are the (unloaded) nodes wired into
+        its input ports. The engine reads them without knowing what they mean."""
+        return {}
+
     # --- lifecycle ----------------------------------------------------------
     def estimate_bytes(self) -> int:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""

@@ -17,7 +17,7 @@ EPILOG = """examples:
   fd exec spec.yaml inputs.prompt="a red fox" --out fox.mp4
   fd exec spec.yaml nodes.decoder.type=taehv.decode  swap a node from the command line
   fd validate spec.yaml --json                     every error with file, line, column, node, field
-  fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot)
+  fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot, .png)
   fd nodes ar.sampler                              a node type's ports and params
   fd serve tiny_self_forcing                       stream to a browser at http://127.0.0.1:8188
 """
@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also ask 'can it run on this machine?': devices the spec pins that are absent are errors "
                         "(without it they are warnings)")
     p.add_argument("--no-device-check", action="store_true", help=argparse.SUPPRESS)   # the default now
-    p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot)")
+    p = sub.add_parser("viz", help="draw the plan of a spec (terminal tree, or -o .svg/.html/.dot/.png)")
     _spec_args(p)
-    p.add_argument("-o", "--output", help="write a drawing: .svg, .html or .dot")
+    p.add_argument("-o", "--output", help="write a drawing: .svg, .html (interactive, offline), .dot or .png (Graphviz)")
+    p.add_argument("--layout", choices=("auto", "dot", "python"), default="auto",
+                   help="SVG layout: Graphviz dot when installed (auto), or the pure-Python layered layout")
     p.add_argument("--run", type=int, default=0, metavar="N",
                    help="load the weights and run N blocks first, so the drawing shows per-node milliseconds")
     p = sub.add_parser("nodes", help="list node types, or describe one")
@@ -183,29 +185,36 @@ def _error_line(d: dict) -> str:
 def cmd_viz(args) -> int:
     from engine import load_plan
     from engine import viz
+    from engine.errors import FdError
 
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix not in (".svg", ".html", ".dot", ".png"):
+        raise FdError(f"-o {out}: unknown drawing format {out.suffix!r} (use .svg, .html, .dot or .png)")
+    if out is not None and out.suffix == ".png" and not viz.dot_available():
+        raise FdError(f"-o {out}: PNG needs Graphviz `dot` (apt-get install graphviz); .svg and .html do not")
     plan = load_plan(args.spec, args.overrides, args.set_files, check_devices=args.run > 0)
     timings = None
-    if args.run > 0:
+    if args.run > 0:   # per-node ms of every block, read from the block results (not from the plan)
         from engine.runner import World, open_pipeline
-        pipe = open_pipeline(plan.spec, world=World())
-        with pipe.load().open_session() as session:
-            for _ in session.stream(args.run):
-                pass
-        plan, timings = pipe.plan, pipe.timings_ms
-    if args.output:
-        out = Path(args.output)
-        writers = {".svg": viz.to_svg, ".html": viz.to_html, ".dot": viz.to_dot}
-        if out.suffix not in writers:
-            from engine.errors import FdError
-            raise FdError(f"-o {out}: unknown drawing format {out.suffix!r} (use .svg, .html or .dot)")
-        from engine.files import AtomicPath
-        target = AtomicPath(out)
-        target.tmp.write_text(writers[out.suffix](plan, timings))
-        target.commit()
-        Console(stderr=True).print(f"wrote {out}")
+        timings = {}
+        with open_pipeline(plan.spec, world=World()).load().open_session() as session:
+            for block in session.stream(args.run):
+                for name, ms in block.timings_ms.items():
+                    timings.setdefault(name, []).append(ms)
+    if out is None:
+        Console(width=None if sys.stdout.isatty() else 100).print(viz.to_rich_tree(plan, timings))
+        return 0
+    from engine.files import AtomicPath
+    target = AtomicPath(out)
+    if out.suffix == ".png":
+        target.tmp.write_bytes(viz.to_png(plan, timings))
+    elif out.suffix == ".svg":
+        target.tmp.write_text(viz.to_svg(plan, timings, engine=args.layout), encoding="utf-8")
     else:
-        Console().print(viz.to_rich_tree(plan, timings))
+        writer = {".html": viz.to_html, ".dot": viz.to_dot}[out.suffix]
+        target.tmp.write_text(writer(plan, timings), encoding="utf-8")
+    target.commit()
+    Console(stderr=True).print(f"wrote {out}")
     return 0
 
 

@@ -103,6 +103,21 @@ class ARSamplerNode(Node):
         self._graphs = None  # the latest session's denoiser, for graph_status()
         self._spare: tuple | None = None  # (key, stream) a finished session left: cache and graphs kept
 
+    def facts(self, sources) -> dict:
+        """The KV cache this sampler will allocate, when the wired model node tells its cache layout
+        (``cache_layout()``: num_layers, num_heads, head_dim, patch, dtype, dtype_bytes)."""
+        layout = getattr(sources.get("model"), "cache_layout", None)
+        if not callable(layout):
+            return {}
+        lay, p = layout(), self.p
+        ph, pw = lay["patch"]
+        tokens = (p.latent_height // ph) * (p.latent_width // pw)
+        window = p.window_frames if p.window_frames is not None else p.num_blocks * p.frames_per_block
+        nbytes = 2 * lay["num_layers"] * p.batch * window * tokens * lay["num_heads"] * lay["head_dim"]
+        return {"kv_cache": {"sink_frames": p.sink_frames, "window_frames": window,
+                             "bounded": p.window_frames is not None, "dtype": lay["dtype"],
+                             "bytes": int(nbytes * lay["dtype_bytes"])}}
+
     def new_state(self) -> ARState:
         return ARState()
 

@@ -83,6 +83,13 @@ class WanDiTNode(ModelNode):
             over["num_heads"] = max(1, over["dim"] // 128)
         return replace(base, model_type=self.p.model_type, **over)
 
+    def cache_layout(self) -> dict:
+        """What a sampler's KV cache of this DiT looks like, from the size params (read by plan facts)."""
+        cfg = self.size_config()
+        return {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+                "patch": tuple(cfg.patch_size[1:]), "dtype": str(self.dtype).removeprefix("torch."),
+                "dtype_bytes": torch.empty((), dtype=self.dtype).element_size()}
+
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
         return 1 if self.parallel is None else int(self.parallel.size)
