@@ -31,11 +31,15 @@ def test_kv_cache_bytes_follow_the_cache_formula():
     plan = engine.load_plan("self_forcing", ["nodes.sampler.params.window_frames=9",
                                              "nodes.sampler.params.sink_frames=3"], check_devices=False)
     kv = build(plan).nodes["sampler"].kv
-    cfg = plan.nodes["dit"].node.size_config()
-    p = plan.nodes["sampler"].node.p
+    cfg = plan.nodes["dit"].build().size_config()
+    p = plan.nodes["sampler"].build().p
     tokens = (p.latent_height // cfg.patch_size[1]) * (p.latent_width // cfg.patch_size[2])
     assert kv["sink_frames"] == 3 and kv["window_frames"] == 9 and kv["dtype"] == "float32"
     assert kv["bytes"] == 2 * cfg.num_layers * 9 * tokens * cfg.num_heads * cfg.head_dim * 4
+    from nodes.common.kv_cache import SelfKVCache   # the cache the sampler really allocates, on no memory
+    real = SelfKVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, tokens, sink_frames=3, window_frames=9,
+                       device="meta")
+    assert kv["bytes"] == sum(t.numel() * t.element_size() for t in (real.k, real.v))
 
 
 def test_context_parallel_and_capture_frames_are_drawn():
@@ -60,7 +64,7 @@ def test_html_is_one_offline_file_with_node_details(tmp_path):
     assert re.search(r"wan21_i2v_14b\.yaml:\d+$", data["nodes"]["sampler"]["where"])
     assert data["nodes"]["clip"]["doc"]
     assert "g.ELK" in text and len(data["elk"]["children"]) == len(data["nodes"])      # elkjs shipped inline
-    assert {e["type"] for e in data["edges"]} >= {"text_embedding", "denoiser"}
+    assert {e["type"] for e in data["edges"]} >= {"text_embedding", "causal_denoiser"}
 
 
 @pytest.mark.skipif(not viz.dot_available(), reason="Graphviz `dot` is not installed")
