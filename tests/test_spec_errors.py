@@ -140,7 +140,7 @@ def test_validate_takes_several_specs_and_a_yaml_is_never_an_override(tmp_path, 
 
 
 def test_runtime_error_json_has_the_validation_shape(tmp_path, capsys):
-    rc, out = fd_json(capsys, "viz", "tiny_self_forcing", "-o", str(tmp_path / "x.png"))
+    rc, out = fd_json(capsys, "viz", "tiny_self_forcing", "-o", str(tmp_path / "x.gif"))   # an unknown drawing format
     assert rc == 2 and out["ok"] is False
     assert set(out["errors"][0]) >= {"code", "message", "file", "line", "column", "node", "field", "hint"}
 
