@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 WINDOW = ("tests/test_relative_rope.py", "tests/test_ar_sampler_wan.py")
-SAMPLER = ("tests/test_ar_sampler_wan.py", "tests/test_model_seam.py")
+SAMPLER = ("tests/test_ar_sampler_wan.py", "tests/test_ar_sampler_goldens.py", "tests/test_model_seam.py")
+T2V = ("tests/test_schedulers.py",)
 PARITY = ("tests/test_causal_dit.py", "tests/test_ar_rollout.py")
 
 
@@ -72,6 +73,12 @@ MUTATIONS = (
     Mutation("context_renoise_sigma", "nodes/ar/schedule.py",
              "table.scalar_sigmas(float(context_noise))[0])", "table.scalar_sigmas(float(context_noise))[1] * 0.5)",
              SAMPLER, "the context pass re-noises with a wrong sigma"),
+    Mutation("t2v_shift_hardwired", "nodes/wan/node_t2v.py", "shift=self.p.shift)", "shift=5.0)", T2V,
+             "wan.t2v_sampler ignores its shift param"),
+    Mutation("t2v_guide_scale_hardwired", "nodes/wan/node_t2v.py", "uncond, self.p.guide_scale)", "uncond, 5.0)",
+             T2V, "wan.t2v_sampler ignores guide_scale"),
+    Mutation("t2v_solver_forced", "nodes/wan/node_t2v.py", 'FlowUniPC() if self.p.solver == "unipc"',
+             "FlowUniPC() if True", T2V, "wan.t2v_sampler ignores solver: euler"),
     # upstream-matched math (the goldens' job), as a control
     Mutation("renoise_sigma_index", "nodes/ar/rollout.py", "plan.sigma_noise[i + 1]", "plan.sigma_noise[i]",
              PARITY, "re-noise to the current step's sigma instead of the next"),
