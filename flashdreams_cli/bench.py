@@ -3,6 +3,8 @@
 On CUDA, node times come from CUDA events (no sync inside a block); the block
 time is wall time between synchronisations around the block. Medians over the
 measured blocks; the environment (GPU, torch, cuDNN, commit) is recorded.
+``steady`` is the median over the timed blocks from ``--steady-from`` on, with their
+count: a steady figure needs at least 5 of them (a warning says when it has fewer).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from statistics import median
 
@@ -21,6 +24,8 @@ def add_parser(sub, spec_args) -> None:
     p.add_argument("--blocks", type=int, default=8, help="timed blocks after warmup")
     p.add_argument("--report-block", type=int, action="append", default=[],
                    help="also report this block index alone (e.g. 5)")
+    p.add_argument("--steady-from", type=int, default=7,
+                   help="first block of the steady state (W1: 7, once the 21-frame window is full)")
     p.add_argument("--with-sinks", action="store_true",
                    help="also run the spec's sinks (file encoding is CPU work outside the model pipeline)")
 
@@ -91,6 +96,10 @@ def run_bench(args) -> int:
               "node_ms_median": per_node, "parts_ms_median": per_part, "blocks": rows,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "graphs": _graph_status(pipe)}
+    report["steady"] = _steady(timed, args.steady_from)
+    if report["steady"]["blocks"] < STEADY_MIN_BLOCKS and rank == 0:
+        print(f"warning: only {report['steady']['blocks']} timed blocks from block {args.steady_from} on; a steady "
+              f"figure needs {STEADY_MIN_BLOCKS} (raise --blocks)", file=sys.stderr)
     report["report_blocks"] = {b: next((r for r in rows if r["block"] == b), None) for b in args.report_block}
     report["world_size"] = world_size
     report["final_latent_checksum"] = _latent_checksum(plan, session)
@@ -106,11 +115,31 @@ def run_bench(args) -> int:
         table.add_row(f"  {k}", f"{ms:.2f}", "")
     table.add_row("[bold]block nodes (CUDA events)[/]", f"{report['pipeline_ms_median']:.2f}", "")
     table.add_row("[bold]block (wall)[/]", f"{report['block_ms_median']:.2f}", "")
+    st = report["steady"]
+    if st["blocks"]:
+        table.add_row(f"[bold]steady: blocks >= {st['from_block']} (median of {st['blocks']})[/]",
+                      f"{st['pipeline_ms_median']:.2f}", "")
     c = Console()
     c.print(table)
     c.print(f"load {load_s:.2f} s, cold start to first block {report['cold_start_s']:.2f} s, "
             f"peak {report['peak_mem_gib'] or 0:.2f} GiB, env {report['env']}")
     return 0
+
+
+STEADY_MIN_BLOCKS = 5
+
+
+def _steady(timed: list[dict], from_block: int) -> dict:
+    """Medians over the timed blocks from ``from_block`` on, with how many there were."""
+    rows = [r for r in timed if r["block"] >= from_block]
+    out = {"from_block": from_block, "blocks": len(rows), "block_indices": [r["block"] for r in rows],
+           "pipeline_ms_median": None, "wall_ms_median": None, "parts_ms_median": {}}
+    if rows:
+        out["pipeline_ms_median"] = median(r["pipeline_ms"] for r in rows)
+        out["wall_ms_median"] = median(r["wall_ms"] for r in rows)
+        names = sorted({k for r in rows for k in r["parts_ms"]})
+        out["parts_ms_median"] = {k: median(r["parts_ms"][k] for r in rows if k in r["parts_ms"]) for k in names}
+    return out
 
 
 def _latent_checksum(plan, session) -> dict:

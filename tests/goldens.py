@@ -2,7 +2,12 @@
 
 The root comes from ``FD_GOLDENS`` (default: the copy under ``tests/goldens``),
 so another golden set with other shapes runs through the same tests. Tests
-derive every shape and config from the case files they read here.
+derive every shape, config, variant name and optional file from the case files
+they read here.
+
+A case absent from the default copy skips its tests. With ``FD_GOLDENS`` set, the
+set is expected to be complete: an absent case fails. A case that is present but
+cannot be read is an error either way.
 """
 from __future__ import annotations
 
@@ -22,10 +27,17 @@ def root() -> Path:
     return Path(os.environ.get("FD_GOLDENS", DEFAULT_ROOT))
 
 
+def has_case(name: str) -> bool:
+    return (root() / name / "case.json").exists()
+
+
 def case_dir(name: str) -> Path:
     d = root() / name
-    if not (d / "case.json").exists():
-        pytest.skip(f"golden case {name!r} not present under {root()}")
+    if not has_case(name):
+        msg = f"golden case {name!r} not present under {root()}"
+        if os.environ.get("FD_GOLDENS"):
+            pytest.fail(msg + " (FD_GOLDENS is set: a missing case is a failure)", pytrace=False)
+        pytest.skip(msg)
     return d
 
 
@@ -45,15 +57,25 @@ def tensors(name: str, file: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{p} (nor {gz}) in golden case {name!r}")
 
 
+def optional_tensors(name: str, key: str, section: dict) -> dict[str, torch.Tensor] | None:
+    """The file ``section[key]`` names (e.g. ``files.debug``, the intermediates that localise a
+    mismatch), or None when the case names none or the set does not ship it."""
+    file = section.get(key)
+    if not file:
+        return None
+    d = case_dir(name)
+    if not ((d / file).exists() or (d / (file + ".gz")).exists()):
+        return None
+    return tensors(name, file)
+
+
 def variant_params(cases) -> list:
     """pytest params (case, variant) for every variant of every case present; an absent case gives one
-    param that skips inside ``case_json``."""
+    param (variant None) that skips, or with ``FD_GOLDENS`` set fails, inside ``case_json``. A case that
+    is present but unreadable raises here, at collection: an error, not a skip."""
     out = []
     for case in cases:
-        try:
-            names = sorted(case_json(case)["variants"])
-        except BaseException:
-            names = [None]
+        names = sorted(case_json(case)["variants"]) if has_case(case) else [None]
         out += [pytest.param(case, v, id=f"{case}-{v}") for v in names]
     return out
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from goldens import case_dir, case_json, tensors
+from goldens import case_dir, case_json, optional_tensors, tensors
 
 from nodes.common.attention import attention
 from nodes.wan.config import WAN_1_3B, WAN_14B, WanConfig
@@ -58,7 +58,9 @@ def test_forward_matches_upstream(case):
     tol = cj["tolerance"]
     torch.testing.assert_close(out, tensors(case, cj["files"]["outputs"])["output"], atol=tol["atol"], rtol=tol["rtol"])
 
-    dbg = tensors(case, cj["files"]["debug"])
+    dbg = optional_tensors(case, "debug", cj["files"])   # intermediates, when the set ships them
+    if dbg is None:
+        return
     mine = dict(captured, time_embedding_out_e=e[:, 0], time_projection_out_e0=e0[:, 0].flatten(1))
     for key, gold in dbg.items():
         got = mine[key]
