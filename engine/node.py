@@ -163,6 +163,10 @@ class Node:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
 
+    def preflight(self, upstream: dict[str, "Node"]) -> None:
+        """Cheap checks before any node of the pipeline loads weights (files present, configs that must agree).
+        ``upstream``: each wired input port -> the node that produces it. Raise an FdError to refuse."""
+
     def load(self) -> None:
         """Read weights onto ``self.device``. Called once, after validation and placement."""
 

@@ -57,4 +57,25 @@ class Wan22Streams(ExpertStreams):
             return super().set_conditions(**conditions)
         cross = self.streams[0].cross_for(**conditions)   # the high-noise expert's K/V
         for s in self.streams:
-            s.set_cross(cross)
+            s.set_cross(cross if s is self.streams[0] else _cross_to(cross, s.model.device))
+
+    def denoise(self, x, t, frame_start, **block):
+        s = self.streams[self.model.pick(t)]
+        dev = s.model.device       # experts may sit on different devices (expert-per-GPU placement)
+        out = s.denoise(x.to(dev), t, frame_start, **_to(block, dev))
+        return out.to(x.device)
+
+    def commit(self, x, t, frame_start, **block) -> None:
+        for s in reversed(self.streams):  # low-noise expert first, as FastVideo's context pass
+            dev = s.model.device
+            s.commit(x.to(dev), t, frame_start, **_to(block, dev))
+
+
+def _cross_to(cross, dev):
+    from .dit import CrossCache
+    move = (lambda ts: None if ts is None else [t.to(dev) for t in ts])
+    return CrossCache(move(cross.k), move(cross.v), move(cross.k_img), move(cross.v_img))
+
+
+def _to(block: dict, dev) -> dict:
+    return {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in block.items()}

@@ -54,6 +54,9 @@ class WanDiTNode(ModelNode):
         Param("text_len", int, 512, "text tokens the cross-attention pads to", min=1),
         Param("in_dim", int, None, "input latent channels (random weights; 16 T2V, 36 I2V)", min=1, nullable=True),
         Param("out_dim", int, None, "output latent channels (random weights)", min=1, nullable=True),
+        Param("sinusoid", str, "auto", "dtype of the timestep sinusoid: float64 (Wan-AI, Self-Forcing), float32 "
+              "(diffusers, FastVideo); auto = float32 for a diffusers folder read through its config.json, else "
+              "float64", choices=("auto", "float32", "float64")),
         Param("attention", str, "auto", "attention backend", choices=BACKENDS),
         Param("compile", str, "auto", "torch.compile the elementwise stages (modulation, qk-norm + RoPE, gated "
               "adds): auto = on CUDA; each shape compiles once (seconds), shared by all layers",
@@ -67,6 +70,8 @@ class WanDiTNode(ModelNode):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handle: WanDenoiser | None = None
+        self._config_json: tuple[Path, dict] | None = None
+        self._checked: WanConfig | None = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -81,7 +86,17 @@ class WanDiTNode(ModelNode):
             over.setdefault("in_dim", 36)
         if "dim" in over and "num_heads" not in over:
             over["num_heads"] = max(1, over["dim"] // 128)
-        return replace(base, model_type=self.p.model_type, **over)
+        cfg = replace(base, model_type=self.p.model_type, **over)
+        return cfg if self.p.sinusoid == "auto" else replace(cfg, sinusoid_dtype=self.p.sinusoid)
+
+    def checkpoint_config(self) -> WanConfig:
+        """The config the module will have, from config.json and the checkpoint's shapes (its headers:
+        no tensor is read), or the size params for random weights. Cached."""
+        if self.random_weights:
+            return self.size_config()
+        if self._checked is None:
+            self._checked = self.config_from(self.open_weights())
+        return self._checked
 
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
@@ -94,11 +109,34 @@ class WanDiTNode(ModelNode):
 
     def open_weights(self):
         from nodes.checkpoint.wan_layouts import to_native
-        return strip_fsdp(to_native(open_dit_checkpoint(self.p.checkpoint, self.p.ema), ema=self.p.ema))
+        ckpt = open_dit_checkpoint(self.p.checkpoint, self.p.ema)
+        self._config_json = find_config_json(self.p.checkpoint, getattr(ckpt, "files", []))
+        return strip_fsdp(to_native(ckpt, ema=self.p.ema))
+
+    def config_from(self, sd) -> WanConfig:
+        """Sizes from the checkpoint's config.json when it has one (diffusers: every size; Wan-AI: heads and
+        eps), checked against the weights' shapes; otherwise from the shapes and ``num_heads``."""
+        from nodes.checkpoint import CheckpointError
+        where = str(self._config_json[0]) if self._config_json else str(self.p.checkpoint)
+        try:
+            if self._config_json is not None and "num_attention_heads" in self._config_json[1]:
+                cfg = WanConfig.from_diffusers_config(self._config_json[1], text_len=self.p.text_len, where=where)
+                if self.p.num_heads is not None and self.p.num_heads != cfg.num_heads:
+                    raise ValueError(f"num_heads={self.p.num_heads} but {where} says {cfg.num_heads}")
+                cfg.check_state_dict(sd, where=where)
+            elif self._config_json is not None and "num_heads" in self._config_json[1]:
+                d = self._config_json[1]
+                cfg = replace(WanConfig.from_state_dict(sd, num_heads=self.p.num_heads or int(d["num_heads"]),
+                                                        text_len=self.p.text_len), eps=float(d.get("eps", 1e-6)))
+            else:
+                cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        return cfg if self.p.sinusoid == "auto" else replace(cfg, sinusoid_dtype=self.p.sinusoid)
 
     def build_from(self, sd) -> Built:
         from .dit import WanDiT
-        cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
+        cfg = self.config_from(sd)
         with torch.device("meta"):
             return Built(WanDiT(cfg), sd)
 
@@ -133,6 +171,30 @@ def open_dit_checkpoint(ref: str, ema: bool = True):
     wanted = SELF_FORCING_ENTRIES if ema else SELF_FORCING_ENTRIES[::-1]
     top = _torch_top_level(path)
     return open_checkpoint(path, select=next((e for e in wanted if e in top), None))
+
+
+def find_config_json(ref: str, files) -> tuple[Path, dict] | None:
+    """The model's config.json: next to the weights (a folder, or the folder of an index / file); for an
+    hf:// file reference, its sibling config.json if the repo has one. None when there is none."""
+    import json
+
+    from nodes.checkpoint import CheckpointError, resolve
+    candidates = [Path(f).parent / "config.json" for f in files[:1]]
+    text = str(ref)
+    if text.startswith("hf://") and text.endswith((".safetensors", ".json")) and "/" in text[5:]:
+        sibling = text.rsplit("/", 1)[0] + "/config.json"
+        if sibling.count("/") >= 4:   # hf://org/repo/<path>/config.json: a file inside the repo
+            try:
+                candidates.append(resolve(sibling, kind="file"))
+            except CheckpointError:
+                pass
+    for c in candidates:
+        if c.is_file():
+            try:
+                return c, json.loads(c.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{c}: not valid JSON: {e}") from e
+    return None
 
 
 def _torch_top_level(path: Path) -> set:
