@@ -27,6 +27,7 @@ from nodes.common.params import checkpoint_param, dtype_param, is_random, seed_p
 PRESETS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
 SIZE_PARAMS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "in_dim", "out_dim")
 FSDP_INFIX = "_fsdp_wrapped_module."
+DIFFUSERS_KEYS = {"_diffusers_version", "num_attention_heads", "attention_head_dim"}  # a diffusers config.json
 
 
 class WanDiTNode(ModelNode):
@@ -119,7 +120,7 @@ class WanDiTNode(ModelNode):
         from nodes.checkpoint import CheckpointError
         where = str(self._config_json[0]) if self._config_json else str(self.p.checkpoint)
         try:
-            if self._config_json is not None and "num_attention_heads" in self._config_json[1]:
+            if self._config_json is not None and DIFFUSERS_KEYS & set(self._config_json[1]):
                 cfg = WanConfig.from_diffusers_config(self._config_json[1], text_len=self.p.text_len, where=where)
                 if self.p.num_heads is not None and self.p.num_heads != cfg.num_heads:
                     raise ValueError(f"num_heads={self.p.num_heads} but {where} says {cfg.num_heads}")
