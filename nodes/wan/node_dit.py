@@ -111,6 +111,7 @@ class WanDiTNode(ModelNode):
     def open_weights(self):
         from nodes.checkpoint.wan_layouts import to_native
         ckpt = open_dit_checkpoint(self.p.checkpoint, self.p.ema)
+        from nodes.checkpoint.config_json import find_config_json
         self._config_json = find_config_json(self.p.checkpoint, getattr(ckpt, "files", []))
         return strip_fsdp(to_native(ckpt, ema=self.p.ema))
 
@@ -172,30 +173,6 @@ def open_dit_checkpoint(ref: str, ema: bool = True):
     wanted = SELF_FORCING_ENTRIES if ema else SELF_FORCING_ENTRIES[::-1]
     top = _torch_top_level(path)
     return open_checkpoint(path, select=next((e for e in wanted if e in top), None))
-
-
-def find_config_json(ref: str, files) -> tuple[Path, dict] | None:
-    """The model's config.json: next to the weights (a folder, or the folder of an index / file); for an
-    hf:// file reference, its sibling config.json if the repo has one. None when there is none."""
-    import json
-
-    from nodes.checkpoint import CheckpointError, resolve
-    candidates = [Path(f).parent / "config.json" for f in files[:1]]
-    text = str(ref)
-    if text.startswith("hf://") and text.endswith((".safetensors", ".json")) and "/" in text[5:]:
-        sibling = text.rsplit("/", 1)[0] + "/config.json"
-        if sibling.count("/") >= 4:   # hf://org/repo/<path>/config.json: a file inside the repo
-            try:
-                candidates.append(resolve(sibling, kind="file"))
-            except CheckpointError:
-                pass
-    for c in candidates:
-        if c.is_file():
-            try:
-                return c, json.loads(c.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{c}: not valid JSON: {e}") from e
-    return None
 
 
 def _torch_top_level(path: Path) -> set:
