@@ -163,6 +163,10 @@ class Node:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
 
+    def plan_facts(self) -> list[str]:
+        """A few lines about what this node will do, from its params alone (shown by ``fd viz``)."""
+        return []
+
     def preflight(self, upstream: dict[str, "Node"]) -> None:
         """Cheap checks before any node of the pipeline loads weights (files present, configs that must agree).
         ``upstream``: each wired input port -> the node that produces it. Raise an FdError to refuse."""

@@ -23,6 +23,7 @@ def node_facts(plan: Plan, name: str, timings: dict | None = None) -> list[str]:
     facts.append(f"graph: {'captured' if np_.capture.captured else 'eager'}")
     if np_.parallel and np_.parallel.get("context", 1) > 1:
         facts.append(f"ring group: {np_.parallel['strategy']} × {np_.parallel['context']}")
+    facts += np_.build().plan_facts()
     if ms:
         facts.append(f"{median(ms):.2f} ms/block")
     return facts
@@ -40,6 +41,8 @@ def to_rich_tree(plan: Plan, timings: dict | None = None):
             t = branch.add(f"[bold]{n}[/] ({np_.type_name}) on {np_.placement.device}: {wires}")
             t.add(f"placement: {np_.placement.reason}")
             t.add(f"capture: {'yes' if np_.capture.captured else 'no'} — {np_.capture.reason}")
+            for fact in np_.build().plan_facts():
+                t.add(fact)
             if np_.parallel:
                 t.add(f"parallel: context {np_.parallel['context']} ({np_.parallel['strategy']})")
             ms = (timings or {}).get(n)

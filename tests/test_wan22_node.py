@@ -153,3 +153,15 @@ def test_sampler_and_experts_boundaries_must_agree():
     with pytest.raises(FdError, match="boundary_ratio"):
         pipe.load()
     assert pipe.nodes["dit_high"].model is None
+
+
+def test_viz_names_the_experts_and_their_steps():
+    from engine.viz import node_facts
+    plan = engine.load_plan(SPEC, check_devices=False)
+    p = plan.nodes["sampler"].params
+    sched = ARSchedule.build(FlowMatchTable(p["shift"]), p["steps"], boundary_ratio=p["boundary_ratio"])
+    facts = "\n".join(node_facts(plan, "sampler"))
+    for t in sched.rest.t:
+        assert f"{t:.1f}" in facts
+    assert "first block 1 frame" in facts
+    assert any("own KV cache" in f for f in node_facts(plan, "experts"))

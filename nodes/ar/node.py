@@ -110,6 +110,19 @@ class ARSamplerNode(Node):
         self._graphs = None  # the latest session's denoiser, for graph_status()
         self._spare: tuple | None = None  # (key, stream) a finished session left: cache and graphs kept
 
+    def plan_facts(self) -> list[str]:
+        """Which steps go to which expert (two-expert models), and the first block's length."""
+        if self.p.boundary_ratio is None:
+            return []
+        sched = self._schedule()
+        ts = sched.rest.t
+        high = [f"{t:.1f}" for t in ts if sched.boundary.is_high(t)]
+        low = [f"{t:.1f}" for t in ts if not sched.boundary.is_high(t)]
+        return [f"steps t >= {sched.boundary.t:g} (high-noise expert, x at the boundary): {', '.join(high) or 'none'}",
+                f"steps t < {sched.boundary.t:g} (low-noise expert, x0): {', '.join(low) or 'none'}",
+                f"context pass t={sched.context_t:g} into every expert's cache; first block "
+                f"{self.first_frames} frame(s), then {self.p.frames_per_block}"]
+
     def preflight(self, upstream) -> None:
         """Before any weight is read: a model node that declares a ``boundary_ratio`` param (wan22.experts)
         must split at the sampler's boundary."""

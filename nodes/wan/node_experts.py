@@ -41,6 +41,11 @@ class Wan22ExpertsNode(Node):
             raise ValueError(f"boundary_ratio must lie strictly between 0 and 1, got {self.p.boundary_ratio}")
         self._made: tuple | None = None
 
+    def plan_facts(self) -> list[str]:
+        b = float(self.p.boundary_ratio) * 1000.0
+        return [f"high: t >= {b:g}, own KV cache", f"low: t < {b:g}, own KV cache",
+                f"text K/V: {self.p.cross_attention}"]
+
     def preflight(self, upstream) -> None:
         """Both experts' checkpoints are there and agree on every size, before any weight is read."""
         cfgs = {}
