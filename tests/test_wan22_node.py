@@ -165,3 +165,23 @@ def test_viz_names_the_experts_and_their_steps():
         assert f"{t:.1f}" in facts
     assert "first block 1 frame" in facts
     assert any("own KV cache" in f for f in node_facts(plan, "experts"))
+
+
+@pytest.mark.parametrize("mode", ["shared_high", "per_expert"])
+def test_prompt_switch_refills_the_text_cache_as_the_mode_says(mode):
+    pipe = engine.load(SPEC, overrides=[f"nodes.experts.params.cross_attention={mode}", "inputs.num_blocks=2"])
+    pipe.load()
+    hi, lo = pipe.nodes["dit_high"].require_model(), pipe.nodes["dit_low"].require_model()
+    with pipe.open_session() as s:
+        s.step()
+        s.set_input("prompt", "a blue heron standing in a river")
+        s.step()
+        embeds = s.values["text"]["embeds"]
+        streams = pipe.nodes["sampler"]._graphs.streams
+        with torch.no_grad():
+            want = {"high": hi.prepare_cross(embeds), "low": lo.prepare_cross(embeds)}
+        for s_, own in zip(streams, ("high", "low")):
+            src = want["high" if mode == "shared_high" else own]
+            for layer in range(hi.cfg.num_layers):
+                torch.testing.assert_close(s_.denoiser.cross.k[layer], src.k[layer], atol=0, rtol=0)
+                torch.testing.assert_close(s_.denoiser.cross.v[layer], src.v[layer], atol=0, rtol=0)
