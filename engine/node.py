@@ -162,13 +162,18 @@ class Node:
     def facts(self, sources: dict[str, "Node"]) -> dict[str, Any]:
         """Facts a drawing or a memory plan shows about this node before any weight is read (e.g. the KV
         cache a sampler will allocate), from params alone; ``sources`` are the (unloaded) nodes wired into
-        its input ports. The engine reads them without knowing what they mean."""
+        its input ports. ``notes`` (a list of short lines) are shown as they are; the engine reads the rest
+        without knowing what it means."""
         return {}
 
     # --- lifecycle ----------------------------------------------------------
     def estimate_bytes(self) -> int:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
+
+    def preflight(self, upstream: dict[str, "Node"]) -> None:
+        """Cheap checks before any node of the pipeline loads weights (files present, configs that must agree).
+        ``upstream``: each wired input port -> the node that produces it. Raise an FdError to refuse."""
 
     def load(self) -> None:
         """Read weights onto ``self.device``. Called once, after validation and placement."""

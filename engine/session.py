@@ -60,6 +60,15 @@ class Pipeline:
     def load(self, progress: Callable[[str, int, int], None] | None = None) -> "Pipeline":
         self.build()
         total = len(self.plan.order)
+        for name in self.plan.order:   # every node's cheap checks before the first weight is read
+            wires = self.plan.nodes[name].wires
+            upstream = {port: self.nodes[ref.node] for port, ref in wires.items() if ref.node in self.nodes}
+            try:
+                self.nodes[name].preflight(upstream)
+            except FdError:
+                raise
+            except Exception as e:
+                raise NodeRuntimeError(name, self.plan.spec.node_where(name), "checking its inputs", e) from e
         for i, name in enumerate(self.plan.order):
             if progress:
                 progress(name, i, total)

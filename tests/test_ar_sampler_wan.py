@@ -134,6 +134,9 @@ def test_wan_rollout_through_the_engine_matches_the_reference(tmp_path, name):
 
 # ar.sampler params that change no number: CUDA-graph replay runs the same calls (and is off on the CPU).
 COSMETIC = {"graphs"}
+# two-expert params: their numbers are pinned by the causal_wan22_moe golden (tests/test_wan22_moe.py, end to end
+# through the schedule and rollout the node builds; tests/test_wan22_node.py through the node itself)
+COVERED_BY_THE_WAN22_GOLDEN = {"boundary_ratio", "first_block_frames"}
 
 
 def test_every_sampler_param_changes_a_tested_number_or_is_cosmetic():
@@ -145,4 +148,4 @@ def test_every_sampler_param_changes_a_tested_number_or_is_cosmetic():
     moved = {k for c in CASES.values() for k, v in c["params"].items() if v != declared[k]}
     moved |= {"num_blocks"} if any(c["params"].get("window_frames", 1) is None for c in CASES.values()) else set()
     moved |= {"seed"} if any(c["seed"] != declared["seed"] for c in CASES.values()) else set()
-    assert set(declared) - moved == COSMETIC
+    assert set(declared) - moved == COSMETIC | COVERED_BY_THE_WAN22_GOLDEN

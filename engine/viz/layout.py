@@ -136,6 +136,7 @@ def box_text(n) -> BoxText:
     if n.kv:
         facts.append(f"KV cache: sink {n.kv['sink_frames']} · window {n.kv['window_frames']} frames")
         facts.append(f"  {n.kv['dtype']} · {fmt_bytes(n.kv['bytes'])}")
+    facts += list(getattr(n, "notes", ()))
     if n.est_bytes:
         facts.append(f"weights ≈ {fmt_bytes(n.est_bytes)}")
     if n.timings_ms:

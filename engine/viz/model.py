@@ -84,6 +84,7 @@ class VNode:
     params: dict[str, Any] = field(default_factory=dict)
     where: str = ""
     kv: dict | None = None
+    notes: list[str] = field(default_factory=list)   # the node's own plan facts (Node.facts()["notes"])
     est_bytes: int = 0
     timings_ms: list[float] = field(default_factory=list)
 
@@ -139,19 +140,19 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def kv_cache_facts(plan, name: str) -> dict | None:
-    """Sink, window, dtype and bytes of the self-attention KV cache an AR sampler will allocate.
-
-    Derived from the sampler's params and the wired DiT's size config, with the same formula
-    SelfKVCache uses (k and v: layers x batch x window*frame_tokens x heads x head_dim), so the
-    number is known before any weight is read. None for nodes that own no KV cache.
-    """
+def node_facts(plan, name: str) -> dict:
+    """What a node says about itself before any weight is read (Node.facts): e.g. an AR sampler's KV cache
+    (sink, window, dtype, bytes, with SelfKVCache's formula) and notes such as which steps go to which expert."""
     inst = _instance(plan, name)
     sources = {port: _instance(plan, ref.node) for port, ref in _wires(plan, name).items() if ref.node != "inputs"}
     try:
-        return inst.facts(sources).get("kv_cache")
-    except Exception:   # a third-party node whose facts fail: draw no cache rather than fail the drawing
-        return None
+        return dict(inst.facts(sources) or {})
+    except Exception:   # a third-party node whose facts fail: draw none rather than fail the drawing
+        return {}
+
+
+def kv_cache_facts(plan, name: str) -> dict | None:
+    return node_facts(plan, name).get("kv_cache")
 
 
 def build(plan, timings: dict[str, list[float]] | None = None) -> VizGraph:
@@ -169,13 +170,15 @@ def build(plan, timings: dict[str, list[float]] | None = None) -> VizGraph:
                     where=_where(plan, "inputs", ref.port))
     for name in names:
         inst = _instance(plan, name)
+        facts = node_facts(plan, name)
         wires = _wires(plan, name)
         declared_in = [p.name for p in inst.inputs if p.name in wires]
         nodes[name] = VNode(
             name=name, kind="node", type_name=inst.type_name, doc=inst.doc, is_sink=bool(inst.is_sink),
             in_ports=declared_in + [p for p in wires if p not in declared_in],
             out_ports=[p.name for p in inst.outputs], params=_jsonable(vars(inst.p)),
-            where=_where(plan, "sinks" if inst.is_sink else "nodes", name), kv=kv_cache_facts(plan, name),
+            where=_where(plan, "sinks" if inst.is_sink else "nodes", name), kv=facts.get("kv_cache"),
+            notes=[str(x) for x in facts.get("notes", ())],
             timings_ms=_timings_ms(plan, name, timings), **_decisions(plan, name))
         for port, ref in wires.items():
             if ref.node == "inputs":

@@ -28,7 +28,7 @@ from engine.errors import FdError
 from engine.node import Node, Param, Port
 from engine.timing import NodeTimer
 from engine.types import CAMERA, CAUSAL_DENOISER, IMAGE_EMBEDDING, INT, LATENT, TENSOR, TEXT_EMBEDDING
-from nodes.common.causal import CausalModel, CausalStream, StreamSpec
+from nodes.common.causal import CausalModel, CausalStream, StreamSpec, TimestepExperts
 
 from .rollout import ARRollout, CallTrace
 from .schedule import ARSchedule
@@ -91,6 +91,11 @@ class ARSamplerNode(Node):
         Param("rope_mode", str, "absolute", "RoPE of evicted windows: absolute (upstream) or relative",
               choices=("absolute", "relative")),
         Param("context_noise", float, 0.0, "timestep of the KV pass (0 = clean, upstream inference)", min=0.0),
+        Param("boundary_ratio", float, None, "two-expert models (Wan 2.2): steps at t/1000 >= this predict x at the "
+              "boundary and re-noise with add_noise_high (FastVideo); null: every step predicts x0 (Self-Forcing). "
+              "Must equal the experts' boundary", min=0.0, max=1.0, nullable=True),
+        Param("first_block_frames", int, None, "latent frames of the first generated block (FastVideo Wan 2.2: 1); "
+              "null: frames_per_block", min=1, nullable=True),
         Param("batch", int, 1, "videos per session", min=1),
         Param("seed", int, 0, "noise seed when the seed input is not wired"),
         Param("graphs", bool, True, "on CUDA, replay the DiT calls as CUDA graphs (one per attended length)"),
@@ -99,24 +104,52 @@ class ARSamplerNode(Node):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.p.boundary_ratio is not None and not 0.0 < float(self.p.boundary_ratio) < 1.0:
+            raise ValueError(f"boundary_ratio must lie strictly between 0 and 1, got {self.p.boundary_ratio}")
         self._last: dict[str, list[NodeTimer]] = {}
         self._graphs = None  # the latest session's denoiser, for graph_status()
         self._spare: tuple | None = None  # (key, stream) a finished session left: cache and graphs kept
 
     def facts(self, sources) -> dict:
         """The KV cache this sampler will allocate, when the wired model node tells its cache layout
-        (``cache_layout()``: num_layers, num_heads, head_dim, patch, dtype, dtype_bytes)."""
+        (``cache_layout()``: num_layers, num_heads, head_dim, patch, dtype, dtype_bytes), and, for
+        two-expert models, which steps go to which expert."""
+        out = {"notes": self._expert_notes()}
         layout = getattr(sources.get("model"), "cache_layout", None)
         if not callable(layout):
-            return {}
+            return out
         lay, p = layout(), self.p
         ph, pw = lay["patch"]
         tokens = (p.latent_height // ph) * (p.latent_width // pw)
         window = p.window_frames if p.window_frames is not None else p.num_blocks * p.frames_per_block
         nbytes = 2 * lay["num_layers"] * p.batch * window * tokens * lay["num_heads"] * lay["head_dim"]
-        return {"kv_cache": {"sink_frames": p.sink_frames, "window_frames": window,
-                             "bounded": p.window_frames is not None, "dtype": lay["dtype"],
-                             "bytes": int(nbytes * lay["dtype_bytes"])}}
+        out["kv_cache"] = {"sink_frames": p.sink_frames, "window_frames": window,
+                           "bounded": p.window_frames is not None, "dtype": lay["dtype"],
+                           "bytes": int(nbytes * lay["dtype_bytes"])}
+        return out
+
+    def _expert_notes(self) -> list[str]:
+        """Which steps go to which expert (two-expert models), and the first block's length."""
+        if self.p.boundary_ratio is None:
+            return []
+        sched = self._schedule()
+        ts = sched.rest.t
+        high = [f"{t:.1f}" for t in ts if sched.boundary.is_high(t)]
+        low = [f"{t:.1f}" for t in ts if not sched.boundary.is_high(t)]
+        return [f"steps t >= {sched.boundary.t:g} (high-noise expert, x at the boundary): {', '.join(high) or 'none'}",
+                f"steps t < {sched.boundary.t:g} (low-noise expert, x0): {', '.join(low) or 'none'}",
+                f"context pass t={sched.context_t:g} into every expert's cache; first block "
+                f"{self.first_frames} frame(s), then {self.p.frames_per_block}"]
+
+    def preflight(self, upstream) -> None:
+        """Before any weight is read: a model node that declares a ``boundary_ratio`` param (wan22.experts)
+        must split at the sampler's boundary."""
+        src = upstream.get("model")
+        theirs = getattr(getattr(src, "p", None), "boundary_ratio", None)
+        mine = self.p.boundary_ratio
+        if theirs is not None and mine is not None and float(theirs) != float(mine):
+            raise FdError(f"node {self.name!r}: boundary_ratio {mine} but its model (node {src.name!r}) splits its "
+                          f"experts at {theirs}; set the same value on both")
 
     def new_state(self) -> ARState:
         return ARState()
@@ -125,7 +158,25 @@ class ARSamplerNode(Node):
     def _schedule(self) -> ARSchedule:
         from nodes.samplers.flow_match import FlowMatchTable
         return ARSchedule.build(FlowMatchTable(self.p.shift), self.p.steps, first_chunk_steps=self.p.first_chunk_steps,
-                                warp=self.p.warp, context_noise=self.p.context_noise)
+                                warp=self.p.warp, context_noise=self.p.context_noise,
+                                boundary_ratio=self.p.boundary_ratio)
+
+    @property
+    def first_frames(self) -> int:
+        return self.p.frames_per_block if self.p.first_block_frames is None else self.p.first_block_frames
+
+    def _frames(self, blocks: int) -> int:
+        """Generated latent frames of ``blocks`` blocks."""
+        return 0 if blocks <= 0 else self.first_frames + (blocks - 1) * self.p.frames_per_block
+
+    def _check_boundary(self, model: CausalModel) -> None:
+        """A timestep-split model and the sampler's boundary must name the same timestep."""
+        if self.p.boundary_ratio is None or not isinstance(model, TimestepExperts):
+            return
+        want = self._schedule().boundary.t
+        if len(model.experts) != 2 or model.experts[0][0] != want:
+            raise FdError(f"node {self.name!r}: boundary_ratio {self.p.boundary_ratio} (t >= {want}) but the model's "
+                          f"experts split at {[b for b, _ in model.experts[:-1]]}; set the same boundary on both")
 
     def _model(self, inputs: dict) -> CausalModel:
         model = inputs["model"]
@@ -157,15 +208,16 @@ class ARSamplerNode(Node):
         if image is not None and prefix % nfpb:
             raise FdError(f"node {self.name!r}: image_latent has {prefix} frames, not a multiple of "
                           f"frames_per_block={nfpb}")
-        if self.p.window_frames is not None and self.p.window_frames - self.p.sink_frames < nfpb:
-            raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of {nfpb} frames "
-                          "(upstream fails there too)")
+        if self.p.window_frames is not None and self.p.window_frames - self.p.sink_frames < max(nfpb, self.first_frames):
+            raise FdError(f"node {self.name!r}: window_frames - sink_frames must hold a block of "
+                          f"{max(nfpb, self.first_frames)} frames (upstream fails there too)")
+        self._check_boundary(model)
         dev = model.device
         session_conds, block_conds = self._conditions(model, inputs)
         graphs = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
         spec = StreamSpec(frame_shape=(self.p.latent_channels, lh, lw), frames_per_block=nfpb, batch=self.p.batch,
                           sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
-                          max_frames=prefix + self.p.num_blocks * nfpb, rope_mode=self.p.rope_mode, graphs=graphs)
+                          max_frames=prefix + self._frames(self.p.num_blocks), rope_mode=self.p.rope_mode, graphs=graphs)
         key = (id(model), spec)
         spare, self._spare = self._spare, None
         fresh = spare is None or spare[0] != key
@@ -181,7 +233,7 @@ class ARSamplerNode(Node):
         seed = int(inputs.get("seed", self.p.seed))
         state.generator = torch.Generator(device=dev).manual_seed(seed)
         if self.p.window_frames is None:
-            state.noise = torch.randn(self._noise_shape(self.p.num_blocks * nfpb), generator=state.generator,
+            state.noise = torch.randn(self._noise_shape(self._frames(self.p.num_blocks)), generator=state.generator,
                                       device=dev)
         missing = [c for c in model.required_conditions if c not in session_conds]
         if missing:
@@ -193,7 +245,8 @@ class ARSamplerNode(Node):
         self._graphs = state.stream
         init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
         state.rollout = ARRollout(_TimedStream(state), self._schedule(), nfpb, initial_latent=init,
-                                  generator=state.generator, trace=lambda tr: self._classify(state, tr))
+                                  generator=state.generator, trace=lambda tr: self._classify(state, tr),
+                                  first_block_frames=self.p.first_block_frames)
 
     def _noise_shape(self, frames: int) -> tuple[int, ...]:
         return (self.p.batch, frames, self.p.latent_channels, self.p.latent_height, self.p.latent_width)
@@ -209,15 +262,17 @@ class ARSamplerNode(Node):
         elif step.changed & set(SESSION_CONDITIONS):
             state.stream.set_conditions(**self._conditions(state.model, inputs)[0])
             state.prompt_switches += 1
-        roll, nfpb = state.rollout, self.p.frames_per_block
+        roll = state.rollout
         b = roll.block_index
         if state.noise is not None:
             if b >= self.p.num_blocks:
                 raise FdError(f"node {self.name!r}: block {b} is past num_blocks={self.p.num_blocks}, which sizes "
                               "the global KV cache; raise num_blocks, or set window_frames for an unbounded rollout")
-            noise = state.noise[:, b * nfpb:(b + 1) * nfpb]
+            off = roll.block_offset(b)
+            noise = state.noise[:, off:off + roll.block_frames(b)]
         else:
-            noise = torch.randn(self._noise_shape(nfpb), generator=state.generator, device=state.model.device)
+            noise = torch.randn(self._noise_shape(roll.block_frames(b)), generator=state.generator,
+                                device=state.model.device)
         state.timers = {}
         x0 = roll.step(noise, **self._conditions(state.model, inputs)[1])
         self._last = state.timers

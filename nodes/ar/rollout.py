@@ -21,6 +21,10 @@ I2V (Causal-Forcing ``initial_latent``): before block 0 the image latent is pass
 chunks of ``frames_per_block`` from frame 0 (its output is unused); generated frames then
 start after it, and ``run_all`` prepends the image latent to the result.
 
+Wan 2.2 (two experts, ``ARSchedule.boundary``): high-noise steps convert to x at the boundary and
+re-noise with add_noise_high (``_denoise_two_experts``); ``first_block_frames`` gives block 0 its
+own length (FastVideo's MoE path: 1 frame).
+
 Randomness, in call order, exactly where upstream calls ``torch.randn_like``: one draw per
 re-noise, i.e. after every denoise step but the last of each block, plus one per context
 pass when ``context_noise > 0`` (the training pipeline's re-noising; upstream inference
@@ -72,11 +76,20 @@ class ARRollout:
     def __init__(self, denoise: Denoiser | CausalStream, schedule: ARSchedule, frames_per_block: int,
                  noise: Tensor | None = None, *, initial_latent: Tensor | None = None,
                  draws: Iterable[Tensor] | None = None, generator: torch.Generator | None = None,
-                 seed: int = 0, trace: Callable[[CallTrace], None] | None = None):
+                 seed: int = 0, trace: Callable[[CallTrace], None] | None = None,
+                 first_block_frames: int | None = None):
         """``noise`` [B, F, C, H, W] with F a multiple of ``frames_per_block`` (or None when every
-        ``step`` gets its block's noise). ``draws`` replaces the generator (recorded draws)."""
-        if noise is not None and noise.shape[1] % frames_per_block:
+        ``step`` gets its block's noise). ``draws`` replaces the generator (recorded draws).
+        ``first_block_frames``: generated block 0 has this many frames (Wan 2.2 MoE: 1); then the
+        noise holds 1 + (F - first) // frames_per_block blocks and its last frames that make no whole
+        block are never denoised (upstream drops them too)."""
+        self.first_frames = frames_per_block if first_block_frames is None else int(first_block_frames)
+        if not 1 <= self.first_frames:
+            raise ValueError(f"first_block_frames must be >= 1, got {first_block_frames}")
+        if noise is not None and self.first_frames == frames_per_block and noise.shape[1] % frames_per_block:
             raise ValueError(f"{noise.shape[1]} noise frames is not a multiple of {frames_per_block}")
+        if noise is not None and noise.shape[1] < self.first_frames:
+            raise ValueError(f"{noise.shape[1]} noise frames cannot hold a first block of {self.first_frames}")
         if initial_latent is not None and initial_latent.shape[1] % frames_per_block:
             raise ValueError("initial_latent frames must be a multiple of frames_per_block")
         self.denoise = denoise
@@ -103,7 +116,16 @@ class ARRollout:
 
     @property
     def num_blocks(self) -> int | None:
-        return None if self.noise is None else self.noise.shape[1] // self.nfpb
+        if self.noise is None:
+            return None
+        return 1 + (self.noise.shape[1] - self.first_frames) // self.nfpb
+
+    def block_frames(self, block: int) -> int:
+        return self.first_frames if block == 0 else self.nfpb
+
+    def block_offset(self, block: int) -> int:
+        """Frames generated before ``block`` (from generated block 0)."""
+        return 0 if block == 0 else self.first_frames + (block - 1) * self.nfpb
 
     def _timestep(self, value: float, like: Tensor) -> Tensor:
         key = (value, like.shape[:2], like.device)
@@ -158,20 +180,45 @@ class ARRollout:
         if noise_block is None:
             if self.noise is None or b >= self.num_blocks:
                 raise IndexError(f"no noise for block {b}")
-            noise_block = self.noise[:, b * self.nfpb:(b + 1) * self.nfpb]
+            off = self.block_offset(b)
+            noise_block = self.noise[:, off:off + self.block_frames(b)]
         if not self._primed:
             self._prime()
         plan: StepPlan = self.schedule.for_block(b)
-        frame_start = self.first_frame + b * self.nfpb
-        x, x0 = noise_block, None
-        for i, t in enumerate(plan.t):
-            _, x0 = self._call("denoise", x, t, frame_start, b, i, plan.sigma_x0[i])
-            if i + 1 < len(plan):
-                x = self._renoise(x0, self._draw(x0), plan.sigma_noise[i + 1])
+        frame_start = self.first_frame + self.block_offset(b)
+        if self.schedule.boundary is not None:
+            x0 = self._denoise_two_experts(noise_block, plan, frame_start, b)
+        else:
+            x, x0 = noise_block, None
+            for i, t in enumerate(plan.t):
+                _, x0 = self._call("denoise", x, t, frame_start, b, i, plan.sigma_x0[i])
+                if i + 1 < len(plan):
+                    x = self._renoise(x0, self._draw(x0), plan.sigma_noise[i + 1])
         ctx_t = self.schedule.context_t
         ctx_x = x0 if ctx_t <= 0 else self._renoise(x0, self._draw(x0), self.schedule.context_sigma_noise)
         self._call("context", ctx_x, ctx_t, frame_start, b)
         self.block_index += 1
+        return x0
+
+    def _denoise_two_experts(self, x: Tensor, plan: StepPlan, frame_start: int, b: int) -> Tensor:
+        """Wan 2.2's trajectory (``ARSchedule.boundary``): high-noise steps predict x at the boundary
+        and re-noise with add_noise_high; the last high step hands x_b on as is (its draw is taken and
+        unused, as upstream); low-noise steps are Self-Forcing's."""
+        bound = self.schedule.boundary
+        x0 = None
+        for i, t in enumerate(plan.t):
+            high = bound.is_high(t)
+            sigma = plan.sigma_x0[i] - bound.sigma_x0 if high else plan.sigma_x0[i]
+            _, x0 = self._call("denoise", x, t, frame_start, b, i, sigma)
+            if i + 1 < len(plan):
+                draw = self._draw(x0)
+                if high and bound.is_high(plan.t[i + 1]):
+                    alpha, beta = bound.alpha_beta(plan.sigma_noise[i + 1])
+                    x = (alpha * x0 + beta * draw).to(draw.dtype)
+                elif high:
+                    x = x0
+                else:
+                    x = self._renoise(x0, draw, plan.sigma_noise[i + 1])
         return x0
 
     def run_all(self) -> Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 from nodes.samplers.flow_match import FlowMatchTable
 
 
@@ -37,17 +39,53 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class Boundary:
+    """Wan 2.2 two-expert trajectory (FastVideo ``CausalDMDDenosingStage`` with ``boundary_ratio``).
+
+    A step at ``t >= t`` (the boundary timestep) belongs to the high-noise expert, whose flow is
+    turned into x at the boundary, ``x_t - (sigma_t - sigma_b) flow``, not x0; re-noising between two
+    high steps is ``alpha x_b + beta noise`` with alpha = (1 - sigma') / (1 - sigma_b),
+    beta = sqrt(sigma'^2 - (alpha sigma_b)^2) (add_noise_high), and the last high step hands x_b to
+    the low-noise expert unchanged (its draw is still taken). ``sigma_b`` is the table entry nearest
+    the boundary timestep (argmin, as upstream), not the formula's value.
+    """
+    t: float                  # boundary timestep = boundary_ratio * num_train_timesteps
+    sigma_noise: float        # float32 table sigma at t (add_noise_high)
+    sigma_x0: float           # the same entry in float64 (x_b conversion)
+
+    @classmethod
+    def build(cls, table: FlowMatchTable, ratio: float) -> "Boundary":
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"boundary_ratio must lie in (0, 1), got {ratio}")
+        t = float(ratio) * table.num_train_timesteps
+        return cls(t, *table.scalar_sigmas(t))
+
+    def is_high(self, t: float) -> bool:
+        return t >= self.t
+
+    def alpha_beta(self, sigma_next: float) -> tuple[float, float]:
+        """add_noise_high's coefficients, computed in float32 as upstream."""
+        s = torch.tensor(sigma_next, dtype=torch.float32)
+        b = torch.tensor(self.sigma_noise, dtype=torch.float32)
+        alpha = (1 - s) / (1 - b)
+        beta = torch.sqrt(s ** 2 - (alpha * b) ** 2)
+        return float(alpha), float(beta)
+
+
+@dataclass(frozen=True)
 class ARSchedule:
-    """Step plans per block plus the context pass (timestep and, when > 0, its re-noise sigma)."""
+    """Step plans per block plus the context pass (timestep and, when > 0, its re-noise sigma).
+    ``boundary``: the Wan 2.2 two-expert trajectory (None: Self-Forcing's, every step to x0)."""
     first: StepPlan          # block 0 (the first generated block; after the image in I2V)
     rest: StepPlan           # every later block
     context_t: float
     context_sigma_noise: float
+    boundary: Boundary | None = None
 
     @classmethod
     def build(cls, table: FlowMatchTable, steps: Sequence[int],
               first_chunk_steps: Sequence[int] | None = None, warp: bool = True,
-              context_noise: float = 0.0) -> "ARSchedule":
+              context_noise: float = 0.0, boundary_ratio: float | None = None) -> "ARSchedule":
         """Plan from config step lists (e.g. [1000, 750, 500, 250]).
 
         ``warp`` maps them through the table (``warp_denoising_step``, true in every
@@ -59,7 +97,8 @@ class ARSchedule:
 
         rest = plan(steps)
         first = plan(first_chunk_steps) if first_chunk_steps is not None else rest
-        return cls(first, rest, float(context_noise), table.scalar_sigmas(float(context_noise))[0])
+        bound = None if boundary_ratio is None else Boundary.build(table, boundary_ratio)
+        return cls(first, rest, float(context_noise), table.scalar_sigmas(float(context_noise))[0], bound)
 
     def for_block(self, block: int) -> StepPlan:
         return self.first if block == 0 else self.rest

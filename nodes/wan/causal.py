@@ -166,12 +166,20 @@ class WanCausalStream(CausalStream):
         self._t: dict[tuple, torch.Tensor] = {}
 
     def set_conditions(self, text: torch.Tensor, image: torch.Tensor | None = None) -> None:
+        self.set_cross(self.cross_for(text, image))
+
+    def cross_for(self, text: torch.Tensor, image: torch.Tensor | None = None) -> CrossCache:
+        """This model's cross-attention K/V of a prompt (and I2V image tokens)."""
         dev = self.model.device
         text = text.to(dev)
         if text.shape[0] != self.spec.batch:
             text = text.expand(self.spec.batch, -1, -1)
         with torch.no_grad():
-            self.denoiser.set_prompt(self.model.module.prepare_cross(text, None if image is None else image.to(dev)))
+            return self.model.module.prepare_cross(text, None if image is None else image.to(dev))
+
+    def set_cross(self, cross: CrossCache) -> None:
+        """Attend to ``cross`` (this model's or another's of the same shapes: Wan 2.2's shared text cache)."""
+        self.denoiser.set_prompt(cross)
 
     def _timestep(self, t: float, x: torch.Tensor) -> torch.Tensor:
         key = (t, tuple(x.shape[:2]))

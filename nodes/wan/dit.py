@@ -42,14 +42,19 @@ from nodes.common.sharding import for_group as context_parallel_for
 
 from .config import WanConfig
 
-CLIP_DIM = 1280  # CLIP ViT-H penultimate width, hard-coded upstream (MLPProj(1280, dim))
+CLIP_DIM = 1280  # CLIP ViT-H penultimate width, upstream's MLPProj(1280, dim); WanConfig.image_dim carries it
 
 
-def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
-    """[N] timesteps -> [N, dim] = cat(cos, sin), float64 as upstream (t may be fractional)."""
+def sinusoidal_embedding(dim: int, t: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] = cat(cos, sin); t may be fractional. float64 as Wan-AI / Self-Forcing
+    (10000^(-k/half)); float32 as diffusers / FastVideo (exp(-ln(10000) k / half), t.float() * freqs)."""
     half = dim // 2
-    t = t.to(torch.float64)
-    ang = torch.outer(t, torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half))
+    k = torch.arange(half, dtype=dtype, device=t.device)
+    if dtype == torch.float64:
+        freqs = torch.pow(10000, -k / half)
+    else:
+        freqs = torch.exp(-math.log(10000) * k / half)
+    ang = torch.outer(t.to(dtype), freqs)
     return torch.cat([ang.cos(), ang.sin()], dim=1)
 
 
@@ -268,7 +273,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
         if cfg.model_type == "i2v":
-            self.img_emb = MLPProj(CLIP_DIM, d)
+            self.img_emb = MLPProj(cfg.image_dim, d)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -283,7 +288,7 @@ class WanDiT(nn.Module):
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] (one per sample) or [B, F] (per frame) -> e [B, Fm, dim], e0 [B, Fm, 6, dim] (float32)."""
         t = t.reshape(t.shape[0], -1)
-        s = sinusoidal_embedding(self.cfg.freq_dim, t.flatten()).float()
+        s = sinusoidal_embedding(self.cfg.freq_dim, t.flatten(), getattr(torch, self.cfg.sinusoid_dtype)).float()
         e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], s)))
         e0 = _linear32(self.time_projection[1], F.silu(e))
         return e.unflatten(0, t.shape), e0.unflatten(0, t.shape).unflatten(-1, (6, self.cfg.dim))

@@ -27,6 +27,7 @@ from nodes.common.params import checkpoint_param, dtype_param, is_random, seed_p
 PRESETS = {"1.3b": WAN_1_3B, "14b": WAN_14B}
 SIZE_PARAMS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len", "in_dim", "out_dim")
 FSDP_INFIX = "_fsdp_wrapped_module."
+DIFFUSERS_KEYS = {"_diffusers_version", "num_attention_heads", "attention_head_dim"}  # a diffusers config.json
 
 
 class WanDiTNode(ModelNode):
@@ -54,6 +55,9 @@ class WanDiTNode(ModelNode):
         Param("text_len", int, 512, "text tokens the cross-attention pads to", min=1),
         Param("in_dim", int, None, "input latent channels (random weights; 16 T2V, 36 I2V)", min=1, nullable=True),
         Param("out_dim", int, None, "output latent channels (random weights)", min=1, nullable=True),
+        Param("sinusoid", str, "auto", "dtype of the timestep sinusoid: float64 (Wan-AI, Self-Forcing), float32 "
+              "(diffusers, FastVideo); auto = float32 for a diffusers folder read through its config.json, else "
+              "float64", choices=("auto", "float32", "float64")),
         Param("attention", str, "auto", "attention backend", choices=BACKENDS),
         Param("compile", str, "auto", "torch.compile the elementwise stages (modulation, qk-norm + RoPE, gated "
               "adds): auto = on CUDA; each shape compiles once (seconds), shared by all layers",
@@ -67,6 +71,8 @@ class WanDiTNode(ModelNode):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handle: WanDenoiser | None = None
+        self._config_json: tuple[Path, dict] | None = None
+        self._checked: WanConfig | None = None
 
     # ------------------------------------------------------------------ config
     @property
@@ -81,7 +87,17 @@ class WanDiTNode(ModelNode):
             over.setdefault("in_dim", 36)
         if "dim" in over and "num_heads" not in over:
             over["num_heads"] = max(1, over["dim"] // 128)
-        return replace(base, model_type=self.p.model_type, **over)
+        cfg = replace(base, model_type=self.p.model_type, **over)
+        return cfg if self.p.sinusoid == "auto" else replace(cfg, sinusoid_dtype=self.p.sinusoid)
+
+    def checkpoint_config(self) -> WanConfig:
+        """The config the module will have, from config.json and the checkpoint's shapes (its headers:
+        no tensor is read), or the size params for random weights. Cached."""
+        if self.random_weights:
+            return self.size_config()
+        if self._checked is None:
+            self._checked = self.config_from(self.open_weights())
+        return self._checked
 
     def cache_layout(self) -> dict:
         """What a sampler's KV cache of this DiT looks like, from the size params (read by plan facts)."""
@@ -101,11 +117,35 @@ class WanDiTNode(ModelNode):
 
     def open_weights(self):
         from nodes.checkpoint.wan_layouts import to_native
-        return strip_fsdp(to_native(open_dit_checkpoint(self.p.checkpoint, self.p.ema), ema=self.p.ema))
+        ckpt = open_dit_checkpoint(self.p.checkpoint, self.p.ema)
+        from nodes.checkpoint.config_json import find_config_json
+        self._config_json = find_config_json(self.p.checkpoint, getattr(ckpt, "files", []))
+        return strip_fsdp(to_native(ckpt, ema=self.p.ema))
+
+    def config_from(self, sd) -> WanConfig:
+        """Sizes from the checkpoint's config.json when it has one (diffusers: every size; Wan-AI: heads and
+        eps), checked against the weights' shapes; otherwise from the shapes and ``num_heads``."""
+        from nodes.checkpoint import CheckpointError
+        where = str(self._config_json[0]) if self._config_json else str(self.p.checkpoint)
+        try:
+            if self._config_json is not None and DIFFUSERS_KEYS & set(self._config_json[1]):
+                cfg = WanConfig.from_diffusers_config(self._config_json[1], text_len=self.p.text_len, where=where)
+                if self.p.num_heads is not None and self.p.num_heads != cfg.num_heads:
+                    raise ValueError(f"num_heads={self.p.num_heads} but {where} says {cfg.num_heads}")
+                cfg.check_state_dict(sd, where=where)
+            elif self._config_json is not None and "num_heads" in self._config_json[1]:
+                d = self._config_json[1]
+                cfg = replace(WanConfig.from_state_dict(sd, num_heads=self.p.num_heads or int(d["num_heads"]),
+                                                        text_len=self.p.text_len), eps=float(d.get("eps", 1e-6)))
+            else:
+                cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        return cfg if self.p.sinusoid == "auto" else replace(cfg, sinusoid_dtype=self.p.sinusoid)
 
     def build_from(self, sd) -> Built:
         from .dit import WanDiT
-        cfg = WanConfig.from_state_dict(sd, num_heads=self.p.num_heads, text_len=self.p.text_len)
+        cfg = self.config_from(sd)
         with torch.device("meta"):
             return Built(WanDiT(cfg), sd)
 

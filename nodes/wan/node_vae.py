@@ -42,19 +42,53 @@ class _WanVAENode(ModelNode):
         from .vae import WanVAE
         return WanVAE(dim=self.p.dim, z_dim=self.p.z_dim)
 
+    def open_weights(self):
+        from nodes.checkpoint import open_checkpoint
+        from nodes.checkpoint.config_json import find_config_json
+        ckpt = open_checkpoint(self.p.checkpoint)
+        found = find_config_json(self.p.checkpoint, getattr(ckpt, "files", []))
+        self._vae_config = found if found is not None and "base_dim" in found[1] else None
+        return ckpt
+
     def build_from(self, checkpoint) -> Built:
-        from nodes.checkpoint.wan_layouts import VAE_DIFFUSERS_TO_NATIVE
+        """Sizes from a diffusers AutoencoderKLWan config.json when there is one (base_dim, z_dim, dim_mult,
+        num_res_blocks, temperal_downsample, latents_mean/std), else the Wan 2.1 VAE's, with width and z_dim
+        from the weights."""
+        from nodes.checkpoint.wan_layouts import wan21_vae_keymap
 
         from .vae import WanVAE
-        keymap = VAE_DIFFUSERS_TO_NATIVE if "decoder.conv_in.weight" in checkpoint else None
+        self._stats = None
+        cfg = getattr(self, "_vae_config", None)
+        if cfg is not None:
+            where, d = str(cfg[0]), cfg[1]
+            kw = vae_kwargs_from_diffusers(d, where)
+            self._stats = (d.get("latents_mean"), d.get("latents_std"))
+        else:
+            kw = dict(dim=_vae_dim(checkpoint), z_dim=_vae_z_dim(checkpoint, self.p.z_dim))
+        keymap = None
+        if "decoder.conv_in.weight" in checkpoint:
+            keymap = wan21_vae_keymap(kw.get("num_res_blocks", 2), len(kw.get("dim_mult", (1, 2, 4, 4))))
         with torch.device("meta"):
-            vae = WanVAE(dim=_vae_dim(checkpoint), z_dim=self.p.z_dim)
+            vae = WanVAE(**kw)
         return Built(vae, checkpoint, keymap)
 
     def constants(self, vae) -> None:
-        """The latent mean/std are constants, not checkpoint entries: (re)create them on the device."""
-        vae.latent_mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=self.device)
-        vae.latent_std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=self.device)
+        """The latent mean/std are constants, not checkpoint entries: (re)create them on the device, from the
+        config.json's latents_mean/std when it has them, else Wan 2.1's (16 latent channels only)."""
+        mean, std = getattr(self, "_stats", None) or (None, None)
+        if mean is None or std is None:
+            if vae.z_dim != len(WAN21_LATENT_MEAN):
+                if not self.random_weights:
+                    raise FdError(f"node {self.name!r}: a {vae.z_dim}-channel VAE needs latents_mean/latents_std "
+                                  "(its config.json); the Wan 2.1 values are for 16 channels")
+                mean, std = [0.0] * vae.z_dim, [1.0] * vae.z_dim
+            else:
+                mean, std = WAN21_LATENT_MEAN, WAN21_LATENT_STD
+        if len(mean) != vae.z_dim or len(std) != vae.z_dim:
+            raise FdError(f"node {self.name!r}: latents_mean/std have {len(mean)}/{len(std)} entries for "
+                          f"z_dim {vae.z_dim}")
+        vae.latent_mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        vae.latent_std = torch.tensor(std, dtype=torch.float32, device=self.device)
 
     def finish(self, vae):
         return vae.to_channels_last() if self.p.channels_last else vae
@@ -71,6 +105,28 @@ class _WanVAENode(ModelNode):
 
     def _vae(self):
         return self.require_model()
+
+
+def vae_kwargs_from_diffusers(d: dict, where: str = "config.json") -> dict:
+    """WanVAE sizes from a diffusers ``AutoencoderKLWan`` config.json; a missing size is an error naming it."""
+    need = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+    missing = [k for k in need if d.get(k) is None]
+    if missing:
+        raise FdError(f"{where}: missing {', '.join(missing)} (an AutoencoderKLWan config names every size)")
+    if d.get("attn_scales"):
+        raise FdError(f"{where}: attn_scales {d['attn_scales']} (attention in the down/up blocks) is not supported")
+    if len(d["temperal_downsample"]) != len(d["dim_mult"]) - 1:
+        raise FdError(f"{where}: temperal_downsample needs len(dim_mult) - 1 = {len(d['dim_mult']) - 1} entries")
+    return dict(dim=int(d["base_dim"]), z_dim=int(d["z_dim"]), dim_mult=tuple(int(m) for m in d["dim_mult"]),
+                num_res_blocks=int(d["num_res_blocks"]), temperal_downsample=tuple(bool(t) for t in
+                                                                                   d["temperal_downsample"]))
+
+
+def _vae_z_dim(sd: Mapping, default: int) -> int:
+    for key in ("conv2.weight", "post_quant_conv.weight"):
+        if key in sd:
+            return (sd.shape(key) if hasattr(sd, "shape") else sd[key].shape)[0]
+    return default
 
 
 def _vae_dim(sd: Mapping) -> int:

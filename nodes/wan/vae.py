@@ -31,8 +31,8 @@ class WanVAE(nn.Module):
                  num_res_blocks: int = 2, attn_scales: Sequence[float] = (),
                  temperal_downsample: Sequence[bool] = (False, True, True),
                  dropout: float = 0.0,
-                 latent_mean: Sequence[float] | torch.Tensor = WAN21_LATENT_MEAN,
-                 latent_std: Sequence[float] | torch.Tensor = WAN21_LATENT_STD):
+                 latent_mean: Sequence[float] | torch.Tensor | None = None,
+                 latent_std: Sequence[float] | torch.Tensor | None = None):
         super().__init__()
         del dropout  # inference only; kept so upstream's config dict can be splatted
         self.z_dim = z_dim
@@ -47,6 +47,10 @@ class WanVAE(nn.Module):
         # Not in the checkpoint: constants, so strict loading of Wan2.1_VAE.pth works.
         self.register_buffer("latent_mean", torch.empty(z_dim), persistent=False)
         self.register_buffer("latent_std", torch.empty(z_dim), persistent=False)
+        if latent_mean is None:   # Wan 2.1's statistics for 16 channels; a placeholder (0, 1) for others
+            latent_mean = WAN21_LATENT_MEAN if z_dim == len(WAN21_LATENT_MEAN) else [0.0] * z_dim
+        if latent_std is None:
+            latent_std = WAN21_LATENT_STD if z_dim == len(WAN21_LATENT_STD) else [1.0] * z_dim
         self.set_latent_stats(latent_mean, latent_std)
 
     @classmethod
