@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="run on N local processes (context parallelism)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run GPU-sized models (2 GiB of weights or more) that device: auto put on the CPU")
+    p.add_argument("--save-session", metavar="FILE",
+                   help="after the last block, save the session (caches, RNG, block index, inputs) to FILE; "
+                        "docs/sessions.md")
+    p.add_argument("--resume", metavar="FILE",
+                   help="continue a session saved with --save-session (same spec; inputs.X=... overrides change "
+                        "its inputs, e.g. the prompt)")
     p = sub.add_parser("validate", help="check a spec (or several: fd validate a.yaml b.yaml) without loading "
                        "any weight")
     _spec_args(p)

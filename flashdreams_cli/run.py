@@ -9,6 +9,8 @@ from statistics import median
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .session_files import resume_inputs
+
 
 def _with_hint(e, hint: str):
     from dataclasses import replace
@@ -34,6 +36,16 @@ def _launch_local_ranks(nproc: int, rank_main) -> int:
     return 0
 
 
+def _read_resume(args, plan):
+    """The ``--resume`` snapshot, checked against this spec before loading (None without the flag)."""
+    if not getattr(args, "resume", None):
+        return None
+    from engine import snapshot
+    snap = snapshot.read(args.resume)
+    snapshot.check_compatible(snap, plan)
+    return snap
+
+
 def run_exec(args, rank_main=None) -> int:
     """``rank_main(world, argv)`` is what each local rank runs under ``--nproc N`` (fd's own ``main``)."""
     from engine.runner import open_pipeline
@@ -57,6 +69,7 @@ def run_exec(args, rank_main=None) -> int:
         def on_load(name, i, total):
             progress.update(load_task, completed=i, description=f"loading {name}" if name else "loaded")
 
+        resume = _read_resume(args, plan)       # refused before any weight is read
         pipe.load(progress=on_load)
         block_task = progress.add_task("blocks", total=n_blocks)
         from .interrupt import stop_after_block
@@ -65,13 +78,20 @@ def run_exec(args, rank_main=None) -> int:
         with pipe.open_session() as session, stop_after_block(
                 lambda: notice.print("[yellow]interrupted: finishing this block and writing what was generated "
                                       "(Ctrl-C again to discard it)[/]")) as stop:
+            if resume is not None:
+                session.restore(resume, **resume_inputs(plan.spec, args.overrides))
             for result in session.stream(n_blocks):
                 done += 1
                 ms = sum(result.timings_ms.values())
                 progress.update(block_task, advance=1, description=f"block {result.block} ({ms:.0f} ms)")
                 if stop.requested:
                     break
+            saved = getattr(args, "save_session", None)
+            if saved and rank == 0:
+                session.snapshot(saved)
     summary = {"ok": True, "spec": plan.spec.file, "blocks": done, "interrupted": stop.requested,
+               "first_block": session.block - done, "resumed_from": getattr(args, "resume", None),
+               "saved_session": saved or None,
                "node_ms_median": {n: round(median(ms), 3) for n, ms in pipe.timings_ms.items() if ms},
                "outputs": {n: pipe.nodes[n].p.path for n in plan.sinks if hasattr(pipe.nodes[n].p, "path")}}
     if rank == 0:
@@ -82,4 +102,7 @@ def run_exec(args, rank_main=None) -> int:
                 (notice if stop.requested else console).print(
                     f"[green]✓[/] {n}: wrote {path}" + (f" ({done} of {n_blocks} blocks: interrupted)"
                                                          if stop.requested else ""))
+            if saved:
+                console.print(f"[green]✓[/] session after block {session.block - 1}: saved {saved} "
+                              f"(continue with --resume {saved})")
     return 130 if stop.requested else 0

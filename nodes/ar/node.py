@@ -30,6 +30,7 @@ from engine.timing import NodeTimer
 from engine.types import CAMERA, CAUSAL_DENOISER, IMAGE_EMBEDDING, INT, LATENT, TENSOR, TEXT_EMBEDDING
 from nodes.common.causal import CausalModel, CausalStream, StreamSpec
 
+from . import state_io, switch
 from .rollout import ARRollout, CallTrace
 from .schedule import ARSchedule
 
@@ -51,6 +52,8 @@ class ARState:
     key: tuple | None = None           # what the cache and graphs were built for (reused across sessions)
     pending: NodeTimer | None = None
     timers: dict[str, list[NodeTimer]] = field(default_factory=dict)
+    restore: dict | None = None        # snapshot values, applied when the first block opens the stream
+    history: list = field(default_factory=list)   # prompt_switch: recache - the context passes the cache holds
 
 
 class ARSamplerNode(Node):
@@ -94,6 +97,9 @@ class ARSamplerNode(Node):
         Param("batch", int, 1, "videos per session", min=1),
         Param("seed", int, 0, "noise seed when the seed input is not wired"),
         Param("graphs", bool, True, "on CUDA, replay the DiT calls as CUDA graphs (one per attended length)"),
+        Param("prompt_switch", str, "keep", "what a prompt switch does to the cache: keep it (the video flows on), "
+              "recache (re-run the context passes of the cached frames with the new prompt, as LongLive), reset "
+              "(start over as a new session would)", choices=switch.MODES),
     )
     capturable = True
 
@@ -177,7 +183,7 @@ class ARSamplerNode(Node):
                 state.stream.prepare(torch.zeros(self._noise_shape(nfpb), device=dev), **block_conds)
         self._graphs = state.stream
         init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
-        state.rollout = ARRollout(_TimedStream(state), self._schedule(), nfpb, initial_latent=init,
+        state.rollout = ARRollout(_TimedStream(state, self._record), self._schedule(), nfpb, initial_latent=init,
                                   generator=state.generator, trace=lambda tr: self._classify(state, tr))
 
     def _noise_shape(self, frames: int) -> tuple[int, ...]:
@@ -188,12 +194,47 @@ class ARSamplerNode(Node):
         state.pending = None
 
     # ------------------------------------------------------------------ running
+    def state_tensors(self, state: ARState) -> dict:
+        return state_io.save(state)
+
+    def load_state(self, state: ARState, values: dict) -> ARState:
+        state.restore = values if values.get("started") else None
+        return state
+
+    def _switch(self, state: ARState, inputs: dict) -> None:
+        """A session condition changed between blocks: ``prompt_switch`` decides what happens to the cache."""
+        mode = self.p.prompt_switch
+        if mode == "reset":
+            switches = state.prompt_switches + 1
+            self._spare = (state.key, state.stream)   # _start takes it back: same buffers, cleared
+            state.stream = state.rollout = None
+            state.history = []
+            self._start(state, inputs)
+            state.prompt_switches = switches
+            return
+        state.stream.set_conditions(**self._conditions(state.model, inputs)[0])
+        if mode == "recache":
+            switch.recache(state.stream, state.history)
+        state.prompt_switches += 1
+
+    def _record(self, state: ARState, x, t, frame_start, conditions) -> None:
+        """Keep what a context pass committed while the cache holds it (``prompt_switch: recache`` only)."""
+        if self.p.prompt_switch != "recache":
+            return
+        state.history.append(switch.ContextRecord(x.detach().clone(), float(t), int(frame_start), dict(conditions)))
+        state.history = switch.retained(state.history, self.p.sink_frames, self.p.window_frames)
+
     def run(self, inputs, state: ARState, step):
         if state.rollout is None:
             self._start(state, inputs)
+            if state.restore is not None:
+                try:
+                    state_io.apply(state, state.restore, self.name)
+                except ValueError as e:
+                    raise FdError(f"restoring a snapshot: {e}") from None
+                state.restore = None
         elif step.changed & set(SESSION_CONDITIONS):
-            state.stream.set_conditions(**self._conditions(state.model, inputs)[0])
-            state.prompt_switches += 1
+            self._switch(state, inputs)
         roll, nfpb = state.rollout, self.p.frames_per_block
         b = roll.block_index
         if state.noise is not None:
@@ -234,8 +275,9 @@ NODE_TYPES = (ARSamplerNode,)
 class _TimedStream(CausalStream):
     """The session's stream with every call timed (CUDA events on GPU), for ``last_breakdown_ms``."""
 
-    def __init__(self, state: ARState):
+    def __init__(self, state: ARState, record=None):
         self.state = state
+        self.record = record   # called after every commit (recache history)
 
     def _timed(self, fn, *args, **kwargs):
         timer = NodeTimer(str(self.state.model.device))
@@ -254,3 +296,5 @@ class _TimedStream(CausalStream):
 
     def commit(self, x, t, frame_start, **block) -> None:
         self._timed(self.state.stream.commit, x, t, frame_start, **block)
+        if self.record is not None:
+            self.record(self.state, x, t, frame_start, block)
