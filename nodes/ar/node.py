@@ -52,6 +52,7 @@ class ARState:
     key: tuple | None = None           # what the cache and graphs were built for (reused across sessions)
     pending: NodeTimer | None = None
     timers: dict[str, list[NodeTimer]] = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)  # the session conditions set last (digested by snapshots)
     restore: dict | None = None        # snapshot values, applied when the first block opens the stream
     history: list = field(default_factory=list)   # prompt_switch: recache - the context passes the cache holds
 
@@ -178,6 +179,7 @@ class ARSamplerNode(Node):
         if missing:
             raise FdError(f"node {self.name!r}: the model needs the {', '.join(missing)} condition(s)")
         state.stream.set_conditions(**session_conds)   # copies into the captured static buffers
+        state.conditions = session_conds
         if fresh and graphs:  # capture every attended-length graph now, so no block pays a capture
             with torch.no_grad():
                 state.stream.prepare(torch.zeros(self._noise_shape(nfpb), device=dev), **block_conds)
@@ -212,10 +214,29 @@ class ARSamplerNode(Node):
             self._start(state, inputs)
             state.prompt_switches = switches
             return
-        state.stream.set_conditions(**self._conditions(state.model, inputs)[0])
+        state.conditions = self._conditions(state.model, inputs)[0]
+        state.stream.set_conditions(**state.conditions)
         if mode == "recache":
             switch.recache(state.stream, state.history)
         state.prompt_switches += 1
+
+    def _restore(self, state: ARState, inputs: dict) -> None:
+        """Apply snapshot values to the stream ``_start`` just opened. Restored with other conditions (a new
+        prompt on resume), that is a prompt switch: ``reset`` keeps the fresh start, ``recache`` re-runs the
+        context passes, ``keep`` only has the new conditions (already set)."""
+        values, state.restore = state.restore, None
+        switched = values.get("conditions") != state_io.digest(state.conditions)
+        if switched and self.p.prompt_switch == "reset":
+            state.prompt_switches = int(values["prompt_switches"]) + 1
+            return
+        try:
+            state_io.apply(state, values, self.name)
+        except ValueError as e:
+            raise FdError(f"restoring a snapshot: {e}") from None
+        if switched:
+            if self.p.prompt_switch == "recache":
+                switch.recache(state.stream, state.history)
+            state.prompt_switches += 1
 
     def _record(self, state: ARState, x, t, frame_start, conditions) -> None:
         """Keep what a context pass committed while the cache holds it (``prompt_switch: recache`` only)."""
@@ -228,11 +249,7 @@ class ARSamplerNode(Node):
         if state.rollout is None:
             self._start(state, inputs)
             if state.restore is not None:
-                try:
-                    state_io.apply(state, state.restore, self.name)
-                except ValueError as e:
-                    raise FdError(f"restoring a snapshot: {e}") from None
-                state.restore = None
+                self._restore(state, inputs)
         elif step.changed & set(SESSION_CONDITIONS):
             self._switch(state, inputs)
         roll, nfpb = state.rollout, self.p.frames_per_block

@@ -10,6 +10,7 @@ input to open a stream with. ``apply`` runs right after that opening.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ def save(state) -> dict[str, Any]:
     out: dict[str, Any] = {"started": True, "primed": r._primed, "prompt_switches": state.prompt_switches,
                            "generator": state.generator.get_state()}
     out.update({k: getattr(r, k) for k in COUNTERS})
+    out["conditions"] = digest(state.conditions)
     if state.noise is not None:
         out["noise"] = state.noise
     out.update({f"stream.{k}": t for k, t in state.stream.state_tensors().items()})
@@ -34,6 +36,19 @@ def save(state) -> dict[str, Any]:
         out[f"history.{i}.x"] = rec.x
         out.update({f"history.{i}.{name}": v for name, v in rec.conditions.items()})
     return out
+
+
+def digest(conditions: dict) -> str:
+    """A fingerprint of the session conditions (prompt embeddings, ...): a restore under other ones is a switch."""
+    h = hashlib.sha256()
+    for name in sorted(conditions):
+        t = conditions[name]
+        h.update(name.encode())
+        if t is not None:
+            t = t.detach().to("cpu").contiguous()
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def apply(state, values: dict[str, Any], node: str) -> None:
