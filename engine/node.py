@@ -165,6 +165,13 @@ class Node:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
 
+    def memory_estimate(self, upstream: dict[str, "Node"]) -> dict[str, Any]:
+        """Bytes this node will hold, for the memory plan (engine/memory.py), without loading anything:
+        ``weights`` (and ``weights_source``: how they were counted), ``state`` per session (and ``state_what``),
+        ``activations`` of one call. ``upstream`` maps each wired input port to the (unloaded) node feeding it,
+        so a sampler can size the KV cache of the model it drives."""
+        return {"weights": self.estimate_bytes(), "weights_source": "estimate_bytes"}
+
     def load(self) -> None:
         """Read weights onto ``self.device``. Called once, after validation and placement."""
 

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     from . import bench as _bench
     _bench.add_parser(sub, _spec_args)
+    from . import plan_cmd as _plan_cmd
+    _plan_cmd.add_parser(sub, _spec_args)
     from . import serve_cmd as _serve_cmd
     _serve_cmd.add_parser(sub, _spec_args)
     return parser
@@ -278,12 +280,17 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_plan(args) -> int:
+    from .plan_cmd import run_plan
+    return run_plan(args)
+
+
 def cmd_serve(args) -> int:
     from .serve_cmd import run_serve
     return run_serve(args)
 
 
-COMMANDS = {"serve": cmd_serve, "exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
+COMMANDS = {"plan": cmd_plan, "serve": cmd_serve, "exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,6 +70,9 @@ def run_exec(args, rank_main=None) -> int:
             progress.update(load_task, completed=i, description=f"loading {name}" if name else "loaded")
 
         resume = _read_resume(args, plan)       # refused before any weight is read
+        from engine.memory import fit_warnings
+        for w in fit_warnings(plan) if rank == 0 else ():
+            Console(stderr=True).print(f"[yellow]warning:[/] {w}", highlight=False)
         pipe.load(progress=on_load)
         block_task = progress.add_task("blocks", total=n_blocks)
         from .interrupt import stop_after_block

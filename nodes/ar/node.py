@@ -274,6 +274,11 @@ class ARSamplerNode(Node):
             self._spare = (state.key, state.stream)
         state.stream = state.rollout = None
 
+    def memory_estimate(self, upstream) -> dict:
+        """The KV cache, cross K/V and noise this sampler makes its model hold (nodes/ar/memory.py)."""
+        from .memory import sampler_memory
+        return sampler_memory(self.p, upstream.get("model"))
+
     def last_breakdown_ms(self, state: ARState | None = None) -> dict[str, float]:
         """Milliseconds of the last block by kind: dit_ms (all denoising steps), kv_ms (context pass),
         image_ms (I2V image pass, block 0 only). On CUDA this waits for the block's events."""
