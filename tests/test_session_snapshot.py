@@ -178,3 +178,40 @@ def test_node_with_undeclared_state_is_named(tmp_path):
         s.step()
         with pytest.raises(FdError, match=r"node 'extra' \(test.opaque_state\) cannot be snapshotted"):
             s.snapshot()
+
+
+LAT_SINK = "sinks:\n  lat:\n    type: sink.safetensors\n    in: {tensor: decoder.pixels}\n    params: {path: lat.st}\n"
+
+
+def test_cli_save_session_and_resume(tmp_path, monkeypatch, capsys):
+    """`fd exec --blocks 2 --save-session` then `--resume --blocks 2` writes the frames of blocks 2-3 of an
+    uninterrupted 4-block run, exactly; a resume into another latent size exits 2 naming the field."""
+    from safetensors.torch import load_file
+
+    from flashdreams_cli.main import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lat.yaml").write_text(LAT_SINK)
+
+    def fd(*args):
+        return main(["exec", "tiny_self_forcing", "--quiet", "--set", "lat.yaml", "--out", "v.mp4", *args])
+    assert fd("sinks.lat.params.path=ref.st") == 0
+    assert fd("sinks.lat.params.path=a.st", "--blocks", "2", "--save-session", "s.fds") == 0
+    capsys.readouterr()
+    assert fd("sinks.lat.params.path=b.st", "--blocks", "2", "--resume", "s.fds", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["first_block"] == 2 and summary["resumed_from"] == "s.fds"
+    ref, got = load_file("ref.st"), load_file("b.st")
+    assert sorted(got) == ["block.2", "block.3"]
+    for k in got:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+    assert fd("--resume", "s.fds", "inputs.latent_height=16") == 2
+    assert "latent_height: 8 in the snapshot, 16 here" in capsys.readouterr().err
+    assert fd("--resume", "nothing.fds") == 2
+
+
+def test_resume_inputs_are_only_the_overridden_ones():
+    from engine.runner import read_spec
+    from flashdreams_cli.session_files import resume_inputs
+    spec = read_spec("tiny_self_forcing", ["inputs.prompt=a cat", "nodes.dit.params.dim=64"])
+    assert resume_inputs(spec, ["inputs.prompt=a cat", "nodes.dit.params.dim=64"]) == {"prompt": "a cat"}
+    assert resume_inputs(spec, []) == {}
