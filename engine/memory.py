@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .errors import FdError
 from .node import SESSION, NodeContext
-
-if TYPE_CHECKING:
-    from .plan import Plan
 
 GiB = 2 ** 30
 # Memory the driver reports for common cards (GiB, approx.); fd plan --device NAME.
@@ -93,7 +89,7 @@ def device_budget(name: str) -> int:
     return int(DEVICES[key] * GiB)
 
 
-def node_memories(plan: "Plan", target: str | None = None) -> list[NodeMemory]:
+def node_memories(plan, target: str | None = None) -> list[NodeMemory]:
     """Each node's estimate; ``target="cuda"`` costs auto-placed nodes as if on a GPU (dtype auto = bf16)."""
     probes = {}
     for n in plan.order:
@@ -165,7 +161,7 @@ def suggest(nodes: list[NodeMemory], peak: dict[str, int], budget: int) -> list[
     return out
 
 
-def memory_plan(plan: "Plan", device: str | None = None, memory: str | int | None = None) -> MemoryPlan:
+def memory_plan(plan, device: str | None = None, memory: str | int | None = None) -> MemoryPlan:
     """The plan's memory: ``device`` a name from DEVICES (costs the nodes on CUDA), ``memory`` a budget."""
     budget = name = None
     if device:
@@ -196,7 +192,7 @@ def host_available_bytes() -> int | None:
         return None
 
 
-def fit_warnings(plan: "Plan") -> list[str]:
+def fit_warnings(plan) -> list[str]:
     """What ``fd exec`` says before loading when the plan's peak exceeds what this machine has free."""
     mp = memory_plan(plan)
     out = []

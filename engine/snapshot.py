@@ -17,16 +17,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .errors import FdError
 from .files import AtomicPath
 
-if TYPE_CHECKING:
-    from .plan import Plan
-    from .session import Session
+# Sessions and plans are passed in untyped: engine.session imports this module, never the reverse.
 
 FORMAT = "fd-session/1"
 JSON_TYPES = (type(None), bool, int, float, str)
@@ -47,7 +45,7 @@ class Snapshot:
         return values
 
 
-def spec_identity(plan: "Plan") -> dict:
+def spec_identity(plan) -> dict:
     """The spec name and its non-sink nodes' types and params, with a fingerprint of them."""
     nodes = {n: {"type": plan.nodes[n].type_name, "params": _jsonable(dict(plan.nodes[n].params))}
              for n in plan.order if not plan.nodes[n].is_sink}
@@ -68,7 +66,7 @@ def _is_json(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- taking
-def capture(session: "Session") -> Snapshot:
+def capture(session) -> Snapshot:
     """The session's state now (between blocks), copied to the CPU."""
     plan = session.plan
     if plan.world_size > 1:
@@ -164,7 +162,7 @@ def differences(saved: dict, here: dict, limit: int = 6) -> list[str]:
     return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
-def check_compatible(snapshot: Snapshot, plan: "Plan") -> None:
+def check_compatible(snapshot: Snapshot, plan) -> None:
     """Refuse a snapshot taken with another spec (nodes, types, params: hence shapes and dtypes)."""
     here = spec_identity(plan)
     saved = snapshot.header["spec"]
@@ -178,7 +176,7 @@ def check_compatible(snapshot: Snapshot, plan: "Plan") -> None:
 
 
 # ---------------------------------------------------------------------------------------------- restoring
-def restore(session: "Session", snapshot: Snapshot, inputs: dict[str, Any] | None = None) -> None:
+def restore(session, snapshot: Snapshot, inputs: dict[str, Any] | None = None) -> None:
     """Replace the session's state with the snapshot's; ``inputs`` override the saved run inputs."""
     plan = session.plan
     check_compatible(snapshot, plan)

@@ -333,7 +333,9 @@ class Connection:
                                          f"(controls: {have})"))
                 return
             self.rollout.post(kind, msg["prompt"] if kind == "prompt" else msg["value"])
-        else:  # pause, resume, reset
+        elif kind == "branch":
+            self.rollout.post(kind, msg)
+        else:  # pause, resume, reset, save
             self.rollout.post(kind)
 
     def _start(self, msg: dict) -> None:
