@@ -148,6 +148,8 @@ class Session:
         """Continue from a snapshot (a path or a ``Snapshot``) of this spec; ``inputs`` override its saved run
         inputs (a new prompt, seed, ...). Refuses a snapshot of another spec, shape or dtype."""
         from . import snapshot as snap
+        if self.closed:
+            raise FdError("this session is closed; restore into a new one (pipeline.open_session())")
         snap.restore(self, snap.read(source) if not isinstance(source, snap.Snapshot) else source, inputs)
         return self
 
