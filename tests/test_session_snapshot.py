@@ -54,6 +54,24 @@ def test_restore_in_a_new_pipeline_is_bit_identical(tmp_path, extra, at):
     _assert_same(want, got)
 
 
+@pytest.mark.parametrize("decoder", ["taehv.decode", "wan.vae_decode"])
+def test_snapshot_or_fork_straight_after_a_restore(tmp_path, decoder):
+    """State restored lazily (on the next block) is still the state a snapshot or fork sees before that block."""
+    pipe = _pipe(tmp_path, f"nodes.decoder.type={decoder}")
+    with pipe.open_session() as s:
+        s.step()
+        snap = s.snapshot()
+        want = [_out(s.step()) for _ in range(2)]
+    with pipe.open_session() as s2:
+        s2.restore(snap)
+        again = s2.snapshot()
+        (child,) = s2.fork(1)
+    with pipe.open_session() as s3, child:
+        s3.restore(again)
+        _assert_same(want, [_out(s3.step()) for _ in range(2)])
+        _assert_same(want, [_out(child.step()) for _ in range(2)])
+
+
 def test_header_names_spec_shapes_dtypes(tmp_path):
     from safetensors import safe_open
     pipe = _pipe(tmp_path)

@@ -197,6 +197,8 @@ class ARSamplerNode(Node):
 
     # ------------------------------------------------------------------ running
     def state_tensors(self, state: ARState) -> dict:
+        if state.restore is not None:      # restored, no block run since: the snapshot's values are the state
+            return dict(state.restore)
         return state_io.save(state)
 
     def load_state(self, state: ARState, values: dict) -> ARState:

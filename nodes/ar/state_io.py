@@ -72,5 +72,10 @@ def apply(state, values: dict[str, Any], node: str) -> None:
     except ValueError as e:
         raise ValueError(f"node {node!r}: {e}") from None
     state.history = [ContextRecord(values[f"history.{i}.x"].to(dev), float(t), int(f0),
-                                   {c: values[f"history.{i}.{c}"].to(dev) for c in conds})
+                                   {c: _on(values[f"history.{i}.{c}"], dev) for c in conds})
                      for i, (t, f0, conds) in enumerate(values.get("history", []))]
+
+
+def _on(value, device):
+    """A saved block condition back on the device (JSON conditions, e.g. a camera list, stay as they are)."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -106,6 +106,8 @@ class WanVAEDecodeNode(_WanVAENode):
         return self._latest.graph_status() if self._latest is not None else "eager"
 
     def state_tensors(self, state) -> dict:
+        if state.get("restore"):            # restored, no block decoded since
+            return dict(state["restore"])
         dec = state["decoder"]
         return {"started": False} if dec is None else {"started": True, **dec.state_tensors()}
 
