@@ -62,7 +62,14 @@ def _jsonable(value: Any) -> Any:
 def _is_json(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
     return isinstance(value, JSON_TYPES)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """One fresh contiguous CPU copy (a GPU KV cache is copied once, not twice)."""
+    return t.detach().to("cpu", copy=True).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- taking
@@ -85,7 +92,7 @@ def capture(session) -> Snapshot:
         meta = {}
         for k, v in values.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"{n}/{k}"] = v.detach().to("cpu").contiguous().clone()
+                tensors[f"{n}/{k}"] = _host_copy(v)
             elif _is_json(v):
                 meta[k] = v
             else:
@@ -95,7 +102,7 @@ def capture(session) -> Snapshot:
     inputs = {}
     for k, v in session.inputs.items():
         if isinstance(v, torch.Tensor):
-            tensors[f"inputs/{k}"] = v.detach().to("cpu").contiguous().clone()
+            tensors[f"inputs/{k}"] = _host_copy(v)
         elif _is_json(v):
             inputs[k] = v
         else:

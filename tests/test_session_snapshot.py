@@ -54,10 +54,13 @@ def test_restore_in_a_new_pipeline_is_bit_identical(tmp_path, extra, at):
     _assert_same(want, got)
 
 
-@pytest.mark.parametrize("decoder", ["taehv.decode", "wan.vae_decode"])
-def test_snapshot_or_fork_straight_after_a_restore(tmp_path, decoder):
-    """State restored lazily (on the next block) is still the state a snapshot or fork sees before that block."""
-    pipe = _pipe(tmp_path, f"nodes.decoder.type={decoder}")
+@pytest.mark.parametrize("extra", [("nodes.decoder.type=taehv.decode",), ("nodes.decoder.type=wan.vae_decode",),
+                                   ("nodes.decoder.type=wan.vae_decode", "nodes.decoder.params.channels_last=false")],
+                         ids=["taehv", "wan-vae", "wan-vae-contiguous"])
+def test_snapshot_or_fork_straight_after_a_restore(tmp_path, extra):
+    """State restored lazily (on the next block) is still the state a snapshot or fork sees before that block,
+    and sessions restored from one in-memory snapshot share no tensor (a decoder updates its caches in place)."""
+    pipe = _pipe(tmp_path, *extra)
     with pipe.open_session() as s:
         s.step()
         snap = s.snapshot()
@@ -70,6 +73,10 @@ def test_snapshot_or_fork_straight_after_a_restore(tmp_path, decoder):
         s3.restore(again)
         _assert_same(want, [_out(s3.step()) for _ in range(2)])
         _assert_same(want, [_out(child.step()) for _ in range(2)])
+    for _ in range(2):                  # one in-memory snapshot restored twice: the first run must not change it
+        with pipe.open_session() as s4:
+            s4.restore(snap)
+            _assert_same(want, [_out(s4.step()) for _ in range(2)])
 
 
 def test_header_names_spec_shapes_dtypes(tmp_path):

@@ -71,7 +71,7 @@ def apply(state, values: dict[str, Any], node: str) -> None:
         state.stream.load_state_tensors({k[len("stream."):]: t for k, t in values.items() if k.startswith("stream.")})
     except ValueError as e:
         raise ValueError(f"node {node!r}: {e}") from None
-    state.history = [ContextRecord(values[f"history.{i}.x"].to(dev), float(t), int(f0),
+    state.history = [ContextRecord(values[f"history.{i}.x"].to(dev, copy=True), float(t), int(f0),
                                    {c: _on(values[f"history.{i}.{c}"], dev) for c in conds})
                      for i, (t, f0, conds) in enumerate(values.get("history", []))]
 

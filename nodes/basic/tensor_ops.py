@@ -47,7 +47,7 @@ class TemporalBlend(Node):
 
     def load_state(self, state, values: dict):
         prev = values.get("prev")
-        state["prev"] = None if prev is None else prev.to(self.device)
+        state["prev"] = None if prev is None else prev.to(self.device, copy=True)
         return state
 
     def run(self, inputs, state, step):

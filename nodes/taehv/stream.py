@@ -130,6 +130,6 @@ def save_state(state: TAEHVStreamState) -> dict:
 def load_state(state: TAEHVStreamState, values: dict, device) -> TAEHVStreamState:
     state.blocks_decoded = int(values["blocks_decoded"])
     keys = values.get("memory_keys", [])
-    state.memory = {int(k): values[f"memory.{k}"].to(device) for k in keys} if keys else None
-    state.context = values["context"].to(device) if "context" in values else None
+    state.memory = {int(k): values[f"memory.{k}"].to(device, copy=True) for k in keys} if keys else None
+    state.context = values["context"].to(device, copy=True) if "context" in values else None
     return state

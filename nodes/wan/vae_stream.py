@@ -96,7 +96,7 @@ class StreamingDecoder:
     def load_state(self, values: dict) -> None:
         device = next(self.vae.parameters()).device
         fmt = {True: torch.channels_last_3d, False: torch.contiguous_format}
-        self.cache[:] = [values[f"cache.{i}"].to(device).contiguous(memory_format=fmt[cl])
+        self.cache[:] = [values[f"cache.{i}"].to(device, copy=True).contiguous(memory_format=fmt[cl])
                          for i, cl in enumerate(values["channels_last"])]
         self.first = bool(values["first"])
 
