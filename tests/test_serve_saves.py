@@ -79,3 +79,10 @@ def test_save_and_branch_messages_are_checked():
                 '{"type": "save", "name": "a"}', '{"type": "branch", "save": 1, "prompt": 3}'):
         with pytest.raises(ProtocolError):
             parse_message(bad)
+
+
+def test_hello_names_the_prompt_switch_mode(tmp_path):
+    from flashdreams_cli.serve.server import prompt_switch_mode
+    assert prompt_switch_mode(load_spec("tiny_self_forcing")) == "keep"
+    assert prompt_switch_mode(load_spec("tiny_self_forcing", ["nodes.sampler.params.prompt_switch=recache"])) == "recache"
+    assert prompt_switch_mode(load_spec("preview_cpu")) is None

@@ -85,7 +85,7 @@ function onJson(msg) {
     case "queue": setPhase("queued"); $("queue-pos").textContent = msg.position; break;
     case "started": state.session = msg.session; state.saves = []; setPhase("streaming"); say(""); break;
     case "block": state.block = msg.block; $("block-ms").textContent = msg.ms.toFixed(0); $("block").textContent = msg.block; break;
-    case "prompt": say(`prompt switched at block ${msg.block}`); break;
+    case "prompt": say(`prompt switched at block ${msg.block}` + (state.hello && state.hello.prompt_switch ? ` (${state.hello.prompt_switch})` : "")); break;
     case "paused": setPhase("paused"); break;
     case "resumed": setPhase("streaming"); break;
     case "reset": state.session = msg.session; dropQueue(); setPhase("streaming"); break;
