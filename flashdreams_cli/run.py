@@ -9,6 +9,8 @@ from statistics import median
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from engine.errors import FdError
+
 from .session_files import resume_inputs
 
 
@@ -34,6 +36,13 @@ def _launch_local_ranks(nproc: int, rank_main) -> int:
     except LaunchError as e:
         raise FdError(f"fd exec --nproc {nproc}: {e}") from None
     return 0
+
+
+def _check_save(args, plan) -> None:
+    """Refuse ``--save-session`` up front where a snapshot cannot be taken (before hours of blocks)."""
+    if getattr(args, "save_session", None) and plan.world_size > 1:
+        raise FdError(f"--save-session: {plan.spec.file} runs context-parallel over {plan.world_size} ranks; "
+                      "snapshots of such sessions are not supported (each rank holds only its share of the cache)")
 
 
 def _read_resume(args, plan):
@@ -69,6 +78,7 @@ def run_exec(args, rank_main=None) -> int:
         def on_load(name, i, total):
             progress.update(load_task, completed=i, description=f"loading {name}" if name else "loaded")
 
+        _check_save(args, plan)
         resume = _read_resume(args, plan)       # refused before any weight is read
         from engine.memory import fit_warnings
         for w in fit_warnings(plan) if rank == 0 else ():
@@ -89,9 +99,12 @@ def run_exec(args, rank_main=None) -> int:
                 progress.update(block_task, advance=1, description=f"block {result.block} ({ms:.0f} ms)")
                 if stop.requested:
                     break
-            saved = getattr(args, "save_session", None)
+            saved, save_error = getattr(args, "save_session", None), None
             if saved and rank == 0:
-                session.snapshot(saved)
+                try:
+                    session.snapshot(saved)
+                except FdError as e:      # the video is still written: a long run is not thrown away
+                    save_error = e
     summary = {"ok": True, "spec": plan.spec.file, "blocks": done, "interrupted": stop.requested,
                "first_block": session.block - done, "resumed_from": getattr(args, "resume", None),
                "saved_session": saved or None,
@@ -108,4 +121,6 @@ def run_exec(args, rank_main=None) -> int:
             if saved:
                 console.print(f"[green]✓[/] session after block {session.block - 1}: saved {saved} "
                               f"(continue with --resume {saved})")
+    if save_error is not None:
+        raise FdError(f"--save-session {saved}: not saved: {save_error}")
     return 130 if stop.requested else 0

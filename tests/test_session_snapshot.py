@@ -240,3 +240,17 @@ def test_resume_inputs_are_only_the_overridden_ones():
     spec = read_spec("tiny_self_forcing", ["inputs.prompt=a cat", "nodes.dit.params.dim=64"])
     assert resume_inputs(spec, ["inputs.prompt=a cat", "nodes.dit.params.dim=64"]) == {"prompt": "a cat"}
     assert resume_inputs(spec, []) == {}
+
+
+def test_cli_a_failed_save_keeps_the_video(tmp_path, monkeypatch, capsys):
+    from engine.session import Session
+    from flashdreams_cli.main import main
+    monkeypatch.chdir(tmp_path)
+
+    def refuse(self, path=None):
+        raise FdError("node 'x' (t) cannot be snapshotted")
+    monkeypatch.setattr(Session, "snapshot", refuse)
+    assert main(["exec", "tiny_self_forcing", "--quiet", "--blocks", "1", "--out", "v.mp4",
+                 "--save-session", "s.fds"]) == 2
+    assert (tmp_path / "v.mp4").is_file() and not (tmp_path / "s.fds").exists()
+    assert "--save-session s.fds: not saved" in capsys.readouterr().err
