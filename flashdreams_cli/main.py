@@ -19,6 +19,8 @@ EPILOG = """examples:
   fd validate spec.yaml --json                     every error with file, line, column, node, field
   fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot)
   fd nodes ar.sampler                              a node type's ports and params
+  fd plan self_forcing --device h100               memory per node and device before loading; fits?
+  fd exec spec.yaml --blocks 4 --save-session s.fds   then: fd exec spec.yaml --resume s.fds inputs.prompt=...
   fd serve tiny_self_forcing                       stream to a browser at http://127.0.0.1:8188
 """
 
