@@ -9,6 +9,8 @@ before any node is constructed or any weight is read. The engine then calls:
     node.load()                                # heavy: weights onto node.device
     state = node.new_state()                   # per-session (KV cache, decoder memory)
     outputs = node.run(inputs, state, step)    # once per session or once per block
+    values = node.state_tensors(state)         # snapshot: tensors and JSON scalars (docs/sessions.md)
+    state = node.load_state(node.new_state(), values)   # restore or fork
 
 The plan is a value: everything the planner decided about a node (device, context-parallel
 group, CUDA-graph capture) reaches it once, as the ``NodeContext`` it is constructed with,
@@ -175,6 +177,13 @@ class Node:
         """Cheap checks before any node of the pipeline loads weights (files present, configs that must agree).
         ``upstream``: each wired input port -> the node that produces it. Raise an FdError to refuse."""
 
+    def memory_estimate(self, upstream: dict[str, "Node"]) -> dict[str, Any]:
+        """Bytes this node will hold, for the memory plan (engine/memory.py), without loading anything:
+        ``weights`` (and ``weights_source``: how they were counted), ``state`` per session (and ``state_what``),
+        ``activations`` of one call. ``upstream`` maps each wired input port to the (unloaded) node feeding it,
+        so a sampler can size the KV cache of the model it drives."""
+        return {"weights": self.estimate_bytes(), "weights_source": "estimate_bytes"}
+
     def load(self) -> None:
         """Read weights onto ``self.device``. Called once, after validation and placement."""
 
@@ -193,6 +202,25 @@ class Node:
 
     def abort(self, state: Any) -> None:
         """The session failed: drop partial work (sinks delete their temporary files)."""
+
+    # --- snapshots (engine/snapshot.py) -------------------------------------
+    def state_tensors(self, state: Any) -> dict[str, Any]:
+        """Everything ``state`` holds that the next block depends on, for ``session.snapshot()``: a flat dict of
+        tensors (saved with safetensors) and JSON values (ints, floats, strings, bools, None, lists of them).
+
+        The default covers stateless nodes (state None); a node that keeps state must say what it is, else
+        snapshots would silently lose it. Sinks are never asked: a restored session writes new outputs."""
+        if state is None:
+            return {}
+        raise NotImplementedError(f"{type(self).__name__} keeps per-session state but does not declare it "
+                                  "(state_tensors / load_state)")
+
+    def load_state(self, state: Any, values: dict[str, Any]) -> Any:
+        """Put ``values`` (what ``state_tensors`` returned, tensors on the CPU) into ``state``, a fresh
+        ``new_state()``, and return the state to use. Raise ValueError naming the field on a mismatch."""
+        if not values:
+            return state
+        raise NotImplementedError(f"{type(self).__name__} does not load snapshot state")
 
     def release(self, state: Any) -> None:
         """The session dropped this state (closed, aborted or reset): free or recycle what it holds, e.g. a

@@ -143,6 +143,34 @@ class Session:
             if any(r.node == "inputs" and r.port == name for r in self.plan.nodes[n].wires.values()):
                 self._dirty.add(n)
 
+    # ------------------------------------------------------------------ snapshots (engine/snapshot.py)
+    def snapshot(self, path: str | None = None):
+        """The rollout's state between blocks (every node's declared state, block index, inputs, spec identity);
+        written to ``path`` as safetensors + JSON header when given. Returns the in-memory ``Snapshot``."""
+        from . import snapshot as snap
+        s = snap.capture(self)
+        if path is not None:
+            snap.write(s, path)
+        return s
+
+    def restore(self, source, **inputs: Any) -> "Session":
+        """Continue from a snapshot (a path or a ``Snapshot``) of this spec; ``inputs`` override its saved run
+        inputs (a new prompt, seed, ...). Refuses a snapshot of another spec, shape or dtype."""
+        from . import snapshot as snap
+        if self.closed:
+            raise FdError("this session is closed; restore into a new one (pipeline.open_session())")
+        snap.restore(self, snap.read(source) if not isinstance(source, snap.Snapshot) else source, inputs)
+        return self
+
+    def fork(self, n: int, inputs: list[dict[str, Any]] | None = None) -> list["Session"]:
+        """``n`` independent sessions continuing from this one's current state, branch ``i`` with
+        ``inputs[i]`` (a prompt, camera, actions) over the current inputs. This session is untouched."""
+        from . import snapshot as snap
+        if n < 1 or (inputs is not None and len(inputs) != n):
+            raise FdError(f"fork({n}): need n >= 1 and one inputs dict per branch (got {len(inputs or [])})")
+        s = snap.capture(self)
+        return [Session(self.pipeline, self.inputs).restore(s, **((inputs or [{}] * n)[i])) for i in range(n)]
+
     # ------------------------------------------------------------------ running
     def _gather(self, name: str) -> tuple[dict[str, Any], set[str]]:
         vals, changed = {}, set()

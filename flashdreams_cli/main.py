@@ -19,6 +19,8 @@ EPILOG = """examples:
   fd validate spec.yaml --json                     every error with file, line, column, node, field
   fd viz spec.yaml -o pipeline.svg                 draw the plan (also .html, .dot, .png)
   fd nodes ar.sampler                              a node type's ports and params
+  fd plan self_forcing --device h100               memory per node and device before loading; fits?
+  fd exec spec.yaml --blocks 4 --save-session s.fds   then: fd exec spec.yaml --resume s.fds inputs.prompt=...
   fd serve tiny_self_forcing                       stream to a browser at http://127.0.0.1:8188
 """
 
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="run on N local processes (context parallelism)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run GPU-sized models (2 GiB of weights or more) that device: auto put on the CPU")
+    p.add_argument("--save-session", metavar="FILE",
+                   help="after the last block, save the session (caches, RNG, block index, inputs) to FILE; "
+                        "docs/sessions.md")
+    p.add_argument("--resume", metavar="FILE",
+                   help="continue a session saved with --save-session (same spec; inputs.X=... overrides change "
+                        "its inputs, e.g. the prompt)")
     p = sub.add_parser("validate", help="check a spec (or several: fd validate a.yaml b.yaml) without loading "
                        "any weight")
     _spec_args(p)
@@ -74,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     from . import bench as _bench
     _bench.add_parser(sub, _spec_args)
+    from . import plan_cmd as _plan_cmd
+    _plan_cmd.add_parser(sub, _spec_args)
     from . import serve_cmd as _serve_cmd
     _serve_cmd.add_parser(sub, _spec_args)
     return parser
@@ -281,12 +291,17 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_plan(args) -> int:
+    from .plan_cmd import run_plan
+    return run_plan(args)
+
+
 def cmd_serve(args) -> int:
     from .serve_cmd import run_serve
     return run_serve(args)
 
 
-COMMANDS = {"serve": cmd_serve, "exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
+COMMANDS = {"plan": cmd_plan, "serve": cmd_serve, "exec": cmd_exec, "validate": cmd_validate, "viz": cmd_viz, "nodes": cmd_nodes, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,10 @@ from statistics import median
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from engine.errors import FdError
+
+from .session_files import resume_inputs
+
 
 def _with_hint(e, hint: str):
     from dataclasses import replace
@@ -34,6 +38,23 @@ def _launch_local_ranks(nproc: int, rank_main) -> int:
     return 0
 
 
+def _check_save(args, plan) -> None:
+    """Refuse ``--save-session`` up front where a snapshot cannot be taken (before hours of blocks)."""
+    if getattr(args, "save_session", None) and plan.world_size > 1:
+        raise FdError(f"--save-session: {plan.spec.file} runs context-parallel over {plan.world_size} ranks; "
+                      "snapshots of such sessions are not supported (each rank holds only its share of the cache)")
+
+
+def _read_resume(args, plan):
+    """The ``--resume`` snapshot, checked against this spec before loading (None without the flag)."""
+    if not getattr(args, "resume", None):
+        return None
+    from engine import snapshot
+    snap = snapshot.read(args.resume)
+    snapshot.check_compatible(snap, plan)
+    return snap
+
+
 def run_exec(args, rank_main=None) -> int:
     """``rank_main(world, argv)`` is what each local rank runs under ``--nproc N`` (fd's own ``main``)."""
     from engine.runner import open_pipeline
@@ -57,6 +78,11 @@ def run_exec(args, rank_main=None) -> int:
         def on_load(name, i, total):
             progress.update(load_task, completed=i, description=f"loading {name}" if name else "loaded")
 
+        _check_save(args, plan)
+        resume = _read_resume(args, plan)       # refused before any weight is read
+        from engine.memory import fit_warnings
+        for w in fit_warnings(plan) if rank == 0 else ():
+            Console(stderr=True).print(f"[yellow]warning:[/] {w}", highlight=False)
         pipe.load(progress=on_load)
         block_task = progress.add_task("blocks", total=n_blocks)
         from .interrupt import stop_after_block
@@ -65,13 +91,23 @@ def run_exec(args, rank_main=None) -> int:
         with pipe.open_session() as session, stop_after_block(
                 lambda: notice.print("[yellow]interrupted: finishing this block and writing what was generated "
                                       "(Ctrl-C again to discard it)[/]")) as stop:
+            if resume is not None:
+                session.restore(resume, **resume_inputs(plan.spec, args.overrides))
             for result in session.stream(n_blocks):
                 done += 1
                 ms = sum(result.timings_ms.values())
                 progress.update(block_task, advance=1, description=f"block {result.block} ({ms:.0f} ms)")
                 if stop.requested:
                     break
+            saved, save_error = getattr(args, "save_session", None), None
+            if saved and rank == 0:
+                try:
+                    session.snapshot(saved)
+                except FdError as e:      # the video is still written: a long run is not thrown away
+                    save_error = e
     summary = {"ok": True, "spec": plan.spec.file, "blocks": done, "interrupted": stop.requested,
+               "first_block": session.block - done, "resumed_from": getattr(args, "resume", None),
+               "saved_session": saved or None,
                "node_ms_median": {n: round(median(ms), 3) for n, ms in pipe.timings_ms.items() if ms},
                "outputs": {n: pipe.nodes[n].p.path for n in plan.sinks if hasattr(pipe.nodes[n].p, "path")}}
     if rank == 0:
@@ -82,4 +118,9 @@ def run_exec(args, rank_main=None) -> int:
                 (notice if stop.requested else console).print(
                     f"[green]✓[/] {n}: wrote {path}" + (f" ({done} of {n_blocks} blocks: interrupted)"
                                                          if stop.requested else ""))
+            if saved:
+                console.print(f"[green]✓[/] session after block {session.block - 1}: saved {saved} "
+                              f"(continue with --resume {saved})")
+    if save_error is not None:
+        raise FdError(f"--save-session {saved}: not saved: {save_error}")
     return 130 if stop.requested else 0

@@ -7,6 +7,8 @@ Client -> server (text, one JSON object each, at most ``MAX_MESSAGE_BYTES``):
     {"type": "prompt", "prompt": "..."}                      switch mid-stream (KV cache kept)
     {"type": "camera" | "action", "value": [f, ...] | {"k": f}}   only when the spec has that run input
     {"type": "pause" | "resume" | "reset" | "stop"}
+    {"type": "save"}                                         snapshot the session at the next block boundary
+    {"type": "branch", "save": 1, "prompt": "..."}           go back to a saved point (prompt optional)
     {"type": "ping",   "t": 123.4}                           answered by pong (clock offset, RTT)
 
 Every field is checked explicitly per type (unknown fields are refused too), so a
@@ -14,7 +16,8 @@ malformed message gets ``{"type": "error", "message": ...}`` back and the sessio
 goes on: one bad keystroke in a browser must not kill a rollout.
 
 Server -> client text: hello, queue {position}, started, block, prompt, paused,
-resumed, reset, done, stopped {reason}, pong, error {message}.
+resumed, reset, saved {save, block}, branched {session, previous, save, block}, done,
+stopped {reason}, pong, error {message}.
 
 Server -> client binary: one frame per message, ``FrameHeader`` (28 bytes,
 little-endian) then a complete JPEG. The header carries the session id so a
@@ -128,6 +131,15 @@ def _check_bare(msg: dict) -> None:
     _no_extra(msg, ())
 
 
+def _check_branch(msg: dict) -> None:
+    _no_extra(msg, ("save", "prompt"))
+    if "save" not in msg:
+        raise ProtocolError("branch: missing field save")
+    _int(msg, "save", 1, 2**31 - 1)
+    if "prompt" in msg:
+        _text(msg, "prompt", MAX_PROMPT_CHARS)
+
+
 CHECKS = {
     "auth": _check_required("token", MAX_TOKEN_CHARS),
     "start": _check_start,
@@ -138,6 +150,8 @@ CHECKS = {
     "resume": _check_bare,
     "reset": _check_bare,
     "stop": _check_bare,
+    "save": _check_bare,
+    "branch": _check_branch,
     "ping": _check_ping,
 }
 

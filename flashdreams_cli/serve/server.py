@@ -164,6 +164,8 @@ class Server:
         return snap
 
     def hello(self, authorized: bool) -> dict:
+        """The page's first message; ``prompt_switch`` is what a prompt switch does to the cache (the spec's
+        ``ar.sampler`` choice, set with e.g. ``fd serve spec nodes.sampler.params.prompt_switch=recache``)."""
         if not authorized:   # nothing about the spec before the token is shown
             return {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "auth_required": True}
         spec = self.source.spec
@@ -174,7 +176,7 @@ class Server:
                 "has_seed": "seed" in spec.inputs, "seed": spec.inputs.get("seed"),
                 "controls": self.source.controls, "fps": self.source.fps, "max_blocks": self.source.max_blocks,
                 "frame_size": list(size) if size else None, "ready": self.ready,
-                "auth_required": not authorized}
+                "prompt_switch": prompt_switch_mode(spec), "auth_required": not authorized}
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         given = self._request_token(request)
@@ -333,7 +335,9 @@ class Connection:
                                          f"(controls: {have})"))
                 return
             self.rollout.post(kind, msg["prompt"] if kind == "prompt" else msg["value"])
-        else:  # pause, resume, reset
+        elif kind == "branch":
+            self.rollout.post(kind, msg)
+        else:  # pause, resume, reset, save
             self.rollout.post(kind)
 
     def _start(self, msg: dict) -> None:
@@ -439,3 +443,11 @@ async def serve_forever(spec: Spec, config: ServeConfig, registry: Registry | No
         await asyncio.Event().wait()
     finally:
         await server.stop()
+
+
+def prompt_switch_mode(spec) -> str | None:
+    """The ``prompt_switch`` of the spec's AR sampler (default keep), or None without one."""
+    for ns in spec.nodes.values():
+        if ns.type == "ar.sampler":
+            return (ns.params or {}).get("prompt_switch", "keep")
+    return None

@@ -28,7 +28,8 @@ from engine.runner import World, ancestors, main_sink, open_pipeline
 from engine.spec import Ref, Spec, parse_ref
 
 from .encode import JpegEncoder
-from .protocol import FrameHeader
+from .protocol import FrameHeader, ProtocolError
+from .saves import SavedPoints
 
 
 # --------------------------------------------------------------------------- what is streamed
@@ -289,6 +290,7 @@ class Rollout:
         self.idle_since: float | None = None
         self.stop_reason: str | None = None
         self._ops: collections.deque[tuple[str, Any]] = collections.deque()
+        self.saves = SavedPoints()
         self._wake = asyncio.Event()
         self._inflight: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
@@ -372,12 +374,33 @@ class Rollout:
                 self.idle_since = time.monotonic() if self.paused else None
                 self.outbox.clear_frames()
                 self.outbox.push_json({"type": "reset", "session": self.session_id, "previous": old})
+            elif op == "save":
+                number, block = self.saves.save(self.session)
+                self.outbox.push_json({"type": "saved", "session": self.session_id, "save": number, "block": block})
+            elif op == "branch":
+                self._branch(value)
             elif op in ("prompt", "camera", "action"):
                 self.session.set_input(op, value)
                 self.inputs[op] = value
                 if op == "prompt":
                     self.outbox.push_json({"type": "prompt", "session": self.session_id, "prompt": value,
                                            "block": self.session.block})
+
+    def _branch(self, msg: dict) -> None:
+        """Back to a saved point (engine snapshot), as a new session id so the page drops the old branch's frames."""
+        try:
+            block = self.saves.branch(self.session, msg["save"], msg.get("prompt"))
+        except (ProtocolError, FdError) as e:
+            self.outbox.push_json({"type": "error", "message": str(e)})
+            return
+        if "prompt" in msg:
+            self.inputs["prompt"] = msg["prompt"]
+        old, self.session_id = self.session_id, self.manager.new_session_id()
+        self.done = False
+        self.idle_since = time.monotonic() if self.paused else None
+        self.outbox.clear_frames()
+        self.outbox.push_json({"type": "branched", "session": self.session_id, "previous": old,
+                               "save": msg["save"], "block": block})
 
     def _step_and_encode(self) -> StepOutput:
         t0 = time.perf_counter()

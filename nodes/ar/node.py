@@ -30,6 +30,7 @@ from engine.timing import NodeTimer
 from engine.types import CAMERA, CAUSAL_DENOISER, IMAGE_EMBEDDING, INT, LATENT, TENSOR, TEXT_EMBEDDING
 from nodes.common.causal import CausalModel, CausalStream, StreamSpec, TimestepExperts
 
+from . import state_io, switch
 from .rollout import ARRollout, CallTrace
 from .schedule import ARSchedule
 
@@ -51,6 +52,9 @@ class ARState:
     key: tuple | None = None           # what the cache and graphs were built for (reused across sessions)
     pending: NodeTimer | None = None
     timers: dict[str, list[NodeTimer]] = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)  # the session conditions set last (digested by snapshots)
+    restore: dict | None = None        # snapshot values, applied when the first block opens the stream
+    history: list = field(default_factory=list)   # prompt_switch: recache - the context passes the cache holds
 
 
 class ARSamplerNode(Node):
@@ -99,6 +103,9 @@ class ARSamplerNode(Node):
         Param("batch", int, 1, "videos per session", min=1),
         Param("seed", int, 0, "noise seed when the seed input is not wired"),
         Param("graphs", bool, True, "on CUDA, replay the DiT calls as CUDA graphs (one per attended length)"),
+        Param("prompt_switch", str, "keep", "what a prompt switch does to the cache: keep it (the video flows on), "
+              "recache (re-run the context passes of the cached frames with the new prompt, as LongLive), reset "
+              "(start over as a new session would)", choices=switch.MODES),
     )
     capturable = True
 
@@ -239,12 +246,13 @@ class ARSamplerNode(Node):
         if missing:
             raise FdError(f"node {self.name!r}: the model needs the {', '.join(missing)} condition(s)")
         state.stream.set_conditions(**session_conds)   # copies into the captured static buffers
+        state.conditions = session_conds
         if fresh and graphs:  # capture every attended-length graph now, so no block pays a capture
             with torch.no_grad():
                 state.stream.prepare(torch.zeros(self._noise_shape(nfpb), device=dev), **block_conds)
         self._graphs = state.stream
         init = None if image is None else image.to(dev, torch.float32).expand(self.p.batch, -1, -1, -1, -1)
-        state.rollout = ARRollout(_TimedStream(state), self._schedule(), nfpb, initial_latent=init,
+        state.rollout = ARRollout(_TimedStream(state, self._record), self._schedule(), nfpb, initial_latent=init,
                                   generator=state.generator, trace=lambda tr: self._classify(state, tr),
                                   first_block_frames=self.p.first_block_frames)
 
@@ -256,12 +264,64 @@ class ARSamplerNode(Node):
         state.pending = None
 
     # ------------------------------------------------------------------ running
+    def state_tensors(self, state: ARState) -> dict:
+        if state.restore is not None:      # restored, no block run since: the snapshot's values are the state
+            return dict(state.restore)
+        return state_io.save(state)
+
+    def load_state(self, state: ARState, values: dict) -> ARState:
+        state.restore = values if values.get("started") else None
+        return state
+
+    def _switch(self, state: ARState, inputs: dict) -> None:
+        """A session condition changed between blocks: ``prompt_switch`` decides what happens to the cache."""
+        mode = self.p.prompt_switch
+        if mode == "reset":
+            switches = state.prompt_switches + 1
+            self._spare = (state.key, state.stream)   # _start takes it back: same buffers, cleared
+            state.stream = state.rollout = None
+            state.history = []
+            self._start(state, inputs)
+            state.prompt_switches = switches
+            return
+        state.conditions = self._conditions(state.model, inputs)[0]
+        state.stream.set_conditions(**state.conditions)
+        if mode == "recache":
+            switch.recache(state.stream, state.history)
+        state.prompt_switches += 1
+
+    def _restore(self, state: ARState, inputs: dict) -> None:
+        """Apply snapshot values to the stream ``_start`` just opened. Restored with other conditions (a new
+        prompt on resume), that is a prompt switch: ``reset`` keeps the fresh start, ``recache`` re-runs the
+        context passes, ``keep`` only has the new conditions (already set)."""
+        values, state.restore = state.restore, None
+        switched = values.get("conditions") != state_io.digest(state.conditions)
+        if switched and self.p.prompt_switch == "reset":
+            state.prompt_switches = int(values["prompt_switches"]) + 1
+            return
+        try:
+            state_io.apply(state, values, self.name)
+        except ValueError as e:
+            raise FdError(f"restoring a snapshot: {e}") from None
+        if switched:
+            if self.p.prompt_switch == "recache":
+                switch.recache(state.stream, state.history)
+            state.prompt_switches += 1
+
+    def _record(self, state: ARState, x, t, frame_start, conditions) -> None:
+        """Keep what a context pass committed while the cache holds it (``prompt_switch: recache`` only)."""
+        if self.p.prompt_switch != "recache":
+            return
+        state.history.append(switch.ContextRecord(x.detach().clone(), float(t), int(frame_start), dict(conditions)))
+        state.history = switch.retained(state.history, self.p.sink_frames, self.p.window_frames)
+
     def run(self, inputs, state: ARState, step):
         if state.rollout is None:
             self._start(state, inputs)
+            if state.restore is not None:
+                self._restore(state, inputs)
         elif step.changed & set(SESSION_CONDITIONS):
-            state.stream.set_conditions(**self._conditions(state.model, inputs)[0])
-            state.prompt_switches += 1
+            self._switch(state, inputs)
         roll = state.rollout
         b = roll.block_index
         if state.noise is not None:
@@ -286,6 +346,11 @@ class ARSamplerNode(Node):
             self._spare = (state.key, state.stream)
         state.stream = state.rollout = None
 
+    def memory_estimate(self, upstream) -> dict:
+        """The KV cache, cross K/V and noise this sampler makes its model hold (nodes/ar/memory.py)."""
+        from .memory import sampler_memory
+        return sampler_memory(self.p, upstream.get("model"))
+
     def last_breakdown_ms(self, state: ARState | None = None) -> dict[str, float]:
         """Milliseconds of the last block by kind: dit_ms (all denoising steps), kv_ms (context pass),
         image_ms (I2V image pass, block 0 only). On CUDA this waits for the block's events."""
@@ -304,8 +369,9 @@ NODE_TYPES = (ARSamplerNode,)
 class _TimedStream(CausalStream):
     """The session's stream with every call timed (CUDA events on GPU), for ``last_breakdown_ms``."""
 
-    def __init__(self, state: ARState):
+    def __init__(self, state: ARState, record=None):
         self.state = state
+        self.record = record   # called after every commit (recache history)
 
     def _timed(self, fn, *args, **kwargs):
         timer = NodeTimer(str(self.state.model.device))
@@ -324,3 +390,5 @@ class _TimedStream(CausalStream):
 
     def commit(self, x, t, frame_start, **block) -> None:
         self._timed(self.state.stream.commit, x, t, frame_start, **block)
+        if self.record is not None:
+            self.record(self.state, x, t, frame_start, block)

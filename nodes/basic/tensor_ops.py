@@ -42,6 +42,14 @@ class TemporalBlend(Node):
     def new_state(self):
         return {"prev": None}
 
+    def state_tensors(self, state) -> dict:
+        return {} if state["prev"] is None else {"prev": state["prev"]}
+
+    def load_state(self, state, values: dict):
+        prev = values.get("prev")
+        state["prev"] = None if prev is None else prev.to(self.device, copy=True)
+        return state
+
     def run(self, inputs, state, step):
         x = inputs["latent"]
         y = x if state["prev"] is None else self.p.decay * state["prev"] + (1 - self.p.decay) * x

@@ -67,6 +67,30 @@ class CausalStream(abc.ABC):
     def graph_status(self) -> str:
         return "eager"
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The cached frames (KV rows, summaries: whatever the stream keeps between blocks) for a session
+        snapshot; conditions are not included (the sampler sets them again from its inputs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support session snapshots")
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a snapshot's ``state_tensors`` back in place (buffers keep their addresses for the graphs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support session snapshots")
+
+
+def copy_state_into(buffers: dict[str, torch.Tensor | None], tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Copy snapshot tensors into live buffers of the same names, shapes and dtypes, else a ValueError that
+    names the field (a snapshot of another latent size, window or dtype)."""
+    live = {k: b for k, b in buffers.items() if b is not None}
+    if set(live) != set(tensors):
+        raise ValueError(f"{what}: the snapshot holds {sorted(tensors)}, this session {sorted(live)}")
+    for k, b in live.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(b.shape) or t.dtype != b.dtype:
+            raise ValueError(f"{what}.{k}: {tuple(t.shape)} {t.dtype} in the snapshot, {tuple(b.shape)} {b.dtype} "
+                             "here (another latent size, window, batch or dtype)")
+    for k, b in live.items():
+        b.copy_(tensors[k])
+
 
 class CausalModel(abc.ABC):
     """A loaded causal DiT, as a ``causal_denoiser`` edge hands it on."""
@@ -152,6 +176,14 @@ class ExpertStreams(CausalStream):
     def reset(self) -> None:
         for s in self.streams:
             s.reset()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"expert{i}.{k}": t for i, s in enumerate(self.streams) for k, t in s.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, s in enumerate(self.streams):
+            prefix = f"expert{i}."
+            s.load_state_tensors({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
 
     def graph_status(self) -> str:
         return "; ".join(f"expert {i}: {s.graph_status()}" for i, s in enumerate(self.streams))

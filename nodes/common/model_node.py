@@ -96,6 +96,11 @@ class ModelNode(Node):
         """Parameters of the size params' module (counted on meta) times the dtype's size."""
         return meta_param_count(self.build_random) * dtype_bytes(self.p.dtype, self.device)
 
+    def memory_estimate(self, upstream) -> dict:
+        """Weights from the checkpoint's shapes when it is on this machine, else from the size params."""
+        from .weight_bytes import weight_estimate
+        return weight_estimate(self)
+
     def load(self, progress: ProgressCallback | None = None) -> None:
         """Build or read the module and keep it; ``progress(label, done, total)`` follows the tensors."""
         self.loaded(self.load_module(progress))

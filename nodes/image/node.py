@@ -82,7 +82,10 @@ class ClipEncoderNode(ModelNode):
     def estimate_bytes(self) -> int:
         """Counted from the size params, not on a meta module: planning need not import transformers."""
         p = self.p
-        count = p.layers * (4 * p.hidden * p.hidden + 2 * p.hidden * p.mlp) + 3 * p.patch * p.patch * p.hidden
+        h, positions = p.hidden, (p.image_size // p.patch) ** 2 + 1
+        per_layer = 4 * h * h + 2 * h * p.mlp + 9 * h + p.mlp        # q/k/v/out + MLP with biases, two norms
+        embeddings = h + 3 * p.patch * p.patch * h + positions * h    # class token, patches, positions
+        count = p.layers * per_layer + embeddings + 4 * h             # + pre and post layer norms
         return count * dtype_bytes(p.dtype, self.device)
 
     def build_random(self):

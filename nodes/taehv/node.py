@@ -95,6 +95,14 @@ class TAEHVDecodeNode(ModelNode):
     def new_state(self):
         return None if self.stream is None else self.stream.new_state()
 
+    def state_tensors(self, state) -> dict:
+        from .stream import save_state
+        return {} if state is None else save_state(state)
+
+    def load_state(self, state, values: dict):
+        from .stream import load_state
+        return state if not values else load_state(state, values, self.device)
+
     def run(self, inputs, state, step):
         require_loaded(self, "stream")
         frames = self.stream.decode(state, inputs["latent"])

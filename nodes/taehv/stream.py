@@ -116,3 +116,20 @@ class StreamingTAEHVDecoder:
             state.context = x[:, -self.context_latents:]
         state.blocks_decoded += 1
         return frames[:, drop:]
+
+
+def save_state(state: TAEHVStreamState) -> dict:
+    """A session snapshot's view of the decoder memory (engine/snapshot.py): MemBlock inputs or demo context."""
+    out: dict = {"blocks_decoded": state.blocks_decoded, "memory_keys": sorted(state.memory or {})}
+    out.update({f"memory.{k}": t for k, t in (state.memory or {}).items()})
+    if state.context is not None:
+        out["context"] = state.context
+    return out
+
+
+def load_state(state: TAEHVStreamState, values: dict, device) -> TAEHVStreamState:
+    state.blocks_decoded = int(values["blocks_decoded"])
+    keys = values.get("memory_keys", [])
+    state.memory = {int(k): values[f"memory.{k}"].to(device, copy=True) for k in keys} if keys else None
+    state.context = values["context"].to(device, copy=True) if "context" in values else None
+    return state

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.capture import GraphCache, StaticTensors
-from nodes.common.causal import CausalModel, CausalStream, StreamSpec
+from nodes.common.causal import CausalModel, CausalStream, StreamSpec, copy_state_into
 from nodes.common.kv_cache import DeviceRows, SelfKVCache
 from nodes.common.sharding import for_group as context_parallel_for
 from nodes.common.sharding import make_rank_cache
@@ -196,6 +196,15 @@ class WanCausalStream(CausalStream):
 
     def reset(self) -> None:
         clear_cache(self.cache)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's self-attention cache; the cross-attention K/V follow from the prompt."""
+        c = self.cache
+        return {k: t for k, t in (("k", c.k), ("v", c.v), ("sink_k", c.sink_k)) if t is not None}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        c = self.cache
+        copy_state_into({"k": c.k, "v": c.v, "sink_k": c.sink_k}, tensors, "KV cache")
 
     def graph_status(self) -> str:
         return self.denoiser.graph_status()

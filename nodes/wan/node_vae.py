@@ -161,6 +161,18 @@ class WanVAEDecodeNode(_WanVAENode):
     def graph_status(self) -> str:
         return self._latest.graph_status() if self._latest is not None else "eager"
 
+    def state_tensors(self, state) -> dict:
+        if state.get("restore"):            # restored, no block decoded since
+            return dict(state["restore"])
+        dec = state["decoder"]
+        return {"started": False} if dec is None else {"started": True, **dec.state_tensors()}
+
+    def load_state(self, state, values: dict):
+        """Deferred to the first block: the stream is built there, on the VAE's device."""
+        if values.get("started"):
+            state["restore"] = values
+        return state
+
     def run(self, inputs, state, step):
         from .vae_stream import StreamingDecoder
         vae = self._vae()
@@ -171,6 +183,8 @@ class WanVAEDecodeNode(_WanVAENode):
                                                                compile=compile_glue,
                                                                graphs=self.p.graphs and on_cuda and
                                                                self.ctx.capture)
+            if state.get("restore"):
+                state["decoder"].load_state(state.pop("restore"))
         frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames

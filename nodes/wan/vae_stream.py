@@ -45,6 +45,10 @@ def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(0, 2, 1, 3, 4) if layout == "btchw" else x
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 class StreamingDecoder:
     """Decode latent chunks of any size; outputs concatenate to the whole-clip decode."""
 
@@ -81,6 +85,20 @@ class StreamingDecoder:
         for t in self.cache:
             t.zero_()
         self.first = not self.zero_init
+
+    def state_tensors(self) -> dict:
+        """The conv caches and the first-chunk flag, for a session snapshot (memory formats recorded: a
+        channels-last cache restored contiguous would change the conv arithmetic)."""
+        out: dict = {"first": self.first, "channels_last": [_is_channels_last(t) for t in self.cache]}
+        out.update({f"cache.{i}": t for i, t in enumerate(self.cache)})
+        return out
+
+    def load_state(self, values: dict) -> None:
+        device = next(self.vae.parameters()).device
+        fmt = {True: torch.channels_last_3d, False: torch.contiguous_format}
+        self.cache[:] = [values[f"cache.{i}"].to(device, copy=True).contiguous(memory_format=fmt[cl])
+                         for i, cl in enumerate(values["channels_last"])]
+        self.first = bool(values["first"])
 
     @torch.no_grad()
     def decode_chunk(self, latent: torch.Tensor) -> torch.Tensor:

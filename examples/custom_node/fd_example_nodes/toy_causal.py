@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from engine import Node, Param, Port
 from engine.capture import GraphCache
 from engine.types import CAUSAL_DENOISER
-from nodes.common.causal import CausalModel, CausalStream, StreamSpec
+from nodes.common.causal import CausalModel, CausalStream, StreamSpec, copy_state_into
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,13 @@ class ToyStream(CausalStream):
 
     def reset(self) -> None:
         self.memory.zero_()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Session snapshots: the ring of summaries is all this stream keeps between blocks."""
+        return {"memory": self.memory}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        copy_state_into({"memory": self.memory}, tensors, "toy memory")
 
     def graph_status(self) -> str:
         return self.graphs.status()

@@ -12,6 +12,7 @@ const state = {
   queue: [], lastDraw: 0, framesDrawn: 0, framesReceived: 0, dropped: 0,
   fpsCount: 0, fpsSince: performance.now(), clockOffset: 0, rtt: null, block: null,
   keys: new Set(), drag: null, look: [0, 0], lastControlSent: 0, controlActive: false,
+  saves: [],   // saved points of this rollout (server-side snapshots), newest last
 };
 window.fdDebug = state;   // read by the browser test (frames drawn, phase, session)
 
@@ -50,6 +51,8 @@ function setPhase(phase) {
   $("pause").disabled = phase !== "streaming";
   $("resume").disabled = phase !== "paused";
   $("reset").disabled = !live;
+  $("save").disabled = !["streaming", "paused", "done"].includes(phase);
+  $("branch").disabled = !live || state.saves.length === 0;
   $("stop").disabled = !(live || phase === "queued");
   $("switch").disabled = !live || !(state.hello && state.hello.has_prompt);
   $("queue").hidden = phase !== "queued";
@@ -80,12 +83,18 @@ function onJson(msg) {
       break;
     }
     case "queue": setPhase("queued"); $("queue-pos").textContent = msg.position; break;
-    case "started": state.session = msg.session; setPhase("streaming"); say(""); break;
+    case "started": state.session = msg.session; state.saves = []; setPhase("streaming"); say(""); break;
     case "block": state.block = msg.block; $("block-ms").textContent = msg.ms.toFixed(0); $("block").textContent = msg.block; break;
-    case "prompt": say(`prompt switched at block ${msg.block}`); break;
+    case "prompt": say(`prompt switched at block ${msg.block}` + (state.hello && state.hello.prompt_switch ? ` (${state.hello.prompt_switch})` : "")); break;
     case "paused": setPhase("paused"); break;
     case "resumed": setPhase("streaming"); break;
     case "reset": state.session = msg.session; dropQueue(); setPhase("streaming"); break;
+    case "saved":
+      state.saves.push(msg.save);
+      say(`saved point ${msg.save} at block ${msg.block}: Branch goes back to the latest one, with the prompt in the box`);
+      setPhase(state.phase);
+      break;
+    case "branched": state.session = msg.session; dropQueue(); setPhase("streaming"); say(`branched from point ${msg.save} (block ${msg.block})`); break;
     case "done": setPhase("done"); say(`finished ${msg.blocks} blocks: Reset to go again, Stop to free the server`); break;
     case "stopped":
       if (msg.session === null || msg.session === state.session) {
@@ -239,6 +248,12 @@ $("switch").onclick = () => send({ type: "prompt", prompt: $("prompt").value });
 $("pause").onclick = () => send({ type: "pause" });
 $("resume").onclick = () => send({ type: "resume" });
 $("reset").onclick = () => send({ type: "reset" });
+$("save").onclick = () => send({ type: "save" });
+$("branch").onclick = () => {
+  const msg = { type: "branch", save: state.saves[state.saves.length - 1] };
+  if (state.hello && state.hello.has_prompt) msg.prompt = $("prompt").value;
+  send(msg);
+};
 $("stop").onclick = () => send({ type: "stop" });
 $("prompt").addEventListener("keydown", (ev) => {
   if (ev.key !== "Enter") return;

@@ -1,0 +1,37 @@
+"""`ar.sampler`'s share of the memory plan (engine/memory.py): the session state it makes the model hold.
+
+The sampler decides the cache's size (batch, sink, window or num_blocks, latent size) and the model
+decides its layout, so the model node feeding ``model`` is asked for ``cache_layout()`` (layers, heads,
+head size, patch, dtype bytes, widths) and the product is taken here: the self-attention K/V rows, the
+float32 sink copy of ``rope_mode: relative``, the cross-attention K/V of the prompt (static buffers),
+and, with a global cache, the noise of every block. Activations are a rough bound for one DiT call over
+a block: its tokens times (FFN width + 8 hidden widths), in the model's dtype.
+"""
+from __future__ import annotations
+
+FP32 = 4
+
+
+def sampler_memory(p, model_node) -> dict:
+    nfpb, c, lh, lw, b = p.frames_per_block, p.latent_channels, p.latent_height, p.latent_width, p.batch
+    frames = p.window_frames if p.window_frames is not None else p.num_blocks * nfpb
+    noise = 0 if p.window_frames is not None else b * p.num_blocks * nfpb * c * lh * lw * FP32
+    layout = getattr(model_node, "cache_layout", None)
+    if layout is None:
+        return {"weights": 0, "weights_source": "", "state": noise,
+                "state_what": "noise; the model node declares no cache_layout(), so its cache is not counted"}
+    m = layout()
+    ph, pw = m["patch"]
+    ft = (lh // ph) * (lw // pw)
+    width = m["num_heads"] * m["head_dim"]
+    kv = 2 * m["num_layers"] * b * frames * ft * width * m["dtype_bytes"]
+    sink = (m["num_layers"] * b * p.sink_frames * ft * width * FP32
+            if p.rope_mode == "relative" and p.sink_frames else 0)
+    cross = 2 * m["num_layers"] * b * (m["text_len"] + m.get("image_tokens", 0)) * width * m["dtype_bytes"]
+    act = b * nfpb * ft * (m["ffn_dim"] + 8 * m["dim"]) * m["dtype_bytes"]
+    return {"weights": 0, "weights_source": "", "state": kv + sink + cross + noise,
+            "state_what": (f"KV cache {frames} frames x {ft} tokens ({kv / 2**20:.1f} MiB)"
+                           + (f", sink fp32 copy {sink / 2**20:.1f} MiB" if sink else "")
+                           + f", cross K/V {cross / 2**20:.1f} MiB"
+                           + (f", noise {noise / 2**20:.1f} MiB" if noise else "")),
+            "activations": act}
