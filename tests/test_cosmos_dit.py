@@ -1,0 +1,130 @@
+"""Cosmos-Predict2 DiT (MinimalV1LVGDiT) vs the upstream goldens (`cosmos_predict2_dit`), through FD_GOLDENS.
+
+Every size comes from the case: the config from ``model_kwargs`` must equal the one the weights give,
+the inputs carry their own shapes. The raw call is checked at every debug intermediate the case offers,
+the I2V call (FRAME_REPLACE conditioning, cond/uncond branches, x0 guidance) through ``nodes.cosmos.video2world``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from goldens import case_json, tensors
+
+from nodes.cosmos.config import CosmosConfig, native_keys
+from nodes.cosmos.model import CosmosDiT
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+CASE = "cosmos_predict2_dit"
+
+
+def _model():
+    cj = case_json(CASE)
+    raw = tensors(CASE, cj["files"]["weights"])
+    sd = native_keys(raw)
+    kw = cj["model_kwargs"]
+    cfg = CosmosConfig.from_model_kwargs(kw)
+    from_weights = CosmosConfig.from_state_dict(
+        sd, patch_spatial=kw["patch_spatial"], patch_temporal=kw["patch_temporal"],
+        concat_padding_mask=kw["concat_padding_mask"], rope_h_extrapolation_ratio=kw["rope_h_extrapolation_ratio"],
+        rope_w_extrapolation_ratio=kw["rope_w_extrapolation_ratio"],
+        rope_t_extrapolation_ratio=kw["rope_t_extrapolation_ratio"],
+        rope_enable_fps_modulation=kw["rope_enable_fps_modulation"])
+    assert from_weights == cfg
+    if "in_channels_total" in kw:
+        assert cfg.in_channels_total == kw["in_channels_total"]
+    model = CosmosDiT(cfg)
+    model.load_state_dict(sd, strict=True)
+    return cj, model.eval()
+
+
+def test_checkpoint_keys_are_stripped_and_buffers_dropped():
+    cj = case_json(CASE)
+    raw = tensors(CASE, cj["files"]["weights"])
+    raw = {**raw, "net.blocks.0.self_attn.q_norm._extra_state": torch.zeros(1)}
+    sd = native_keys(raw)
+    assert not any(k.startswith(("net.", "accum_", "pos_embedder")) or k.endswith("_extra_state") for k in sd)
+    assert set(sd) == set(CosmosDiT(CosmosConfig.from_model_kwargs(cj["model_kwargs"])).state_dict())
+
+
+def test_raw_forward_matches_upstream_at_every_intermediate():
+    cj, model = _model()
+    inp = tensors(CASE, cj["files"]["inputs"])
+    out = tensors(CASE, cj["files"]["outputs"])
+    dbg = tensors(CASE, cj["files"]["debug"]) if "debug" in cj["files"] else {}
+    captured = {}
+
+    def keep(name):
+        def hook(mod, args, result):
+            if isinstance(result, tuple):
+                captured[name], captured[name + ".adaln_lora"] = result
+            else:
+                captured[name] = result
+        return hook
+
+    mods = {"x_embedder_out": model.x_embedder, "t_embedder_out": model.t_embedder,
+            "t_embedding_norm_out": model.t_embedding_norm, "final_layer_out": model.final_layer}
+    mods.update({f"block_{i}_out": b for i, b in enumerate(model.blocks)})
+    hooks = [m.register_forward_hook(keep(n)) for n, m in mods.items()]
+    with torch.no_grad():
+        y = model(inp["raw.x"], inp["raw.timesteps_B_T"], inp["raw.crossattn_emb"],
+                  condition_mask=inp["raw.condition_video_input_mask"], padding_mask=inp["raw.padding_mask"],
+                  fps=float(inp["raw.fps"][0]))
+    for h in hooks:
+        h.remove()
+    tol = cj["tolerance"]["raw.output"]
+    assert dbg, "the case offers no debug intermediates"
+    for name, ref in dbg.items():
+        assert name in captured, f"debug tensor {name} has no counterpart"
+        torch.testing.assert_close(captured[name], ref, atol=tol["atol"], rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(y, out["raw.output"], atol=tol["atol"], rtol=tol["rtol"])
+
+
+def test_i2v_branches_and_guidance_match_upstream():
+    from nodes.cosmos.video2world import Video2World
+
+    cj, model = _model()
+    inp = tensors(CASE, cj["files"]["inputs"])
+    out = tensors(CASE, cj["files"]["outputs"])
+    tol = cj["tolerance"]["i2v"]
+    vals = cj.get("i2v_values", {})
+    gt = inp["i2v.gt_frames"]
+    guidance = float(vals.get("guidance", _guidance_from_call_sequence(cj)))
+    v2w = Video2World(model, sigma_conditional=_sigma_conditional(vals))
+    sigma = inp["i2v.sigma"]
+    mask = v2w.condition_mask(gt, num_conditional_frames=1)
+    with torch.no_grad():
+        branches = {}
+        for branch, key in (("cond", "i2v.crossattn_emb"), ("uncond", "i2v.neg_crossattn_emb")):
+            rec = v2w.denoise(inp["i2v.xt"], sigma, model.prepare_cross(inp[key]), gt=gt, mask=mask,
+                              padding_mask=inp["i2v.padding_mask"], record=True)
+            branches[branch] = rec
+            for name in ("net_input", "net_timesteps_B_T", "net_output", "x0", "eps"):
+                ref = out[f"i2v.{branch}.{name}"]
+                torch.testing.assert_close(rec[name].to(ref.dtype), ref, atol=tol["atol"], rtol=tol["rtol"],
+                                           msg=lambda m: f"{branch}.{name}: {m}")
+        guided = v2w.guide(branches["cond"]["x0"], branches["uncond"]["x0"], guidance)
+    scale = 1 + 2 * guidance
+    torch.testing.assert_close(guided, out["i2v.guided_x0"], atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
+    if "t_cond" in vals:
+        t = branches["cond"]["net_timesteps_B_T"]
+        assert abs(float(t[0, 0]) - vals["t_cond"]) < 1e-9
+
+
+def _sigma_conditional(vals: dict) -> float:
+    """sigma_conditional from t_cond = s / (1 + s) when the case records it (else upstream's 1e-4)."""
+    if "t_cond" in vals:
+        t = vals["t_cond"]
+        return t / (1 - t)
+    return 1e-4
+
+
+def _guidance_from_call_sequence(cj: dict) -> float:
+    import re
+
+    for line in cj["call_sequence"]:
+        m = re.search(r"guidance (\d+(?:\.\d+)?) here", line)
+        if m:
+            return float(m.group(1))
+    pytest.fail("the case names no guidance")
