@@ -17,6 +17,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.wan.node_dit",
     "nodes.wan.node_vae",
     "nodes.wan.node_t2v",
+    "nodes.cosmos.node",
     "nodes.ar.node",
     "nodes.taehv.node",
 )
