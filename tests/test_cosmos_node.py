@@ -9,6 +9,7 @@ from goldens import case_json, tensors
 
 import engine
 from engine.errors import FdError
+from nodes.cosmos.config import CosmosConfig
 from nodes.cosmos.node import CosmosDiTNode, CosmosSamplerNode
 
 CASE = "cosmos_predict2_dit"
@@ -161,3 +162,23 @@ def test_predict25_checkpoint_in_a_predict2_spec_is_refused(tmp_path):
     node = CosmosDiTNode("dit", _node_params(cj, path), "cpu")
     with pytest.raises(FdError, match="has crossattn_proj.*variant: predict2"):
         node.load()
+
+
+def test_node_defaults_are_the_released_2b_config():
+    """cosmos.dit's defaults (random weights, memory estimates, the non-size config of checkpoints) are the
+    2B model's config as the case records it."""
+    real = case_json(CASE).get("real_2B_config")
+    if real is None:
+        pytest.skip("the case records no real config")
+    cfg = CosmosDiTNode("dit", {}, "cpu").size_config()
+    assert cfg == CosmosConfig.from_model_kwargs({**real, "crossattn_emb_channels": cfg.crossattn_emb_channels,
+                                                  "mlp_ratio": real.get("mlp_ratio", cfg.mlp_ratio)})
+
+
+def test_real_i2v_spec_wires_an_image_and_a_predict2_dit():
+    plan = engine.load_plan("cosmos_predict2_i2v", check_devices=False)
+    dit, sampler = plan.nodes["dit"].build(), plan.nodes["sampler"].build()
+    assert dit.p.variant == "predict2" and dit.p.checkpoint.endswith(".pt")
+    assert sampler.p.mode == "i2v" and plan.spec.nodes["sampler"].wires.get("condition") == "image_latent.latent"
+    lat = (sampler.p.frames - 1) // sampler.p.temporal_compression + 1
+    assert lat % dit.p.patch_temporal == 0 and sampler.p.latent_height % dit.p.patch_spatial == 0

@@ -60,8 +60,8 @@ class CosmosT5EncoderNode(ModelNode):
         checkpoint_param("random", "T5 weights (T5EncoderModel or a whole T5 model; safetensors, index or torch file)"),
         Param("config", str, None, "transformers config.json of the weights (default: next to the checkpoint)",
               nullable=True),
-        Param("tokenizer", str, BYTES, "tokenizer folder (local or hf://; T5TokenizerFast), or 'bytes' for the "
-              "offline byte tokenizer of random tiny models"),
+        Param("tokenizer", str, BYTES, "T5TokenizerFast folder, or its tokenizer.json (local or hf://; only that "
+              "file is fetched), or 'bytes' for the offline byte tokenizer of random tiny models"),
         Param("text_len", int, 512, "tokens per prompt (padded / truncated)", min=1),
         Param("d_model", int, 1024, "width (random weights; T5-11B: 1024)", min=1),
         Param("d_ff", int, 65536, "feed-forward width (random weights; T5-11B: 65536)", min=1),
@@ -122,10 +122,15 @@ class CosmosT5EncoderNode(ModelNode):
     def load(self, progress=None) -> None:
         super().load(progress)
         if self.p.tokenizer != BYTES:
-            from transformers import AutoTokenizer
+            from transformers import T5TokenizerFast
 
             from nodes.checkpoint import resolve
-            self.tokenizer = AutoTokenizer.from_pretrained(str(resolve(self.p.tokenizer, kind="folder")))
+            ref = str(self.p.tokenizer)
+            if ref.endswith((".json", ".model")):  # a file of the tokenizer folder: fetch just it, use its folder
+                folder = resolve(ref, kind="file").parent
+            else:
+                folder = resolve(ref, kind="folder")
+            self.tokenizer = T5TokenizerFast.from_pretrained(str(folder))
         elif self.model.config.vocab_size < 259:
             raise FdError(f"node {self.name!r}: tokenizer 'bytes' needs vocab_size >= 259")
         self._cache.clear()
