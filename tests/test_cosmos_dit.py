@@ -17,6 +17,9 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 CASE = "cosmos_predict2_dit"
+NOT_IN_WEIGHTS = ("patch_spatial", "patch_temporal", "concat_padding_mask", "video_condition",
+                  "rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio",
+                  "rope_enable_fps_modulation", "base_fps", "timestep_scale")
 
 
 def _model():
@@ -25,13 +28,9 @@ def _model():
     sd = native_keys(raw)
     kw = cj["model_kwargs"]
     cfg = CosmosConfig.from_model_kwargs(kw)
-    from_weights = CosmosConfig.from_state_dict(
-        sd, patch_spatial=kw["patch_spatial"], patch_temporal=kw["patch_temporal"],
-        concat_padding_mask=kw["concat_padding_mask"], rope_h_extrapolation_ratio=kw["rope_h_extrapolation_ratio"],
-        rope_w_extrapolation_ratio=kw["rope_w_extrapolation_ratio"],
-        rope_t_extrapolation_ratio=kw["rope_t_extrapolation_ratio"],
-        rope_enable_fps_modulation=kw["rope_enable_fps_modulation"])
-    assert from_weights == cfg
+    # what no tensor holds comes from the config; every size must come out of the weights the same
+    not_in_weights = {k: getattr(cfg, k) for k in NOT_IN_WEIGHTS}
+    assert CosmosConfig.from_state_dict(sd, **not_in_weights) == cfg
     if "in_channels_total" in kw:
         assert cfg.in_channels_total == kw["in_channels_total"]
     model = CosmosDiT(cfg)
@@ -93,7 +92,7 @@ def test_i2v_branches_and_guidance_match_upstream():
     guidance = float(vals.get("guidance", _guidance_from_call_sequence(cj)))
     v2w = Video2World(model, sigma_conditional=_sigma_conditional(vals))
     sigma = inp["i2v.sigma"]
-    mask = v2w.condition_mask(gt, num_conditional_frames=1)
+    mask = v2w.condition_mask(gt, num_conditional_frames=_conditional_frames(cj))
     with torch.no_grad():
         branches = {}
         for branch, key in (("cond", "i2v.crossattn_emb"), ("uncond", "i2v.neg_crossattn_emb")):
@@ -110,6 +109,21 @@ def test_i2v_branches_and_guidance_match_upstream():
     if "t_cond" in vals:
         t = branches["cond"]["net_timesteps_B_T"]
         assert abs(float(t[0, 0]) - vals["t_cond"]) < 1e-9
+
+
+def _conditional_frames(cj: dict) -> int:
+    """How many latent frames the i2v call conditions on: ``i2v_values`` when it says, else the call sequence's
+    'N conditional latent frame(s)', else 1 (Video2World from an image)."""
+    import re
+
+    vals = cj.get("i2v_values", {})
+    if "num_conditional_frames" in vals:
+        return int(vals["num_conditional_frames"])
+    for line in cj["call_sequence"]:
+        m = re.search(r"(\d+) conditional latent frame", line)
+        if m:
+            return int(m.group(1))
+    return 1
 
 
 def _sigma_conditional(vals: dict) -> float:
