@@ -142,3 +142,20 @@ def _guidance_from_call_sequence(cj: dict) -> float:
         if m:
             return float(m.group(1))
     pytest.fail("the case names no guidance")
+
+
+def test_batched_guidance_equals_two_forwards():
+    """cond and uncond as one forward of twice the batch give the guided x0 of two forwards (I2V inputs)."""
+    from nodes.cosmos.video2world import Video2World
+
+    cj, model = _model()
+    inp = tensors(CASE, cj["files"]["inputs"])
+    v2w = Video2World(model)
+    with torch.no_grad():
+        cond, uncond = model.prepare_cross(inp["i2v.crossattn_emb"]), model.prepare_cross(inp["i2v.neg_crossattn_emb"])
+        kw = dict(gt=inp["i2v.gt_frames"], num_conditional_frames=_conditional_frames(cj))
+        two = v2w.x0_fn(cond, uncond, 3.0, **kw)(inp["i2v.xt"], inp["i2v.sigma"])
+        one = v2w.x0_fn(cond, uncond, 3.0, batched=True, **kw)(inp["i2v.xt"], inp["i2v.sigma"])
+    tol = cj["tolerance"]["raw.output"]
+    torch.testing.assert_close(one, two, atol=tol["atol"], rtol=tol["rtol"])
+    assert not torch.allclose(one, v2w.x0_fn(cond, None, **kw)(inp["i2v.xt"], inp["i2v.sigma"]))

@@ -68,18 +68,30 @@ class Video2World:
         return x0_cond + guidance * (x0_cond - x0_uncond)
 
     def x0_fn(self, cond, uncond=None, guidance: float = 0.0, gt: Tensor | None = None,
-              num_conditional_frames: int = 0, shape=None) -> Callable[[Tensor, Tensor], Tensor]:
+              num_conditional_frames: int = 0, batched: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
+        """``x0_fn(x, sigma)``: the (guided) x0 prediction. ``batched`` runs the cond and uncond branches as one
+        forward of twice the batch (same math; the text K/V of both prompts must have the same length)."""
         mask = None
         if num_conditional_frames:
             if gt is None:
                 raise ValueError("conditional frames need their clean latents")
             mask = self.condition_mask(gt, num_conditional_frames)
+        if uncond is not None and batched:
+            if any(c[0].shape[1:] != u[0].shape[1:] for c, u in zip(cond, uncond)):
+                batched = False  # prompts of different lengths: two forwards
+            else:
+                both = [(torch.cat([ck, uk]), torch.cat([cv, uv])) for (ck, cv), (uk, uv) in zip(cond, uncond)]
+                gt2 = None if gt is None else torch.cat([gt, gt])
+                mask2 = None if mask is None else torch.cat([mask, mask])
 
         def fn(x: Tensor, sigma: Tensor) -> Tensor:
-            x0c = self.denoise(x, sigma, cond, gt, mask)
             if uncond is None:
-                return x0c
-            return self.guide(x0c, self.denoise(x, sigma, uncond, gt, mask), guidance)
+                return self.denoise(x, sigma, cond, gt, mask)
+            if batched:
+                x0c, x0u = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), both, gt2, mask2).chunk(2)
+                return self.guide(x0c, x0u, guidance)
+            return self.guide(self.denoise(x, sigma, cond, gt, mask), self.denoise(x, sigma, uncond, gt, mask),
+                              guidance)
         return fn
 
     def sample(self, x0_fn: Callable[[Tensor, Tensor], Tensor], shape, seed: int, num_steps: int = 35,
