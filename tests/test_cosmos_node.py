@@ -182,3 +182,9 @@ def test_real_i2v_spec_wires_an_image_and_a_predict2_dit():
     assert sampler.p.mode == "i2v" and plan.spec.nodes["sampler"].wires.get("condition") == "image_latent.latent"
     lat = (sampler.p.frames - 1) // sampler.p.temporal_compression + 1
     assert lat % dit.p.patch_temporal == 0 and sampler.p.latent_height % dit.p.patch_spatial == 0
+
+
+def test_a_model_that_is_not_cosmos_is_refused():
+    from engine.node import Step
+    with pytest.raises(FdError, match="needs a Cosmos DiT"):
+        _sampler().run({"model": torch.nn.Linear(2, 2), "text": torch.zeros(1, 3, 8)}, None, Step(0, {}))

@@ -190,7 +190,12 @@ class CosmosSamplerNode(Node):
         if step.block not in (0, None):
             raise FdError(f"node {self.name!r}: cosmos.sampler makes the whole clip in block 0; run one block "
                           "(inputs.num_blocks: 1)")
+        from .model import CosmosDiT
+
         model = inputs["model"]
+        if not isinstance(model, CosmosDiT):
+            raise FdError(f"node {self.name!r}: cosmos.sampler needs a Cosmos DiT (cosmos.dit) on its model input, "
+                          f"got {type(model).__name__}")
         cfg = model.cfg
         tc = self.p.temporal_compression
         if (self.p.frames - 1) % tc:
