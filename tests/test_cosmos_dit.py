@@ -159,3 +159,17 @@ def test_batched_guidance_equals_two_forwards():
     tol = cj["tolerance"]["raw.output"]
     torch.testing.assert_close(one, two, atol=tol["atol"], rtol=tol["rtol"])
     assert not torch.allclose(one, v2w.x0_fn(cond, None, **kw)(inp["i2v.xt"], inp["i2v.sigma"]))
+
+
+def test_bf16_forward_runs_and_stays_near_the_fp32_golden():
+    """bf16 weights and activations (the GPU dtype): every stage keeps its dtype and the output stays within a
+    bf16 budget of the golden (2% of its largest value; fp32 tolerances do not apply)."""
+    cj, model = _model()
+    inp, out = tensors(CASE, cj["files"]["inputs"]), tensors(CASE, cj["files"]["outputs"])
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        y = model(inp["raw.x"], inp["raw.timesteps_B_T"], inp["raw.crossattn_emb"],
+                  condition_mask=inp["raw.condition_video_input_mask"], padding_mask=inp["raw.padding_mask"])
+    ref = out["raw.output"]
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
