@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from goldens import case_json, tensors
+from goldens import case_dir, case_json, tensors
 
 import engine
 from engine.errors import FdError
@@ -133,8 +133,15 @@ def _node_params(cj, path, **over):
     return {"checkpoint": str(path), "dtype": "fp32", **{k: kw[k] for k in keys}, **over}
 
 
-def test_released_pt_loads_through_the_node_and_matches_upstream(tmp_path):
-    cj, path = _golden_pt(tmp_path)
+@pytest.mark.parametrize("layout", ["pt", "safetensors"])
+def test_released_pt_loads_through_the_node_and_matches_upstream(tmp_path, layout):
+    """The released .pt layout (a flat dict of net.* tensors, TE _extra_state included) and the golden's own
+    safetensors file (opened lazily) both load through the node's recipe."""
+    if layout == "pt":
+        cj, path = _golden_pt(tmp_path)
+    else:
+        cj = case_json(CASE)
+        path = case_dir(CASE) / cj["files"]["weights"]
     node = CosmosDiTNode("dit", _node_params(cj, path), "cpu")
     node.load()
     model = node.run({}, None, None)["model"]
