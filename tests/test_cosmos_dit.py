@@ -76,7 +76,8 @@ def test_raw_forward_matches_upstream_at_every_intermediate():
     assert dbg, "the case offers no debug intermediates"
     for name, ref in dbg.items():
         assert name in captured, f"debug tensor {name} has no counterpart"
-        torch.testing.assert_close(captured[name], ref, atol=tol["atol"], rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(captured[name], ref, atol=tol["atol"], rtol=tol["rtol"],
+                                   msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(y, out["raw.output"], atol=tol["atol"], rtol=tol["rtol"])
 
 
@@ -173,3 +174,18 @@ def test_bf16_forward_runs_and_stays_near_the_fp32_golden():
     ref = out["raw.output"]
     assert y.dtype == torch.bfloat16
     assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_text2image_layout_has_no_condition_mask_channel():
+    """MiniTrainDIT without MinimalV1LVGDiT's mask channel (Text2Image checkpoints): one input channel fewer, and
+    the config read back from its weights says so when told video_condition=False."""
+    cfg = CosmosConfig.from_model_kwargs(case_json(CASE)["model_kwargs"], video_condition=False)
+    model = CosmosDiT(cfg)
+    k = cfg.patch_volume
+    assert model.x_embedder.proj[1].weight.shape[1] == (cfg.in_channels + int(cfg.concat_padding_mask)) * k
+    sd = model.state_dict()
+    assert CosmosConfig.from_state_dict(sd, **{n: getattr(cfg, n) for n in NOT_IN_WEIGHTS}) == cfg
+    x = torch.randn(1, cfg.in_channels, cfg.patch_temporal, 2 * cfg.patch_spatial, 2 * cfg.patch_spatial)
+    with torch.no_grad():
+        y = model(x, torch.full((1, 1), 0.5), torch.randn(1, 3, cfg.crossattn_emb_channels))
+    assert y.shape == (1, cfg.out_channels) + x.shape[2:]

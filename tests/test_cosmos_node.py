@@ -195,3 +195,10 @@ def test_a_model_that_is_not_cosmos_is_refused():
     from engine.node import Step
     with pytest.raises(FdError, match="needs a Cosmos DiT"):
         _sampler().run({"model": torch.nn.Linear(2, 2), "text": torch.zeros(1, 3, 8)}, None, Step(0, {}))
+
+
+def test_mask_channels_that_do_not_fit_the_weights_are_named(tmp_path):
+    cj, path = _golden_pt(tmp_path)
+    node = CosmosDiTNode("dit", _node_params(cj, path, video_condition=False), "cpu")
+    with pytest.raises(FdError, match="video_condition"):
+        node.load()

@@ -28,9 +28,9 @@ from .config import CosmosConfig, native_keys
 VARIANTS = ("predict2", "predict2.5")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Params that are the model's config, not its sizes: no tensor records them.
-CONFIG_PARAMS = ("patch_spatial", "patch_temporal", "concat_padding_mask", "rope_h_extrapolation_ratio",
-                 "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio", "rope_enable_fps_modulation",
-                 "timestep_scale")
+CONFIG_PARAMS = ("patch_spatial", "patch_temporal", "concat_padding_mask", "video_condition",
+                 "rope_h_extrapolation_ratio", "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio",
+                 "rope_enable_fps_modulation", "timestep_scale")
 SIZE_PARAMS = ("in_channels", "out_channels", "model_channels", "num_blocks", "num_heads", "mlp_ratio",
                "crossattn_emb_channels", "crossattn_proj_in_channels", "adaln_lora_dim")
 
@@ -58,6 +58,8 @@ class CosmosDiTNode(ModelNode):
         Param("patch_spatial", int, 2, "spatial patch size (not stored in checkpoints)", min=1),
         Param("patch_temporal", int, 1, "temporal patch size (not stored in checkpoints)", min=1),
         Param("concat_padding_mask", bool, True, "the input carries a padding-mask channel (not stored)"),
+        Param("video_condition", bool, True, "the input carries the condition-frame mask channel (Video2World "
+              "models; false for Text2Image checkpoints)"),
         Param("rope_h_extrapolation_ratio", float, 3.0, "RoPE NTK ratio along height (Predict2 2B: 3.0)", min=0.0),
         Param("rope_w_extrapolation_ratio", float, 3.0, "RoPE NTK ratio along width (Predict2 2B: 3.0)", min=0.0),
         Param("rope_t_extrapolation_ratio", float, 1.0, "RoPE NTK ratio along time (Predict2 2B: 1.0)", min=0.0),
@@ -102,6 +104,11 @@ class CosmosDiTNode(ModelNode):
         except (KeyError, ValueError) as e:
             raise FdError(f"node {self.name!r} (cosmos.dit): {self.p.checkpoint} is not a Cosmos-Predict2 DiT "
                           f"checkpoint: {e}") from e
+        if cfg.in_channels != cfg.out_channels:
+            raise FdError(f"node {self.name!r} (cosmos.dit): {self.p.checkpoint} reads as {cfg.in_channels} latent "
+                          f"input channels but {cfg.out_channels} output channels; check concat_padding_mask "
+                          f"({self.p.concat_padding_mask}) and video_condition ({self.p.video_condition}), whose "
+                          "mask channels the input width includes")
         found = "predict2.5" if cfg.predict25 else "predict2"
         if found != self.p.variant:
             what = ("has crossattn_proj (a Predict2.5 checkpoint: Cosmos-Reason1 text)" if cfg.predict25 else
@@ -236,8 +243,8 @@ class CosmosSamplerNode(Node):
                           "e.g. image.load -> wan.vae_encode)")
         if latent.ndim != 5 or tuple(latent.shape[2:]) != (C, H, W):
             raise FdError(f"node {self.name!r}: condition latent has shape {tuple(latent.shape)}, expected "
-                          f"[B, f, {C}, {H}, {W}] (an image of {W * 8}x{H * 8} px through the VAE); resize the image to the "
-                          "spec's size or change latent_height/latent_width")
+                          f"[B, f, {C}, {H}, {W}] (an image of {W * 8}x{H * 8} px through the VAE); resize the "
+                          "image to the spec's size or change latent_height/latent_width")
         f = latent.shape[1]
         if not 1 <= f < T:
             raise FdError(f"node {self.name!r}: {f} condition latent frames for a {T}-frame clip")

@@ -51,7 +51,8 @@ def encoder_weights(sd):
 class CosmosT5EncoderNode(ModelNode):
     type_name = "cosmos.text_encoder"
     doc = ("Cosmos-Predict2 T5 text encoder (transformers T5EncoderModel, e.g. T5-11B's encoder, 1024-d): a prompt "
-           "(and an optional negative prompt) to [1, text_len, d_model], rows past the prompt zeroed. Cached per prompt.")
+           "(and an optional negative prompt) to [1, text_len, d_model], rows past the prompt zeroed. Cached per "
+           "prompt.")
     inputs = (Port("prompt", TEXT, "the prompt"),
               Port("negative", TEXT, "a negative prompt for guidance, encoded by the same weights", optional=True))
     outputs = (Port("embeds", TEXT_EMBEDDING, "[1, text_len, d_model], rows past the prompt zeroed"),
