@@ -18,6 +18,8 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.wan.node_vae",
     "nodes.wan.node_t2v",
     "nodes.wan.node_experts",
+    "nodes.cosmos.node",
+    "nodes.cosmos.text",
     "nodes.ar.node",
     "nodes.taehv.node",
 )
