@@ -3,12 +3,7 @@
 # `git archive <commit> | tar -x -C .baseline/old`), interleaved twice, so a change is judged on the same
 # GPU in the same call. Expects .whl (omegaconf, antlr4) carried. Writes JSON into $OUT and prints a table.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-# fd's built-in node types register through the fd.nodes entry point: give the copied tree its metadata
-mkdir -p /tmp/site/fdreams-0.1.0.dist-info
-printf 'Metadata-Version: 2.1\nName: fdreams\nVersion: 0.1.0\n' > /tmp/site/fdreams-0.1.0.dist-info/METADATA
-printf '[fd.nodes]\nbuiltin = nodes:builtin_node_types\n' > /tmp/site/fdreams-0.1.0.dist-info/entry_points.txt
-export PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 W1="inputs.num_blocks=12 nodes.sampler.params.window_frames=21 --warmup 2 --blocks 10 --report-block 5 --json"

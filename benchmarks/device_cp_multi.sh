@@ -2,8 +2,7 @@
 # One device call on a multi-GPU kind (nvidia-h200-x2 / x4): W1 and a 14B causal block on 1 GPU, then with the
 # DiT context-parallel over N GPUs (ring and Ulysses) under torchrun. Usage: NGPU=2 bash benchmarks/device_cp_multi.sh
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; NGPU=${NGPU:-2}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -2,8 +2,7 @@
 # One device call: fd serve first-frame latency / steady FPS of the full-size Self-Forcing spec (random
 # weights), and fd bench of the plain path vs the context-parallel path with a group of size 1.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TAE="nodes.decoder.type=taehv.decode nodes.sampler.params.window_frames=21"
 python3 -m benchmarks.serve_bench bench_self_forcing $TAE --blocks 12 > "$OUT/serve_taehv.json" 2> "$OUT/serve.err" \

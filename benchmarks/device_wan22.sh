@@ -5,8 +5,7 @@
 # denoising steps) / KV (the context pass, both experts) / decode, and peak memory, block 5 reported.
 # Expects the same .whl set as device_w1.sh. Writes into $OUT. No numbers from it are in BENCHMARKS.md yet.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv,noheader
 B="--warmup 2 --blocks 6 --report-block 5 --json"
