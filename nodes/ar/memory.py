@@ -12,6 +12,16 @@ from __future__ import annotations
 FP32 = 4
 
 
+def kv_cache(p, layout: dict) -> dict:
+    """The self-attention K/V rows the sampler's stream will allocate for a model of this layout."""
+    frames = p.window_frames if p.window_frames is not None else p.num_blocks * p.frames_per_block
+    ph, pw = layout["patch"]
+    ft = (p.latent_height // ph) * (p.latent_width // pw)
+    nbytes = 2 * layout["num_layers"] * p.batch * frames * ft * layout["num_heads"] * layout["head_dim"]
+    return {"sink_frames": p.sink_frames, "window_frames": frames, "bounded": p.window_frames is not None,
+            "frame_tokens": ft, "dtype": layout.get("dtype", ""), "bytes": int(nbytes * layout["dtype_bytes"])}
+
+
 def sampler_memory(p, model_node) -> dict:
     nfpb, c, lh, lw, b = p.frames_per_block, p.latent_channels, p.latent_height, p.latent_width, p.batch
     frames = p.window_frames if p.window_frames is not None else p.num_blocks * nfpb
@@ -21,10 +31,9 @@ def sampler_memory(p, model_node) -> dict:
         return {"weights": 0, "weights_source": "", "state": noise,
                 "state_what": "noise; the model node declares no cache_layout(), so its cache is not counted"}
     m = layout()
-    ph, pw = m["patch"]
-    ft = (lh // ph) * (lw // pw)
+    cache = kv_cache(p, m)
+    ft, kv = cache["frame_tokens"], cache["bytes"]
     width = m["num_heads"] * m["head_dim"]
-    kv = 2 * m["num_layers"] * b * frames * ft * width * m["dtype_bytes"]
     sink = (m["num_layers"] * b * p.sink_frames * ft * width * FP32
             if p.rope_mode == "relative" and p.sink_frames else 0)
     cross = 2 * m["num_layers"] * b * (m["text_len"] + m.get("image_tokens", 0)) * width * m["dtype_bytes"]

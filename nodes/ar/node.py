@@ -123,16 +123,9 @@ class ARSamplerNode(Node):
         two-expert models, which steps go to which expert."""
         out = {"notes": self._expert_notes()}
         layout = getattr(sources.get("model"), "cache_layout", None)
-        if not callable(layout):
-            return out
-        lay, p = layout(), self.p
-        ph, pw = lay["patch"]
-        tokens = (p.latent_height // ph) * (p.latent_width // pw)
-        window = p.window_frames if p.window_frames is not None else p.num_blocks * p.frames_per_block
-        nbytes = 2 * lay["num_layers"] * p.batch * window * tokens * lay["num_heads"] * lay["head_dim"]
-        out["kv_cache"] = {"sink_frames": p.sink_frames, "window_frames": window,
-                           "bounded": p.window_frames is not None, "dtype": lay["dtype"],
-                           "bytes": int(nbytes * lay["dtype_bytes"])}
+        if callable(layout):
+            from .memory import kv_cache
+            out["kv_cache"] = kv_cache(self.p, layout())
         return out
 
     def _expert_notes(self) -> list[str]:

@@ -100,20 +100,14 @@ class WanDiTNode(ModelNode):
         return self._checked
 
     def cache_layout(self) -> dict:
-        """What a sampler's KV cache of this DiT looks like, from the size params (read by plan facts)."""
-        cfg = self.size_config()
-        return {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
-                "patch": tuple(cfg.patch_size[1:]), "dtype": str(self.dtype).removeprefix("torch."),
-                "dtype_bytes": torch.empty((), dtype=self.dtype).element_size()}
-
-    def cache_layout(self) -> dict:
-        """What a sampler needs to size this model's caches in the memory plan (nodes/ar/memory.py)."""
+        """What a sampler needs to size this model's caches before any weight is read (the memory plan,
+        nodes/ar/memory.py, and the plan facts fd viz draws)."""
         from nodes.common.params import resolve_dtype
-        cfg = self.size_config()
+        cfg, dtype = self.size_config(), resolve_dtype(self.p.dtype, self.device)
         return {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
                 "patch": tuple(cfg.patch_size[1:]), "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "text_len": cfg.text_len,
                 "image_tokens": 257 if cfg.model_type == "i2v" else 0,
-                "dtype_bytes": resolve_dtype(self.p.dtype, self.device).itemsize}
+                "dtype": str(dtype).removeprefix("torch."), "dtype_bytes": dtype.itemsize}
 
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
