@@ -25,8 +25,10 @@ class OmniDreamsCausal(CausalModel):
     block_conditions = ("hdmap",)
     required_conditions = ("text",)
 
-    def __init__(self, net: OmniDreamsNet):
+    def __init__(self, net: OmniDreamsNet, image: torch.Tensor | None = None):
+        """``image``: a first-frame latent [B, 1, C, H, W] used when the session sets no ``image`` condition."""
         self.net = net
+        self.image = image
 
     @property
     def device(self) -> torch.device:
@@ -76,6 +78,8 @@ class OmniDreamsStream(CausalStream):
             raise ValueError(f"text embeddings {list(text.shape)}: expected [B, L, {net.cfg.crossattn_proj_in_channels}]")
         with torch.no_grad():
             self.cross = net.prepare_cross(text.to(self.model.device))
+        if image is None:
+            image = self.model.image
         if image is not None:
             C, H, W = self.spec.frame_shape
             if image.ndim != 5 or tuple(image.shape[2:]) != (C, H, W):
