@@ -29,7 +29,7 @@ PARAMS = variant_params([CASE])
 def load_net(cj: dict, var: dict) -> OmniDreamsNet:
     sd = dict(native_keys(tensors(CASE, cj["weights"]["file"])))
     net, tr = cj["network_config"], var["transformer"]
-    cfg, hd = config_from_state_dict(
+    cfg, hd, cams = config_from_state_dict(
         sd, patch_spatial=net["patch_spatial"], patch_temporal=net["patch_temporal"],
         concat_padding_mask=net["concat_padding_mask"], timestep_scale=net["timestep_scale"],
         rope_h_extrapolation_ratio=tr.get("h_extrapolation_ratio", 1.0),
@@ -37,6 +37,7 @@ def load_net(cj: dict, var: dict) -> OmniDreamsNet:
         rope_t_extrapolation_ratio=tr.get("t_extrapolation_ratio", 1.0))
     assert (cfg.model_channels, cfg.num_blocks, cfg.num_heads, hd) == (
         net["model_channels"], net["num_blocks"], net["num_heads"], net["additional_concat_ch"])
+    assert cams == 0
     model = OmniDreamsNet(cfg, hd)
     model.load_state_dict(to_module(sd, cfg), strict=True)
     return model.eval()

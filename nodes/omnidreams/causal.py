@@ -25,10 +25,18 @@ class OmniDreamsCausal(CausalModel):
     block_conditions = ("hdmap",)
     required_conditions = ("text",)
 
-    def __init__(self, net: OmniDreamsNet, image: torch.Tensor | None = None):
-        """``image``: a first-frame latent [B, 1, C, H, W] used when the session sets no ``image`` condition."""
+    def __init__(self, net: OmniDreamsNet, image: torch.Tensor | None = None, views: list[int] | None = None):
+        """``image``: a first-frame latent [B, 1, C, H, W] used when the session sets no ``image`` condition.
+        ``views``: the camera indices of a multi-view network's views; its samples are then B*V, in (b, v)
+        order, on every tensor (latents, text, image, HD-map), and each view has its own cache rows."""
+        if bool(net.camera_embeddings) != bool(views):
+            raise ValueError("a multi-view checkpoint needs its views' camera indices" if net.camera_embeddings else
+                             f"the checkpoint is single-view, but {len(views)} views were given")
+        if views and not all(0 <= v < net.camera_embeddings for v in views):
+            raise ValueError(f"camera indices {views} outside the checkpoint's {net.camera_embeddings} cameras")
         self.net = net
         self.image = image
+        self.views = list(views or [])
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +69,10 @@ class OmniDreamsStream(CausalStream):
             raise ValueError("OmniDreams keeps no sink frames (sink_frames must be 0)")
         if spec.rope_mode != "absolute":
             raise ValueError("OmniDreams rotates keys at absolute positions (rope_mode: absolute)")
+        if model.views and spec.batch % len(model.views):
+            raise ValueError(f"batch {spec.batch} is not a multiple of the {len(model.views)} views (samples are B*V)")
         self.model, self.spec = model, spec
+        self.views = torch.tensor(model.views, dtype=torch.long, device=model.device) if model.views else None
         self.kt = kt
         self.cache = SelfKVCache(
             cfg.num_blocks, cfg.num_heads, cfg.head_dim, (H // k) * (W // k), sink_frames=0,
@@ -116,7 +127,8 @@ class OmniDreamsStream(CausalStream):
         tt = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
         net = self.model.net
         flow = net.forward_chunk(xin.transpose(1, 2), tt, hd.transpose(1, 2), self.cross,
-                                 condition_mask=mask.transpose(1, 2), cache=self.cache, plan=plan)
+                                 condition_mask=mask.transpose(1, 2), cache=self.cache, plan=plan,
+                                 views=self.views)
         return flow.transpose(1, 2).float(), xin, n
 
     def _run(self, x: torch.Tensor, t: float, frame_start: int, hdmap) -> torch.Tensor:

@@ -21,9 +21,13 @@ from .model import HDMAP_KEY
 FINAL = "final_layer.linear.weight"
 
 
-def config_from_state_dict(sd: Mapping[str, Any], **config: Any) -> tuple[CosmosConfig, int]:
-    """(Cosmos config, HD-map channels) from the native (un-prefixed) weights; ``config`` as
-    ``CosmosConfig.from_state_dict`` (patch sizes, RoPE ratios, timestep scale, padding mask)."""
+VIEW_KEY = "adaln_view_embedder.weight"
+
+
+def config_from_state_dict(sd: Mapping[str, Any], **config: Any) -> tuple[CosmosConfig, int, int]:
+    """(Cosmos config, HD-map channels, camera embedding rows (0: single view)) from the native (un-prefixed)
+    weights; ``config`` as ``CosmosConfig.from_state_dict`` (patch sizes, RoPE ratios, timestep scale, padding
+    mask). A multi-view checkpoint has the view AdaLN embedder and cross-view attention in every block."""
     if HDMAP_KEY not in sd:
         raise ValueError(f"no {HDMAP_KEY}: not an OmniDreams (HD-map conditioned) checkpoint")
     cfg = CosmosConfig.from_state_dict(sd, **config)
@@ -33,7 +37,12 @@ def config_from_state_dict(sd: Mapping[str, Any], **config: Any) -> tuple[Cosmos
     if shape[0] != cfg.model_channels or shape[1] % cfg.patch_volume:
         raise ValueError(f"{HDMAP_KEY} {list(shape)} does not fit width {cfg.model_channels} and patch volume "
                          f"{cfg.patch_volume}")
-    return cfg, shape[1] // cfg.patch_volume
+    cams = 0
+    if VIEW_KEY in sd:
+        cams = (tuple(sd.shape(VIEW_KEY)) if hasattr(sd, "shape") else tuple(sd[VIEW_KEY].shape))[0]
+        if "blocks.0.cross_view_attn.q_proj.weight" not in sd:
+            raise ValueError(f"{VIEW_KEY} but no blocks.*.cross_view_attn: an incomplete multi-view checkpoint")
+    return cfg, shape[1] // cfg.patch_volume, cams
 
 
 def final_rows_to_module(w: torch.Tensor, cfg: CosmosConfig) -> torch.Tensor:

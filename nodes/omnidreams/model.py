@@ -17,7 +17,7 @@ from torch import nn
 
 from nodes.common.attention import attention
 from nodes.cosmos.config import CosmosConfig
-from nodes.cosmos.model import CosmosDiT, Patchify, _modulate, apply_rope_half, rope_angles, rope_axis_dims
+from nodes.cosmos.model import Attention, CosmosDiT, Patchify, _modulate, apply_rope_half, rope_angles, rope_axis_dims
 
 HDMAP_KEY = "additional_patch_embedding.proj.1.weight"
 
@@ -37,12 +37,22 @@ class HDMapEmbed(nn.Module):
 class OmniDreamsNet(CosmosDiT):
     """``CosmosDiT`` with the HD-map patch embedding (parameter names as the released ``net.*`` checkpoint)."""
 
-    def __init__(self, cfg: CosmosConfig, hdmap_channels: int):
+    def __init__(self, cfg: CosmosConfig, hdmap_channels: int, camera_embeddings: int = 0):
+        """``camera_embeddings`` > 0: the multi-view network (view AdaLN embedder with that many camera rows,
+        cross-view attention in every block); 0: single view."""
         if cfg.rope_enable_fps_modulation:
             raise ValueError("OmniDreams uses no RoPE fps modulation")
         super().__init__(cfg)
         self.hdmap_channels = hdmap_channels
+        self.camera_embeddings = camera_embeddings
         self.additional_patch_embedding = HDMapEmbed(cfg, hdmap_channels)
+        D = cfg.model_channels
+        if camera_embeddings:
+            self.adaln_view_embedder = nn.Embedding(camera_embeddings, D)
+            self.adaln_view_proj = nn.Linear(D, 9 * D)
+            for block in self.blocks:
+                block.layer_norm_cross_view_attn = nn.LayerNorm(D, eps=cfg.eps)
+                block.cross_view_attn = Attention(cfg)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ RoPE at an offset
@@ -63,11 +73,18 @@ class OmniDreamsNet(CosmosDiT):
         return self._tables[key]
 
     # ------------------------------------------------------------------ one chunk
+    def view_terms(self, views: torch.Tensor) -> list[torch.Tensor]:
+        """Camera indices [N] -> the view's AdaLN terms of the three branches, each [N, 1, 1, 1, 3D]."""
+        v = self.adaln_view_proj(self.adaln_view_embedder(views))
+        return [c[:, None, None, None] for c in v.chunk(3, dim=-1)]
+
     def forward_chunk(self, x: torch.Tensor, t: torch.Tensor, hdmap: torch.Tensor, cross: list, *,
-                      condition_mask: torch.Tensor | None, cache, plan, rows=None) -> torch.Tensor:
-        """x [B, C, T, H, W] latent chunk, t [B] or [B, T'] timesteps, hdmap [B, C_hd, T, H, W],
+                      condition_mask: torch.Tensor | None, cache, plan, rows=None,
+                      views: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, C, T, H, W] latent chunk, t [N] or [N, T'] timesteps, hdmap [N, C_hd, T, H, W],
         ``cross`` from ``prepare_cross``; writes the chunk's K/V at ``plan``'s cache rows and attends to the
-        cached window. Returns the flow [B, C_out, T, H, W]."""
+        cached window. Multi-view: N = B*V samples in (b, v) order and ``views`` [V] their camera indices;
+        each view has its own cache rows (the batch axis). Returns the flow [N, C_out, T, H, W]."""
         dtype = self.x_embedder.proj[1].weight.dtype
         h = self.embed_input(x.to(dtype), condition_mask) + self.additional_patch_embedding(hdmap.to(dtype))
         B, T, H, W, D = h.shape
@@ -75,15 +92,37 @@ class OmniDreamsNet(CosmosDiT):
             t = t[:, None]
         emb, lora = self.embed_time(t.expand(B, T) if t.shape[1] == 1 else t)
         cos, sin = self.rope_at(plan.frame_start, T, H, W, h.device)
+        vterms = None
+        if self.camera_embeddings:
+            if views is None or B % len(views):
+                raise ValueError(f"the multi-view network needs the view indices of its {B} samples")
+            vterms = self.view_terms(views.to(h.device).repeat(B // len(views)))
         for i, (block, kv) in enumerate(zip(self.blocks, cross)):
-            h = self._block(i, block, h, emb, kv, (cos, sin), lora, cache, plan, rows)
+            h = self._block(i, block, h, emb, kv, (cos, sin), lora, cache, plan, rows, vterms,
+                            0 if views is None else len(views))
         return self.unpatchify(self.final_layer(h, emb, lora))
 
     @staticmethod
-    def _block(i, block, x, emb, cross_kv, rope, lora, cache, plan, rows):
+    def _mods(block, layer, emb, lora, vterm):
+        shift, scale, gate = block._mod(layer, emb, lora)
+        if vterm is None:
+            return shift, scale, gate
+        vs, vc, vg = vterm.chunk(3, dim=-1)
+        return shift + vs, scale + vc, gate + vg
+
+    @staticmethod
+    def _cross_view(block, x: torch.Tensor, V: int) -> torch.Tensor:
+        """Every view's tokens of a latent frame attend to all views' tokens of that frame (no RoPE, no gate)."""
+        N, T, H, W, D = x.shape
+        y = block.layer_norm_cross_view_attn(x).reshape(N // V, V, T, H * W, D).transpose(1, 2)
+        y = block.cross_view_attn(y.reshape(N // V * T, V * H * W, D))          # rope None: plain attention
+        return y.reshape(N // V, T, V, H, W, D).transpose(1, 2).reshape(N, T, H, W, D)
+
+    def _block(self, i, block, x, emb, cross_kv, rope, lora, cache, plan, rows, vterms=None, V=0):
         B, T, H, W, D = x.shape
         a = block.self_attn
-        shift, scale, gate = block._mod(block.adaln_modulation_self_attn, emb, lora)
+        vt = vterms or (None, None, None)
+        shift, scale, gate = self._mods(block, block.adaln_modulation_self_attn, emb, lora, vt[0])
         y = _modulate(x, shift, scale, block.eps).reshape(B, T * H * W, D)
         q = apply_rope_half(a.q_norm(a._heads(a.q_proj(y))), *rope)
         k, v = a.kv(y)
@@ -91,8 +130,10 @@ class OmniDreamsNet(CosmosDiT):
         keys, values = cache.keys_values(i, plan, rows)
         y = a.output_proj(attention(q, keys.to(q.dtype), values.to(q.dtype), a.backend).flatten(-2))
         x = x + gate * y.view(B, T, H, W, D)
-        shift, scale, gate = block._mod(block.adaln_modulation_cross_attn, emb, lora)
+        if V:
+            x = x + self._cross_view(block, x, V)
+        shift, scale, gate = self._mods(block, block.adaln_modulation_cross_attn, emb, lora, vt[1])
         y = block.cross_attn(_modulate(x, shift, scale, block.eps).reshape(B, T * H * W, D), kv=cross_kv)
         x = x + gate * y.view(B, T, H, W, D)
-        shift, scale, gate = block._mod(block.adaln_modulation_mlp, emb, lora)
+        shift, scale, gate = self._mods(block, block.adaln_modulation_mlp, emb, lora, vt[2])
         return x + gate * block.mlp(_modulate(x, shift, scale, block.eps))

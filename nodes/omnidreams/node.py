@@ -83,7 +83,7 @@ class OmniDreamsDiTNode(ModelNode):
     def build_from(self, sd) -> Built:
         from .model import OmniDreamsNet
         try:
-            cfg, hd = config_from_state_dict(sd, **self._config_values())
+            cfg, hd, cams = config_from_state_dict(sd, **self._config_values())
         except (KeyError, ValueError) as e:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {self.p.checkpoint} is not an OmniDreams DiT "
                           f"checkpoint: {e}") from e
@@ -91,7 +91,7 @@ class OmniDreamsDiTNode(ModelNode):
             raise FdError(f"node {self.name!r} (omnidreams.dit): {self.p.checkpoint} reads as {cfg.in_channels} "
                           f"latent input channels but {cfg.out_channels} output channels; check concat_padding_mask")
         with torch.device("meta"):
-            return Built(OmniDreamsNet(cfg, hd), sd)
+            return Built(OmniDreamsNet(cfg, hd, cams), sd)
 
     def finish(self, module):
         module.backend = self.p.attention
