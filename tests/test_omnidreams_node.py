@@ -152,3 +152,31 @@ def test_hdmap_file_with_wrong_frames_is_a_clear_error(tmp_path):
     with pytest.raises(FdError, match=r"expected \[B, 2, 16, 8, 12\]"):
         with pipe.load().open_session() as s:
             s.step()
+
+
+def test_tiny_multiview_spec_streams():
+    pipe = engine.load("tiny_omnidreams_mv", overrides=["inputs.num_blocks=3"])
+    sp = pipe.plan.nodes["sampler"].params
+    views = pipe.plan.nodes["dit"].params["views"]
+    assert sp["batch"] == len(views) > 1 and sp["num_blocks"] * sp["frames_per_block"] > sp["window_frames"]
+    with pipe.load().open_session() as s:
+        lats = [s.step().outputs["sampler"]["latent"] for _ in range(sp["num_blocks"])]
+    assert all(t.shape[:2] == (len(views), sp["frames_per_block"]) and torch.isfinite(t).all() for t in lats)
+    assert not torch.allclose(lats[-1][0], lats[-1][1])          # the views differ (view AdaLN terms, HD-maps)
+
+
+def test_view_count_that_does_not_fit_is_a_clear_error():
+    pipe = engine.load("tiny_omnidreams_mv", overrides=["nodes.sampler.params.batch=2",
+                                                        "nodes.hdmap.params.batch=2"])
+    with pytest.raises(FdError, match="not a multiple of the 3 views"):
+        with pipe.load().open_session() as s:
+            s.step()
+
+
+def test_single_view_checkpoint_with_views_is_refused(tmp_path):
+    cj = case_json(CASE)
+    save_file(tensors(CASE, cj["weights"]["file"]), str(tmp_path / "dit.safetensors"))
+    pipe = engine.load("tiny_omnidreams", overrides=[f"nodes.dit.params.checkpoint={tmp_path / 'dit.safetensors'}",
+                                                     "nodes.dit.params.views=[camera_front_wide_120fov]"])
+    with pytest.raises(FdError, match="single-view checkpoint but the spec sets 1 views"):
+        pipe.load()

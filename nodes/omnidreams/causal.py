@@ -87,8 +87,13 @@ class OmniDreamsStream(CausalStream):
         net = self.model.net
         if text.ndim != 3 or text.shape[-1] != net.cfg.crossattn_proj_in_channels:
             raise ValueError(f"text embeddings {list(text.shape)}: expected [B, L, {net.cfg.crossattn_proj_in_channels}]")
+        N = self.spec.batch
+        if text.shape[0] not in (1, N):
+            raise ValueError(f"text embeddings for {text.shape[0]} samples, the session has {N}"
+                             + (f" ({N // len(self.model.views)} x {len(self.model.views)} views)" if self.model.views
+                                else ""))
         with torch.no_grad():
-            self.cross = net.prepare_cross(text.to(self.model.device))
+            self.cross = net.prepare_cross(text.to(self.model.device).expand(N, -1, -1))
         if image is None:
             image = self.model.image
         if image is not None:

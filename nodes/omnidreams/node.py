@@ -24,6 +24,10 @@ from nodes.cosmos.node import open_cosmos_checkpoint
 from .causal import OmniDreamsCausal
 from .keymap import config_from_state_dict, final_rows_to_module
 
+# camera name -> view AdaLN embedder row (the multi-view OmniDreams mapping)
+CAMERA_VIEWS = {"camera_front_wide_120fov": 0, "camera_cross_right_120fov": 1, "camera_rear_right_70fov": 2,
+                "camera_rear_tele_30fov": 3, "camera_rear_left_70fov": 4, "camera_cross_left_120fov": 5,
+                "camera_front_tele_30fov": 6}
 CONFIG_PARAMS = ("patch_spatial", "patch_temporal", "concat_padding_mask", "rope_h_extrapolation_ratio",
                  "rope_w_extrapolation_ratio", "rope_t_extrapolation_ratio", "timestep_scale")
 SIZE_PARAMS = ("in_channels", "model_channels", "num_blocks", "num_heads", "mlp_ratio", "crossattn_emb_channels",
@@ -57,6 +61,9 @@ class OmniDreamsDiTNode(ModelNode):
         Param("rope_w_extrapolation_ratio", float, 3.0, "RoPE NTK ratio along width", min=0.0),
         Param("rope_t_extrapolation_ratio", float, 1.0, "RoPE NTK ratio along time", min=0.0),
         Param("timestep_scale", float, 0.001, "factor on the timestep before the sinusoid", min=0.0),
+        Param("views", list, None, "multi-view: the camera names of the views, in sample order (a session's batch "
+              f"is B x views); one of {', '.join(CAMERA_VIEWS)}; null: a single-view checkpoint", nullable=True),
+        Param("camera_embeddings", int, 7, "multi-view, random weights: rows of the view AdaLN embedder", min=1),
         Param("attention", str, "auto", "attention backend", choices=BACKENDS),
         dtype_param(),
         seed_param(),
@@ -73,9 +80,19 @@ class OmniDreamsDiTNode(ModelNode):
         except ValueError as e:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {e}") from e
 
+    def view_indices(self) -> list[int] | None:
+        if self.p.views is None:
+            return None
+        unknown = [v for v in self.p.views if v not in CAMERA_VIEWS]
+        if unknown or not self.p.views:
+            raise FdError(f"node {self.name!r} (omnidreams.dit): views {self.p.views}: unknown camera(s) {unknown}; "
+                          f"known: {', '.join(CAMERA_VIEWS)}")
+        return [CAMERA_VIEWS[v] for v in self.p.views]
+
     def build_random(self):
         from .model import OmniDreamsNet
-        return OmniDreamsNet(self.size_config(), self.p.hdmap_channels)
+        return OmniDreamsNet(self.size_config(), self.p.hdmap_channels,
+                             self.p.camera_embeddings if self.p.views else 0)
 
     def open_weights(self):
         return native_keys(open_cosmos_checkpoint(self.p.checkpoint))
@@ -87,6 +104,10 @@ class OmniDreamsDiTNode(ModelNode):
         except (KeyError, ValueError) as e:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {self.p.checkpoint} is not an OmniDreams DiT "
                           f"checkpoint: {e}") from e
+        if bool(cams) != (self.p.views is not None):
+            raise FdError(f"node {self.name!r} (omnidreams.dit): {self.p.checkpoint} is a "
+                          + (f"multi-view checkpoint ({cams} cameras) but the spec sets no views" if cams else
+                             f"single-view checkpoint but the spec sets {len(self.p.views)} views; set views: null"))
         if cfg.in_channels != cfg.out_channels:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {self.p.checkpoint} reads as {cfg.in_channels} "
                           f"latent input channels but {cfg.out_channels} output channels; check concat_padding_mask")
@@ -101,7 +122,11 @@ class OmniDreamsDiTNode(ModelNode):
         return module
 
     def run(self, inputs, state, step):
-        return {"model": OmniDreamsCausal(self.require_model(), image=inputs.get("image_latent"))}
+        try:
+            model = OmniDreamsCausal(self.require_model(), image=inputs.get("image_latent"), views=self.view_indices())
+        except ValueError as e:
+            raise FdError(f"node {self.name!r} (omnidreams.dit): {e}") from e
+        return {"model": model}
 
 
 class HDMapFileNode(Node):
