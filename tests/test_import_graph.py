@@ -66,13 +66,17 @@ def test_nodes_import_no_cli():
 
 def test_sampler_and_shared_parts_import_no_family():
     assert edges("nodes.ar", "nodes.wan") == [] and edges("nodes.ar", "nodes.cosmos") == []
-    for family in ("nodes.wan", "nodes.taehv", "nodes.text", "nodes.image", "nodes.cosmos"):
+    assert edges("nodes.ar", "nodes.omnidreams") == []
+    for family in ("nodes.wan", "nodes.taehv", "nodes.text", "nodes.image", "nodes.cosmos", "nodes.omnidreams"):
         assert edges("nodes.common", family) == []
 
 
 def test_families_stay_apart():
     """A family is one package: Cosmos shares nothing with Wan but what lives in nodes.common."""
     assert edges("nodes.cosmos", "nodes.wan") == [] and edges("nodes.wan", "nodes.cosmos") == []
+    # OmniDreams builds on Cosmos (and nodes.common) only; Cosmos does not know it
+    assert edges("nodes.omnidreams", "nodes.wan") == [] and edges("nodes.cosmos", "nodes.omnidreams") == []
+    assert edges("nodes.omnidreams", "nodes.cosmos") != []
 
 
 def test_no_import_circle():
