@@ -1,0 +1,174 @@
+"""LingBot-World camera control vs the lingbot_plucker / lingbot_cam_dit goldens (FD_GOLDENS).
+
+Plücker encoder: every trajectory of the case (interpolated and relative poses, intrinsics, the
+folded ray tensor), and the per-block form concatenated over blocks. DiT: one forward with and
+without camera; every call of each recorded rollout teacher-forced through the causal-model contract
+(our own KV and cross-attention caches), flow and x0 per call, and the local window's final cache.
+Every size comes from the case files.
+"""
+import pytest
+import torch
+from goldens import case_json, case_value, tensors, variant_params
+
+from nodes.common.causal import StreamSpec
+from nodes.lingbot.config import lingbot_config
+from nodes.lingbot.plucker import block_rays, frame_counts, plucker_path, resample_poses, translation_scale
+from nodes.samplers.unipc import shifted_flow_schedule
+from nodes.wan.causal import WanDenoiser
+from nodes.wan.dit import WanDiT
+
+PLUCKER, DIT = "lingbot_plucker", "lingbot_cam_dit"
+
+
+def _trajectories():
+    from goldens import has_case
+    if not has_case(PLUCKER):
+        return [pytest.param(None, id="absent")]
+    return [pytest.param(t["index"], id=t["name"]) for t in case_json(PLUCKER)["trajectories"]]
+
+
+@pytest.mark.parametrize("k", _trajectories())
+def test_plucker_trajectory(k):
+    cj = case_json(PLUCKER)
+    traj = next(t for t in cj["trajectories"] if t["index"] == k)
+    ins, outs = tensors(PLUCKER, cj["files"]["inputs"]), tensors(PLUCKER, cj["files"]["outputs"])
+    got = plucker_path(ins[f"traj.{k}.poses"], ins[f"traj.{k}.intrinsics"], tuple(cj["image_hw"]),
+                       traj["frame_num_requested"], cj["chunk_size"], cj.get("max_area"))
+    assert got["emb"].shape[2] == traj["latent_frames"]
+    tol = traj["tolerance"]
+    for mine, key, t in ((got["c2ws_interp"], "c2ws_interp", tol["c2ws_interp"]),
+                         (got["c2ws_relative"], "c2ws_relative", tol["c2ws_relative"]),
+                         (got["emb"], "c2ws_plucker_emb", tol["emb"])):
+        torch.testing.assert_close(mine, outs[f"traj.{k}.{key}"], atol=t["atol"], rtol=t["rtol"], msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(got["Ks"], outs[f"traj.{k}.Ks"], atol=0, rtol=0)
+    if traj["translation_max_norm_before_normalize"] == 0:
+        assert got["emb"][:, :3 * 64].abs().max() == 0  # pure rotation: origins stay exactly 0
+
+
+@pytest.mark.parametrize("k", _trajectories())
+def test_plucker_per_block_equals_whole_path(k):
+    """Streaming: each block computed from its own poses, the previous block's last pose and the path's
+    translation scale, concatenated, is the whole-path tensor."""
+    cj = case_json(PLUCKER)
+    traj = next(t for t in cj["trajectories"] if t["index"] == k)
+    ins = tensors(PLUCKER, cj["files"]["inputs"])
+    poses, K = ins[f"traj.{k}.poses"], ins[f"traj.{k}.intrinsics"]
+    hw, chunk = tuple(cj["image_hw"]), cj["chunk_size"]
+    whole = plucker_path(poses, K, hw, traj["frame_num_requested"], chunk, cj.get("max_area"))
+    used, lat_f = frame_counts(len(poses), traj["frame_num_requested"], chunk)
+    lat = torch.from_numpy(resample_poses(poses[:used].double().numpy(), lat_f)).float()
+    from nodes.lingbot.plucker import framewise_relative
+    scale = translation_scale(framewise_relative(lat.double()))
+    blocks, prev = [], None
+    for b in range(lat_f // chunk):
+        blocks.append(block_rays(lat[b * chunk:(b + 1) * chunk], K, hw, prev, scale, cj.get("max_area")))
+        prev = lat[(b + 1) * chunk - 1]
+    t = traj["tolerance"]["emb"]
+    torch.testing.assert_close(torch.cat(blocks, 2), whole["emb"], atol=t["atol"], rtol=t["rtol"])
+
+
+def test_plucker_bad_inputs():
+    good_p, good_k = torch.eye(4).repeat(9, 1, 1), torch.tensor([[500.0, 500.0, 416.0, 240.0]]).repeat(9, 1)
+    with pytest.raises(ValueError, match="poses"):
+        plucker_path(torch.eye(4).repeat(9, 1, 1)[:, :3], good_k, (16, 32), 81, 3)
+    with pytest.raises(ValueError, match="intrinsics"):
+        plucker_path(good_p, good_k.clone().fill_(float("nan")), (16, 32), 81, 3)
+    with pytest.raises(ValueError, match="poses"):
+        plucker_path(good_p[:5], good_k, (16, 32), 81, 3)  # 5 poses: 2 latent frames, no chunk of 3
+
+
+def _model():
+    cj = case_json(DIT)
+    sd = tensors(DIT, cj["files"]["weights"])
+    cfg = lingbot_config(cj["model_kwargs"], sd)
+    assert cfg.control_type == "cam" and cfg.in_dim == sd["patch_embedding.weight"].shape[1]
+    model = WanDiT(cfg)
+    model.load_state_dict(sd, strict=True)
+    return cj, model.eval()
+
+
+def test_cam_dit_forward():
+    cj, model = _model()
+    ins, outs = tensors(DIT, cj["files"]["forward_inputs"]), tensors(DIT, cj["files"]["forward_outputs"])
+    tol = cj["tolerance"]["forward"]
+    with torch.no_grad():
+        cam = model(ins["x"][None], ins["t"], ins["context"][None], y=ins["y"][None], camera=ins["c2ws_plucker_emb"])
+        plain = model(ins["x"][None], ins["t"], ins["context"][None], y=ins["y"][None])
+    torch.testing.assert_close(cam[0], outs["output"], atol=tol["atol"], rtol=tol["rtol"])
+    torch.testing.assert_close(plain[0], outs["output_nocam"], atol=tol["atol"], rtol=tol["rtol"])
+
+
+def test_plain_wan_has_no_camera_layers():
+    cj, model = _model()
+    from dataclasses import replace
+    plain = WanDiT(replace(model.cfg, control_type=None))
+    assert not any("cam" in k or "c2ws" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="camera"):
+        plain.embed_camera(torch.zeros(1, 384, 1, 2, 2))
+
+
+def _sigmas(cj, var):
+    """x0 sigma: the FIRST table entry of the int timestep (argmin); re-noise sigma: the SECOND
+    occurrence of a repeated value (index_for_timestep)."""
+    timesteps, sigmas = shifted_flow_schedule(1000, case_value(cj, var, "shift", cj["rollout"]["shift"]))
+
+    def x0(t):
+        return float(sigmas.double()[(timesteps - int(t)).abs().argmin()])
+
+    def renoise(t):
+        idx = (timesteps == int(t)).nonzero().flatten()
+        return float(sigmas[idx[1] if len(idx) > 1 else idx[0]])
+    return timesteps, x0, renoise
+
+
+def _stream(cj, model, var, frames):
+    cfg = model.cfg
+    local = case_value(cj, var, "local_attn_size", -1)
+    _, _, h, w = tensors(DIT, cj["files"]["forward_inputs"])["x"].shape
+    spec = StreamSpec(frame_shape=(cfg.out_dim, h, w), frames_per_block=cj["shapes"]["chunk_size"],
+                      sink_frames=case_value(cj, var, "sink_size", 0),
+                      window_frames=None if local == -1 else local, max_frames=frames)
+    den = WanDenoiser(model, cfg, torch.float32, "auto")
+    assert "camera" in den.block_conditions
+    stream = den.open_stream(spec)
+    assert stream.cache.k.shape[2] == var["kv_cache_tokens"]
+    return stream
+
+
+@pytest.mark.parametrize("case,variant", variant_params([DIT]))
+def test_cam_dit_teacher_forced(case, variant):
+    cj, model = _model()
+    var = cj["variants"][variant]
+    rec, ins = tensors(case, var["record_file"]), tensors(case, cj["files"]["rollout_inputs"])
+    frames = ins["y"].shape[1]
+    stream = _stream(cj, model, var, frames)
+    stream.set_conditions(text=ins["context"][None])
+    _, x0_sigma, renoise_sigma = _sigmas(cj, var)
+    ft, xt = var["tolerance"]["per_call_flow_pred"], var["tolerance"]["per_call_x0_pred"]
+    ft_tokens = cj["shapes"]["frame_tokens"]
+    for c in var["calls"]:
+        i = c["index"]
+        x, t = rec[f"call.{i}.input"], rec[f"call.{i}.timestep"]
+        f0 = int(rec[f"call.{i}.current_start"]) // ft_tokens
+        f1 = f0 + x.shape[1]
+        assert [f0, f1] == c["frames"]
+        y, cam = ins["y"][:, f0:f1], ins["c2ws_plucker_emb"][:, :, f0:f1]
+        flow = stream.denoise(x.transpose(0, 1)[None], float(t.flatten()[0]), f0,
+                              y=y.transpose(0, 1)[None], camera=cam)[0].transpose(0, 1)
+        torch.testing.assert_close(flow, rec[f"call.{i}.flow_pred"], atol=ft["atol"], rtol=ft["rtol"],
+                                   msg=lambda m: f"call {i} flow: {m}")
+        if c["kind"] == "denoise":
+            s = x0_sigma(t.flatten()[0])
+            assert s == pytest.approx(c["x0_sigma"], abs=1e-7)
+            if c.get("renoise_to_timestep") is not None:
+                assert renoise_sigma(c["renoise_to_timestep"]) == pytest.approx(c["renoise_sigma"], abs=1e-7)
+            x0 = (x.double() - s * flow.double()).float()
+            torch.testing.assert_close(x0, rec[f"call.{i}.x0_pred"], atol=xt["atol"], rtol=xt["rtol"],
+                                       msg=lambda m: f"call {i} x0: {m}")
+    layers = sorted({int(k.split(".")[1]) for k in rec if k.startswith("kv_cache.")})
+    for layer in layers:
+        k, v = stream.cache.chronological(layer, frames)
+        for name, mine in (("k", k), ("v", v)):
+            gold = rec[f"kv_cache.{layer}.{name}"]
+            assert mine.shape == gold.shape
+            torch.testing.assert_close(mine, gold, atol=ft["atol"], rtol=ft["rtol"])
