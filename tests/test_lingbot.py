@@ -172,3 +172,42 @@ def test_cam_dit_teacher_forced(case, variant):
             gold = rec[f"kv_cache.{layer}.{name}"]
             assert mine.shape == gold.shape
             torch.testing.assert_close(mine, gold, atol=ft["atol"], rtol=ft["rtol"])
+
+
+@pytest.mark.parametrize("case,variant", variant_params([DIT]))
+def test_cam_dit_rollout_end_to_end(case, variant):
+    """(B) The AR rollout (nodes/ar ARRollout over the stream, the UniPC int table schedule) from
+    rollout_inputs with the recorded draws: every call's input and the final latents."""
+    from nodes.ar.rollout import ARRollout
+    from nodes.ar.schedule import ARSchedule
+    from nodes.samplers.unipc import UniPCIntTable
+    cj, model = _model()
+    var = cj["variants"][variant]
+    rec, ins = tensors(case, var["record_file"]), tensors(case, cj["files"]["rollout_inputs"])
+    chunk, frames = cj["shapes"]["chunk_size"], ins["y"].shape[1]
+    table = UniPCIntTable(case_value(cj, var, "shift", cj["rollout"]["shift"]))
+    timesteps = cj["rollout"]["timesteps"]
+    sched = ARSchedule.build(table, timesteps, warp=False)
+    denoise = [c for c in var["calls"] if c["kind"] == "denoise" and c["chunk"] == 0]
+    assert [sched.rest.sigma_x0[i] for i in range(len(denoise))] == pytest.approx([c["x0_sigma"] for c in denoise], abs=1e-7)
+    assert list(sched.rest.sigma_noise[1:]) == pytest.approx([c["renoise_sigma"] for c in denoise[:-1]], abs=1e-7)
+    assert table.timesteps.dtype == torch.int64 and all(t in table.timesteps.tolist() for t in timesteps)
+    stream = _stream(cj, model, var, frames)
+    stream.set_conditions(text=ins["context"][None])
+    n_draws = var["num_draws"]
+    noise = rec["draw.0"].transpose(0, 1)[None]
+    draws = [rec[f"draw.{k}"].transpose(0, 1)[None] for k in range(1, n_draws)]
+    seen = []
+    roll = ARRollout(stream, sched, chunk, noise, draws=draws, trace=seen.append)
+    out = []
+    for b in range(frames // chunk):
+        sl = slice(b * chunk, (b + 1) * chunk)
+        out.append(roll.step(y=ins["y"][:, sl].transpose(0, 1)[None], camera=ins["c2ws_plucker_emb"][:, :, sl]))
+    assert roll.num_calls == var["num_calls"] and roll.num_draws == n_draws - 1
+    ft = var["tolerance"]["per_call_flow_pred"]
+    for tr in seen:
+        i = tr.index
+        torch.testing.assert_close(tr.x[0].transpose(0, 1), rec[f"call.{i}.input"], atol=ft["atol"], rtol=ft["rtol"],
+                                   msg=lambda m: f"call {i} input: {m}")
+    fl = var["tolerance"]["final_latents"]
+    torch.testing.assert_close(torch.cat(out, 1)[0].transpose(0, 1), rec["final_latents"], atol=fl["atol"], rtol=fl["rtol"])
