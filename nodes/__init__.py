@@ -22,6 +22,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.cosmos.text",
     "nodes.ar.node",
     "nodes.taehv.node",
+    "nodes.lingbot.node",
 )
 
 

@@ -193,16 +193,39 @@ def plucker_path(poses, intrinsics, image_hw, frame_num: int, chunk: int, max_ar
 
 
 def block_rays(poses, intrinsics, image_hw, prev: torch.Tensor | None, scale: float | None,
-               max_area: int | None = None) -> torch.Tensor:
+               max_area: int | None = None, latent: tuple[int, int] | None = None) -> torch.Tensor:
     """One block from its own latent-rate poses [f, 4, 4]: relative to ``prev`` (the previous block's
     last pose; None at the start), translations divided by ``scale`` (None: this block's largest
-    norm). -> [1, 384, f, lat_h, lat_w] float32."""
+    norm). ``latent`` gives the latent size directly (else it follows from image_hw and max_area).
+    -> [1, 384, f, lat_h, lat_w] float32."""
     poses, intrinsics = torch.as_tensor(poses), torch.as_tensor(intrinsics)
     _check(poses, intrinsics)
-    lat = latent_hw(image_hw, max_area if max_area is not None else image_hw[0] * image_hw[1])
+    lat = latent or latent_hw(image_hw, max_area if max_area is not None else image_hw[0] * image_hw[1])
     hw = (lat[0] * FOLD, lat[1] * FOLD)
     rel = framewise_relative(poses.double(), None if prev is None else torch.as_tensor(prev).double())
     s = translation_scale(rel) if scale is None else float(scale)
     if s > 0:
         rel[:, :3, 3] /= s
     return fold(rays(rel, scaled_intrinsics(intrinsics, hw).double(), hw)).float()
+
+
+def described_path(frames: int, forward: float = 0.0, yaw: float = 0.0, right: float = 0.0, up: float = 0.0,
+                   pitch: float = 0.0) -> torch.Tensor:
+    """A smooth camera path of ``frames`` camera-to-world poses (OpenCV axes: x right, y down, z forward):
+    over the path the camera turns ``yaw`` degrees left and ``pitch`` degrees up, and moves ``forward``,
+    ``right`` and ``up`` metres in its own (turning) frame, at constant rates. -> [frames, 4, 4] float32."""
+    if frames < 1:
+        raise ValueError(f"camera path: frames must be >= 1, got {frames}")
+    n = max(frames - 1, 1)
+    out = torch.zeros(frames, 4, 4, dtype=torch.float64)
+    pos = torch.zeros(3, dtype=torch.float64)
+    step = torch.tensor([right, -up, forward], dtype=torch.float64) / n
+    for i in range(frames):
+        a, p = math.radians(-yaw) * i / n, math.radians(pitch) * i / n
+        ry = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=torch.float64)
+        rx = torch.tensor([[1, 0, 0], [0, math.cos(p), math.sin(p)], [0, -math.sin(p), math.cos(p)]], dtype=torch.float64)
+        r = ry @ rx
+        if i:
+            pos = pos + r @ step
+        out[i, :3, :3], out[i, :3, 3], out[i, 3, 3] = r, pos, 1.0
+    return out.float()
