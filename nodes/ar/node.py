@@ -5,7 +5,7 @@ contract (nodes/common/causal.py): per session the node opens a stream (the mode
 and graphs), sets its conditions, and runs the block rollout (``nodes.ar.ARRollout``) with
 the RNG. A prompt switch sets the conditions again: the frames already generated stay in the
 self-attention cache, so the video continues under the new prompt. Wired per-block condition
-inputs (camera, action, video, hdmap) reach the model by name, each block's value with it.
+inputs (camera, action, video, hdmap, y) reach the model by name, each block's value with it.
 
 Noise: with a global cache (``window_frames: null``) the rollout length is known, so the
 noise of all ``num_blocks`` blocks is drawn first from a generator seeded with the seed
