@@ -174,10 +174,13 @@ def test_cam_dit_teacher_forced(case, variant):
             torch.testing.assert_close(mine, gold, atol=ft["atol"], rtol=ft["rtol"])
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-keys"])
 @pytest.mark.parametrize("case,variant", variant_params([DIT]))
-def test_cam_dit_rollout_end_to_end(case, variant):
+def test_cam_dit_rollout_end_to_end(case, variant, graphs):
     """(B) The AR rollout (nodes/ar ARRollout over the stream, the UniPC int table schedule) from
-    rollout_inputs with the recorded draws: every call's input and the final latents."""
+    rollout_inputs with the recorded draws: every call's input and the final latents. graph-keys: the
+    calls go through the graph cache's keyed path (engine.capture.EagerBackend), every key prepared
+    with the camera before block 0, as ar.sampler does on CUDA."""
     from nodes.ar.rollout import ARRollout
     from nodes.ar.schedule import ARSchedule
     from nodes.samplers.unipc import UniPCIntTable
@@ -197,6 +200,15 @@ def test_cam_dit_rollout_end_to_end(case, variant):
     n_draws = var["num_draws"]
     noise = rec["draw.0"].transpose(0, 1)[None]
     draws = [rec[f"draw.{k}"].transpose(0, 1)[None] for k in range(1, n_draws)]
+    if graphs:
+        from engine.capture import EagerBackend, GraphCache
+        den = stream.denoiser
+        den.graphs = GraphCache(den._core, backend=EagerBackend(), warmup=1)
+        with torch.no_grad():
+            n = stream.prepare(noise[:, :chunk], y=ins["y"][:, :chunk].transpose(0, 1)[None],
+                               camera=ins["c2ws_plucker_emb"][:, :, :chunk])
+        assert n > 0 and not stream.cache.k.any()
+        eager_before = den.graphs.stats.eager
     seen = []
     roll = ARRollout(stream, sched, chunk, noise, draws=draws, trace=seen.append)
     out = []
@@ -209,6 +221,8 @@ def test_cam_dit_rollout_end_to_end(case, variant):
         i = tr.index
         torch.testing.assert_close(tr.x[0].transpose(0, 1), rec[f"call.{i}.input"], atol=ft["atol"], rtol=ft["rtol"],
                                    msg=lambda m: f"call {i} input: {m}")
+    if graphs:
+        assert den.graphs.stats.eager == eager_before  # no block met an unprepared key
     fl = var["tolerance"]["final_latents"]
     torch.testing.assert_close(torch.cat(out, 1)[0].transpose(0, 1), rec["final_latents"], atol=fl["atol"], rtol=fl["rtol"])
 
@@ -322,3 +336,37 @@ def test_tiny_lingbot_world_spec_end_to_end(tmp_path):
     b = _run_tiny(tmp_path, "nodes.camera.params.path={frames: 33, forward: 0.5, yaw: -45}")
     assert not torch.allclose(a[-1][0], b[-1][0])
     assert not torch.allclose(a[-1][1], b[-1][1])
+
+
+@pytest.mark.parametrize("spec", ["lingbot_world_fast", "tiny_lingbot_world"])
+def test_spec_schedule_is_upstreams(spec):
+    """The specs' steps on the UniPC int table are the recorded rollout's timesteps (when the case uses
+    the specs' shift)."""
+    import engine
+    from nodes.samplers.unipc import UniPCIntTable
+    p = dict(engine.load_spec(spec).nodes["sampler"].params)
+    cj = case_json(DIT)
+    assert p["table"] == "unipc"
+    if float(p["shift"]) != float(cj["rollout"]["shift"]):
+        pytest.skip("the case was recorded with another shift")
+    assert UniPCIntTable(float(p["shift"])).warp(list(p["steps"])).tolist() == [float(t) for t in cj["rollout"]["timesteps"]]
+
+
+@pytest.mark.parametrize("case,variant", variant_params([DIT]))
+def test_ar_sampler_node_schedule_on_the_unipc_table(case, variant):
+    """ar.sampler `table: unipc` builds the recorded rollout's per-step sigmas: x0 with the first table
+    entry of each int timestep, re-noise with index_for_timestep's (the second of a repeated value)."""
+    from nodes.ar.node import ARSamplerNode
+    cj = case_json(case)
+    var = cj["variants"][variant]
+    node = ARSamplerNode("sampler", {"table": "unipc", "steps": cj["rollout"]["timesteps"], "warp": False,
+                                     "shift": float(cj["rollout"]["shift"])})
+    sched = node._schedule()
+    for c in (c for c in var["calls"] if c["kind"] == "denoise"):
+        assert sched.rest.t[c["step"]] == float(c["timestep"])
+        assert sched.rest.sigma_x0[c["step"]] == pytest.approx(c["x0_sigma"], abs=1e-7)
+        if c.get("renoise_to_timestep") is not None:
+            assert sched.rest.sigma_noise[c["step"] + 1] == pytest.approx(c["renoise_sigma"], abs=1e-7)
+    flow = ARSamplerNode("sampler", {"steps": cj["rollout"]["timesteps"], "warp": False,
+                                     "shift": float(cj["rollout"]["shift"])})._schedule()
+    assert flow.rest.sigma_x0 != sched.rest.sigma_x0   # the default table is another schedule

@@ -58,7 +58,7 @@ class LingBotCameraNode(Node):
     phase = BLOCK
 
     def new_state(self):
-        return {"scale": None, "key": None}
+        return {"scale": None}
 
     def _path(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         poses, K = inputs.get("poses"), inputs.get("intrinsics")

@@ -81,7 +81,8 @@ class CausalDenoiser:
                 self.cache.k.data_ptr()) + (() if camera is None else (tuple(camera.shape),))
 
     @torch.no_grad()
-    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None) -> int:
+    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None,
+                camera: torch.Tensor | None = None) -> int:
         """Capture, before block 0, every graph a rollout of blocks shaped like ``x`` will need
         (one per attended length while the window fills, then the steady one), so that no block
         pays a warmup or a capture. The dry calls write junk K/V rows, which every real block
@@ -98,12 +99,12 @@ class CausalDenoiser:
                 plan = cache.plan(frame, f)
             except ValueError:  # a bounded cache is full: nothing further to capture
                 break
-            key = self._key(plan, x, t, y)
+            key = self._key(plan, x, t, y, camera)
             if key in keys:
                 break
             keys.add(key)
             for _ in range(self.graphs.warmup + 1):
-                self(x, t, frame, y)
+                self(x, t, frame, y, camera)
             frame += f
         clear_cache(cache)
         return len(keys)
@@ -199,8 +200,8 @@ class WanCausalStream(CausalStream):
         with torch.no_grad():
             return self.denoiser(x, self._timestep(t, x), frame_start, y, camera)
 
-    def prepare(self, x, first_frame: int = 0, y=None) -> int:
-        return self.denoiser.prepare(x, first_frame, y)
+    def prepare(self, x, first_frame: int = 0, y=None, camera=None) -> int:
+        return self.denoiser.prepare(x, first_frame, y, camera)
 
     def reset(self) -> None:
         clear_cache(self.cache)
