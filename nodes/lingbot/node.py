@@ -7,6 +7,8 @@ and one translation scale fixed at the start of the session (the largest framewi
 whole path, as upstream normalises; ``translation_scale`` sets it for open-ended paths). For a path of
 4k+1 poses whose latent count is a multiple of the block size this equals upstream's whole-clip tensor;
 where upstream truncates the latent count it resamples the path (slerp) instead, which a stream cannot.
+With the ``control`` input wired (fd serve's WASD + mouse vector) each block's poses continue the last
+pose at the controlled rate instead, so the world responds from the next block on.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from engine.errors import FdError
 from engine.node import BLOCK, Param, Port
 from engine.node import Node
-from engine.types import CAMERA, LATENT, TENSOR
+from engine.types import CAMERA, LATENT, LIST, TENSOR
 
 from .plucker import block_rays, described_path, framewise_relative, translation_scale
 
@@ -42,6 +44,8 @@ class LingBotCameraNode(Node):
     inputs = (
         Port("poses", TENSOR, "camera-to-world poses [N, 4, 4] (overrides the poses/path params)", optional=True),
         Port("intrinsics", TENSOR, "[N, 4] fx, fy, cx, cy at 480x832 (row 0 is used)", optional=True),
+        Port("control", LIST, "live control [forward, right, yaw, pitch] in [-1, 1] (fd serve: WASD + mouse): this "
+             "block's poses continue the last one at that rate (speed, turn); replaces the path", optional=True),
     )
     outputs = (Port("camera", CAMERA, "this block's Plücker tensor [1, 384, frames_per_block, h, w]"),)
     params = (
@@ -53,12 +57,14 @@ class LingBotCameraNode(Node):
         Param("latent_height", int, 60, "latent height", min=1),
         Param("latent_width", int, 104, "latent width", min=1),
         Param("translation_scale", float, None, "divide translations by this (null: the largest framewise "
-              "translation of the whole path, as upstream)", min=0.0, nullable=True),
+              "translation of the whole path, as upstream; live control: speed)", min=0.0, nullable=True),
+        Param("speed", float, 0.25, "live control: metres per latent frame at full forward / right", min=0.0),
+        Param("turn", float, 5.0, "live control: degrees per latent frame at full yaw / pitch", min=0.0),
     )
     phase = BLOCK
 
     def new_state(self):
-        return {"scale": None}
+        return {"scale": None, "pose": None}
 
     def _path(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         poses, K = inputs.get("poses"), inputs.get("intrinsics")
@@ -87,7 +93,36 @@ class LingBotCameraNode(Node):
             raise FdError(f"node {self.name!r}: poses hold non-finite values")
         return poses, K
 
+    def _live(self, control, state, b: int) -> torch.Tensor:
+        """Block b's latent-rate poses from the live control, continuing the last pose (identity at the start)."""
+        try:
+            fwd, right, yaw, pitch = (max(-1.0, min(1.0, float(v))) for v in control)
+        except (TypeError, ValueError):
+            raise FdError(f"node {self.name!r}: control must be [forward, right, yaw, pitch], got {control!r}") from None
+        # one latent frame of motion; the page's yaw is + to the right and its pitch + down, the path's the reverse
+        move = described_path(2, forward=fwd * self.p.speed, right=right * self.p.speed, yaw=-yaw * self.p.turn,
+                              pitch=-pitch * self.p.turn)[1].double()
+        pose = torch.eye(4, dtype=torch.float64) if state["pose"] is None else state["pose"].double()
+        out = []
+        for i in range(self.p.frames_per_block):
+            if b > 0 or i > 0:
+                pose = pose @ move
+            out.append(pose)
+        return torch.stack(out)
+
     def run(self, inputs, state, step):
+        if inputs.get("control") is not None:
+            b = int(step.block or 0)
+            K = inputs.get("intrinsics")
+            if K is None:
+                K = _load(self.p.intrinsics, "intrinsics") if self.p.intrinsics is not None else torch.tensor([DEFAULT_K])
+            prev = state["pose"]
+            poses = self._live(inputs["control"], state, b)
+            state["pose"] = poses[-1].float()
+            scale = self.p.translation_scale if self.p.translation_scale is not None else self.p.speed
+            cam = block_rays(poses.float(), torch.as_tensor(K).float(), None, prev, scale,
+                             latent=(self.p.latent_height, self.p.latent_width))
+            return {"camera": cam.to(self.device)}
         poses, K = self._path(inputs)
         f, b = self.p.frames_per_block, int(step.block or 0)
         lat_idx = list(range(b * f, (b + 1) * f))
@@ -107,10 +142,14 @@ class LingBotCameraNode(Node):
         return {"camera": cam.to(self.device)}
 
     def state_tensors(self, state) -> dict:
-        return {} if state["scale"] is None else {"scale": float(state["scale"])}
+        out = {} if state["scale"] is None else {"scale": float(state["scale"])}
+        if state["pose"] is not None:
+            out["pose"] = state["pose"]
+        return out
 
     def load_state(self, state, values: dict):
         state["scale"] = values.get("scale")
+        state["pose"] = None if values.get("pose") is None else values["pose"].detach().cpu().clone()
         return state
 
 

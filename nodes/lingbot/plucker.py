@@ -221,7 +221,7 @@ def described_path(frames: int, forward: float = 0.0, yaw: float = 0.0, right: f
     pos = torch.zeros(3, dtype=torch.float64)
     step = torch.tensor([right, -up, forward], dtype=torch.float64) / n
     for i in range(frames):
-        a, p = math.radians(-yaw) * i / n, math.radians(pitch) * i / n
+        a, p = math.radians(-yaw) * i / n, math.radians(-pitch) * i / n   # +yaw: left, +pitch: up (y is down)
         ry = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=torch.float64)
         rx = torch.tensor([[1, 0, 0], [0, math.cos(p), math.sin(p)], [0, -math.sin(p), math.cos(p)]], dtype=torch.float64)
         r = ry @ rx
