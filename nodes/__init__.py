@@ -23,6 +23,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.omnidreams.node",
     "nodes.ar.node",
     "nodes.taehv.node",
+    "nodes.lingbot.node",
 )
 
 

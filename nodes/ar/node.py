@@ -5,7 +5,7 @@ contract (nodes/common/causal.py): per session the node opens a stream (the mode
 and graphs), sets its conditions, and runs the block rollout (``nodes.ar.ARRollout``) with
 the RNG. A prompt switch sets the conditions again: the frames already generated stay in the
 self-attention cache, so the video continues under the new prompt. Wired per-block condition
-inputs (camera, action, video, hdmap) reach the model by name, each block's value with it.
+inputs (camera, action, video, hdmap, y) reach the model by name, each block's value with it.
 
 Noise: with a global cache (``window_frames: null``) the rollout length is known, so the
 noise of all ``num_blocks`` blocks is drawn first from a generator seeded with the seed
@@ -37,7 +37,7 @@ from .schedule import ARSchedule
 KIND_KEYS = {"denoise": "dit_ms", "context": "kv_ms", "image": "image_ms"}
 # optional input port -> the condition name the model receives it under
 SESSION_CONDITIONS = {"text": "text", "image_embedding": "image"}
-BLOCK_CONDITIONS = ("camera", "action", "video", "hdmap")
+BLOCK_CONDITIONS = ("camera", "action", "video", "hdmap", "y")
 
 
 @dataclass
@@ -75,6 +75,8 @@ class ARSamplerNode(Node):
         Port("action", TENSOR, "per-block action condition, passed to the model by name", optional=True),
         Port("video", LATENT, "per-block video condition (e.g. low-res frames), passed by name", optional=True),
         Port("hdmap", LATENT, "per-block HD-map condition, passed by name", optional=True),
+        Port("y", LATENT, "per-block channels concatenated to the latents [B, f, C_y, h, w] (I2V mask + image "
+             "latent, LingBot-World), passed by name", optional=True),
     )
     outputs = (Port("latent", LATENT, "clean latents of this block [B, frames_per_block, C, h, w] (I2V block 0: "
                     "the image frames first)"),)
@@ -84,6 +86,9 @@ class ARSamplerNode(Node):
               nullable=True),
         Param("warp", bool, True, "map steps through the shifted FlowMatch table (warp_denoising_step)"),
         Param("shift", float, 5.0, "FlowMatch timestep shift", min=0.0),
+        Param("table", str, "flow_match", "timestep table the steps and sigmas come from: flow_match (Self-Forcing's "
+              "1000-entry table) or unipc (the int64 UniPC set_timesteps(1000, shift) table, LingBot-World)",
+              choices=("flow_match", "unipc")),
         Param("frames_per_block", int, 3, "latent frames per block (3 chunkwise, 1 framewise)", min=1),
         Param("latent_channels", int, 16, "latent channels", min=1),
         Param("latent_height", int, 60, "latent height (pixel height / 8)", min=1),
@@ -157,7 +162,9 @@ class ARSamplerNode(Node):
     # ------------------------------------------------------------------ setup
     def _schedule(self) -> ARSchedule:
         from nodes.samplers.flow_match import FlowMatchTable
-        return ARSchedule.build(FlowMatchTable(self.p.shift), self.p.steps, first_chunk_steps=self.p.first_chunk_steps,
+        from nodes.samplers.unipc import UniPCIntTable
+        table = UniPCIntTable(self.p.shift) if self.p.table == "unipc" else FlowMatchTable(self.p.shift)
+        return ARSchedule.build(table, self.p.steps, first_chunk_steps=self.p.first_chunk_steps,
                                 warp=self.p.warp, context_noise=self.p.context_noise,
                                 boundary_ratio=self.p.boundary_ratio)
 

@@ -166,3 +166,43 @@ class FlowEuler(_FlowSchedule):
         dsigma = self.sigmas[k + 1] - self.sigmas[k]
         self.step_index += 1
         return (sample + dsigma * model_output).to(sample.dtype)
+
+
+class UniPCIntTable:
+    """The int64 timestep table of ``set_timesteps(num_steps, shift)`` used as a few-step AR schedule
+    (LingBot-World's WanI2VFast: its timesteps are entries of this table, picked by index).
+
+    The int table repeats values, so the sigma depends on the lookup, as upstream:
+    - x0 conversion: ``sigmas[argmin |timesteps - t|]`` (the FIRST entry with that value), float64;
+    - re-noise (``index_for_timestep``): the SECOND entry of a repeated value (else the only one), float32.
+    Same interface as ``FlowMatchTable`` for ``ARSchedule``: ``warp``, ``scalar_sigmas``,
+    ``num_train_timesteps``.
+    """
+
+    def __init__(self, shift: float, num_steps: int = 1000, num_train_timesteps: int = 1000):
+        self.shift, self.num_train_timesteps = shift, num_train_timesteps
+        self.timesteps, self.sigmas = shifted_flow_schedule(num_steps, shift, num_train_timesteps)
+
+    def warp(self, step_list) -> Tensor:
+        """Steps (1000 = pure noise) to table timesteps: ``timesteps[num_train_timesteps - step]`` (e.g.
+        [1000, 821, 642, 321] -> indices [0, 179, 358, 679]); 0 maps to timestep 0."""
+        ext = torch.cat((self.timesteps, torch.zeros(1, dtype=self.timesteps.dtype)))
+        idx = self.num_train_timesteps - torch.as_tensor(step_list, dtype=torch.long)
+        if (idx < 0).any() or (idx >= len(ext)).any():
+            raise ValueError(f"steps must lie in [0, {self.num_train_timesteps}], got {list(step_list)}")
+        return ext[idx].float()
+
+    def index_x0(self, t: float) -> int:
+        return int((self.timesteps.double() - float(t)).abs().argmin())
+
+    def index_noise(self, t: float) -> int:
+        hit = (self.timesteps == int(round(float(t)))).nonzero().flatten()
+        if len(hit) == 0:
+            return self.index_x0(t)
+        return int(hit[1] if len(hit) > 1 else hit[0])
+
+    def scalar_sigmas(self, t: float) -> tuple[float, float]:
+        """Host-side (add_noise sigma, flow_to_x0 sigma) for one timestep."""
+        if float(t) <= 0:
+            return 0.0, 0.0
+        return float(self.sigmas[self.index_noise(t)]), float(self.sigmas.double()[self.index_x0(t)])

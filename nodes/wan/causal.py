@@ -58,8 +58,10 @@ class CausalDenoiser:
             self.graphs.clear()
         self.cross = CrossCache(**lists)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, y: torch.Tensor | None = None):
-        """x [B, f, C, H, W], t [B, f] (or [B]) -> flow [B, f, out_dim, H, W] float32."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_start: int, y: torch.Tensor | None = None,
+                 camera: torch.Tensor | None = None):
+        """x [B, f, C, H, W], t [B, f] (or [B]) -> flow [B, f, out_dim, H, W] float32. camera: the
+        block's LingBot Plücker tensor [B, 384, f, H, W] (models with camera layers)."""
         if self.cross is None:
             raise RuntimeError("CausalDenoiser needs set_prompt() before the first call")
         m, cache = self.model, self.cache
@@ -70,15 +72,17 @@ class CausalDenoiser:
         rows = cache.device_rows(plan)
         cos, sin = m.rope_table.get(frame_start, f, h, w, x.device)
         self._plan = plan  # read by _core while warming up / capturing; replays never call it
-        return self.graphs(self._key(plan, x, t, y), x=x, t=t, cos=cos, sin=sin, y=y, index=rows.index,
-                           shift_cos=rows.shift_cos, shift_sin=rows.shift_sin)
+        extra = {} if camera is None else {"camera": camera}
+        return self.graphs(self._key(plan, x, t, y, camera), x=x, t=t, cos=cos, sin=sin, y=y, index=rows.index,
+                           shift_cos=rows.shift_cos, shift_sin=rows.shift_sin, **extra)
 
-    def _key(self, plan, x, t, y) -> tuple:
+    def _key(self, plan, x, t, y, camera=None) -> tuple:
         return (tuple(x.shape), tuple(t.shape), y is not None, plan.attend_rows, self.cache.sink_writes(plan),
-                self.cache.k.data_ptr())
+                self.cache.k.data_ptr()) + (() if camera is None else (tuple(camera.shape),))
 
     @torch.no_grad()
-    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None) -> int:
+    def prepare(self, x: torch.Tensor, first_frame: int = 0, y: torch.Tensor | None = None,
+                camera: torch.Tensor | None = None) -> int:
         """Capture, before block 0, every graph a rollout of blocks shaped like ``x`` will need
         (one per attended length while the window fills, then the steady one), so that no block
         pays a warmup or a capture. The dry calls write junk K/V rows, which every real block
@@ -95,21 +99,22 @@ class CausalDenoiser:
                 plan = cache.plan(frame, f)
             except ValueError:  # a bounded cache is full: nothing further to capture
                 break
-            key = self._key(plan, x, t, y)
+            key = self._key(plan, x, t, y, camera)
             if key in keys:
                 break
             keys.add(key)
             for _ in range(self.graphs.warmup + 1):
-                self(x, t, frame, y)
+                self(x, t, frame, y, camera)
             frame += f
         clear_cache(cache)
         return len(keys)
 
-    def _core(self, *, x, t, cos, sin, index, y=None, shift_cos=None, shift_sin=None):
+    def _core(self, *, x, t, cos, sin, index, y=None, shift_cos=None, shift_sin=None, camera=None):
         if y is not None:
             x = torch.cat([x, y], dim=2)
         out = self.model._run(x.transpose(1, 2), t, self.cross, self._plan.frame_start, self.cache,
-                              rope=(cos, sin), plan=self._plan, rows=DeviceRows(index, shift_cos, shift_sin))
+                              rope=(cos, sin), plan=self._plan, rows=DeviceRows(index, shift_cos, shift_sin),
+                              camera=camera)
         return out.transpose(1, 2)
 
     def graph_status(self) -> str:
@@ -133,7 +138,11 @@ class WanDenoiser(CausalModel):
     backend: str
 
     session_conditions = ("text", "image")
-    block_conditions = ("y",)
+
+    @property
+    def block_conditions(self) -> tuple[str, ...]:
+        """``y``; with LingBot camera layers (control_type 'cam') also ``camera`` (the Plücker tensor)."""
+        return ("y", "camera") if self.config.control_type == "cam" else ("y",)
 
     @property
     def device(self) -> torch.device:
@@ -187,12 +196,12 @@ class WanCausalStream(CausalStream):
             self._t[key] = torch.full(x.shape[:2], t, dtype=torch.float32, device=x.device)
         return self._t[key]
 
-    def denoise(self, x, t, frame_start, y=None):
+    def denoise(self, x, t, frame_start, y=None, camera=None):
         with torch.no_grad():
-            return self.denoiser(x, self._timestep(t, x), frame_start, y)
+            return self.denoiser(x, self._timestep(t, x), frame_start, y, camera)
 
-    def prepare(self, x, first_frame: int = 0, y=None) -> int:
-        return self.denoiser.prepare(x, first_frame, y)
+    def prepare(self, x, first_frame: int = 0, y=None, camera=None) -> int:
+        return self.denoiser.prepare(x, first_frame, y, camera)
 
     def reset(self) -> None:
         clear_cache(self.cache)

@@ -28,6 +28,7 @@ class WanConfig:
     eps: float = 1e-6
     image_dim: int = 1280            # I2V image-token width (CLIP ViT-H penultimate: 1280 in every release)
     sinusoid_dtype: str = "float64"  # timestep sinusoid: float64 (Wan-AI, Self-Forcing) or float32 (diffusers, FastVideo)
+    control_type: str | None = None  # 'cam': LingBot-World camera layers (Plücker patch embedding + per-block injector)
 
     def __post_init__(self):
         if self.sinusoid_dtype not in ("float32", "float64"):
@@ -38,6 +39,8 @@ class WanConfig:
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
+        if self.control_type not in (None, "cam"):
+            raise ValueError(f"control_type must be null or 'cam', got {self.control_type!r}")
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
 
     @property
@@ -104,7 +107,7 @@ class WanConfig:
         got = WanConfig.from_state_dict(sd, num_heads=self.num_heads, text_len=self.text_len)
         diff = [f"{k}: config {getattr(self, k)} vs weights {getattr(got, k)}"
                 for k in ("model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
-                          "num_layers", "qk_norm", "cross_attn_norm")
+                          "num_layers", "qk_norm", "cross_attn_norm", "control_type")
                 if getattr(self, k) != getattr(got, k)]
         if self.model_type == "i2v" and got.image_dim != self.image_dim:
             diff.append(f"image_dim: config {self.image_dim} vs weights {got.image_dim}")
@@ -135,7 +138,8 @@ class WanConfig:
             num_heads=num_heads, num_layers=layers,
             image_dim=sd["img_emb.proj.1.weight"].shape[1] if "img_emb.proj.1.weight" in sd else 1280,
             qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
-            cross_attn_norm="blocks.0.norm3.weight" in sd)
+            cross_attn_norm="blocks.0.norm3.weight" in sd,
+            control_type="cam" if "patch_embedding_wancamctrl.weight" in sd else None)
 
 
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_len=512)

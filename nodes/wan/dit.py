@@ -42,6 +42,7 @@ from nodes.common.sharding import for_group as context_parallel_for
 
 from .config import WanConfig
 
+CAMERA_CHANNELS = 6 * 8 * 8  # LingBot Plücker rays (o, d) folded 8x8 space-to-depth: 384
 CLIP_DIM = 1280  # CLIP ViT-H penultimate width, upstream's MLPProj(1280, dim); WanConfig.image_dim carries it
 
 
@@ -148,6 +149,7 @@ class CallContext:
     plan: BlockPlan | None = None             # where this call's rows go in it
     rows: DeviceRows | None = None            # the same, as device tensors (captured calls)
     cp: TokenSharding | None = None           # context parallelism: this rank's tokens
+    camera: torch.Tensor | None = None        # LingBot camera tokens [B, L, dim] (control_type 'cam'), or None
 
 
 class Projections(nn.Module):
@@ -214,12 +216,23 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.eps, layer, cfg.model_type == "i2v")
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        if cfg.control_type == "cam":  # LingBot-World: camera injector + scale/shift after self-attention
+            self.cam_injector_layer1, self.cam_injector_layer2 = nn.Linear(d, d), nn.Linear(d, d)
+            self.cam_scale_layer, self.cam_shift_layer = nn.Linear(d, d), nn.Linear(d, d)
+
+    def inject_camera(self, x, c):
+        """x [B, L, dim] float32, camera tokens c [B, L, dim]: x * (1 + scale(h)) + shift(h),
+        h = c + MLP(c) (not gated by the timestep modulation)."""
+        h = self.cam_injector_layer2(F.silu(self.cam_injector_layer1(c))) + c
+        return (1 + self.cam_scale_layer(h).float()) * x + self.cam_shift_layer(h).float()
 
     def forward(self, x, cond, rope, ctx: CallContext):
         """x [B, L, dim] float32 residual; cond [B, Fm, 6, dim] float32 AdaLN terms (Fm = 1 or frames)."""
         fm, wd, eps, kern = cond.shape[1], self.ffn[0].weight.dtype, self.eps, ctx.kernels
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + cond).unsqueeze(3).unbind(2)
         x = kern.gated_add(x, self.self_attn(kern.modulate(x, shift1, scale1, fm, eps, wd), rope, ctx), gate1, fm)
+        if ctx.camera is not None:
+            x = self.inject_camera(x, ctx.camera)
         if isinstance(self.norm3, FP32LayerNorm):
             h = kern.ln_cast(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, wd)
         else:
@@ -274,6 +287,22 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.model_type == "i2v":
             self.img_emb = MLPProj(cfg.image_dim, d)
+        if cfg.control_type == "cam":  # LingBot-World: 6 Plücker channels x 8x8 space-to-depth per patch
+            self.patch_embedding_wancamctrl = nn.Linear(CAMERA_CHANNELS * math.prod(p), d)
+            self.c2ws_hidden_states_layer1, self.c2ws_hidden_states_layer2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def embed_camera(self, camera: torch.Tensor) -> torch.Tensor:
+        """Plücker tensor [B, 384, F, H, W] (nodes/lingbot/plucker.py) -> camera tokens [B, F*h*w, dim]:
+        each patch's (channel, t, y, x) values, channel-major, through the camera patch embedding and
+        its residual MLP."""
+        if not hasattr(self, "patch_embedding_wancamctrl"):
+            raise ValueError("a camera input needs a model with camera layers (control_type 'cam')")
+        b, c, f, h, w = camera.shape
+        pt, ph, pw = self.cfg.patch_size
+        x = camera.to(self.dtype).reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+        e = self.patch_embedding_wancamctrl(x)
+        return e + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(e)))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -314,7 +343,7 @@ class WanDiT(nn.Module):
             cross.k_img, cross.v_img = [k for k, _ in kv], [v for _, v in kv]
         return cross
 
-    def _run(self, x, t, cross, frame_start=0, cache=None, rope=None, plan=None, rows=None):
+    def _run(self, x, t, cross, frame_start=0, cache=None, rope=None, plan=None, rows=None, camera=None):
         """x [B, C, F, H, W] -> [B, out_dim, F, H, W] float32. A captured caller passes the
         block's rope (cos, sin), plan and device rows in; otherwise they are looked up here."""
         x = self.patch_embedding(x.to(self.dtype))
@@ -324,12 +353,16 @@ class WanDiT(nn.Module):
         if rope is None:
             rope = self.rope_table.get(frame_start, f, h, w, x.device)
         cp = context_parallel_for(self.parallel)  # None: the plain single-device path
+        if camera is not None:
+            camera = self.embed_camera(camera)
         if cp is not None:
+            if camera is not None:
+                raise NotImplementedError("camera input with context parallelism")
             tokens, rope = cp.shard(tokens, rope, f)
         if cache is not None and plan is None:
             plan = self.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
             rows = cache.device_rows(plan)
-        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp)
+        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp, camera)
         for blk in self.blocks:
             tokens = blk(tokens, e0, rope, ctx)
         out = self.head(tokens, e)
@@ -339,15 +372,16 @@ class WanDiT(nn.Module):
         out = out.view(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, f * pt, h * ph, w * pw)
 
-    def forward(self, x, t, context, clip_fea=None, y=None, cross: CrossCache | None = None):
+    def forward(self, x, t, context, clip_fea=None, y=None, cross: CrossCache | None = None, camera=None):
         """Bidirectional Wan: x [B, C, F, H, W] (or list of [C, F, H, W]), t [B] or [B, F],
         context as prepare_cross (ignored when a prepared `cross` is given), I2V: clip_fea
-        [B, 257, 1280] and y [B, C_y, F, H, W] concatenated to x on channels.
+        [B, 257, 1280] and y [B, C_y, F, H, W] concatenated to x on channels; camera (control_type 'cam')
+        the Plücker tensor [B, 384, F, H, W] at latent size (None: the plain Wan DiT).
         Returns the flow prediction [B, out_dim, F, H, W] float32."""
         x = torch.stack(list(x)) if isinstance(x, (list, tuple)) else x
         if y is not None:
             x = torch.cat([x, torch.stack(list(y)) if isinstance(y, (list, tuple)) else y], dim=1)
-        return self._run(x, t, cross if cross is not None else self.prepare_cross(context, clip_fea))
+        return self._run(x, t, cross if cross is not None else self.prepare_cross(context, clip_fea), camera=camera)
 
     @staticmethod
     def causal_plan(cache: SelfKVCache, frame_start: int, frames: int, frame_tokens: int):
@@ -355,7 +389,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"{frame_tokens} tokens per frame, cache was built for {cache.frame_tokens}")
         return cache.plan(frame_start, frames)
 
-    def forward_causal(self, x, t, cross: CrossCache, cache: SelfKVCache, frame_start: int, y=None):
+    def forward_causal(self, x, t, cross: CrossCache, cache: SelfKVCache, frame_start: int, y=None, camera=None):
         """One causal call on a block of latent frames (Self-Forcing CausalWanModel semantics).
 
         x [B, f, C, H, W] (frame-major, the AR pipelines' layout), t [B, f] per-frame (or [B]),
@@ -369,4 +403,4 @@ class WanDiT(nn.Module):
         x = x.transpose(1, 2)
         if y is not None:
             x = torch.cat([x, y.transpose(1, 2)], dim=1)
-        return self._run(x, t, cross, frame_start, cache).transpose(1, 2)
+        return self._run(x, t, cross, frame_start, cache, camera=camera).transpose(1, 2)

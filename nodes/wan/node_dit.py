@@ -46,6 +46,8 @@ class WanDiTNode(ModelNode):
               choices=("1.3b", "14b"), nullable=True),
         Param("model_type", str, "t2v", "random weights: t2v, or i2v (adds the CLIP image branch)",
               choices=("t2v", "i2v")),
+        Param("control_type", str, None, "random weights: cam adds LingBot-World's camera layers (a checkpoint says "
+              "so by its keys)", choices=("cam",), nullable=True),
         Param("dim", int, None, "hidden size (random weights; overrides the preset)", min=2, nullable=True),
         Param("ffn_dim", int, None, "FFN width (random weights)", min=1, nullable=True),
         Param("num_heads", int, None, "attention heads; not stored in checkpoints (default dim/128, right for "
@@ -87,7 +89,7 @@ class WanDiTNode(ModelNode):
             over.setdefault("in_dim", 36)
         if "dim" in over and "num_heads" not in over:
             over["num_heads"] = max(1, over["dim"] // 128)
-        cfg = replace(base, model_type=self.p.model_type, **over)
+        cfg = replace(base, model_type=self.p.model_type, control_type=self.p.control_type, **over)
         return cfg if self.p.sinusoid == "auto" else replace(cfg, sinusoid_dtype=self.p.sinusoid)
 
     def checkpoint_config(self) -> WanConfig:
@@ -131,7 +133,7 @@ class WanDiTNode(ModelNode):
         from nodes.checkpoint import CheckpointError
         where = str(self._config_json[0]) if self._config_json else str(self.p.checkpoint)
         try:
-            if self._config_json is not None and DIFFUSERS_KEYS & set(self._config_json[1]):
+            if self._config_json is not None and is_diffusers_config(self._config_json[1]):
                 cfg = WanConfig.from_diffusers_config(self._config_json[1], text_len=self.p.text_len, where=where)
                 if self.p.num_heads is not None and self.p.num_heads != cfg.num_heads:
                     raise ValueError(f"num_heads={self.p.num_heads} but {where} says {cfg.num_heads}")
@@ -168,6 +170,12 @@ class WanDiTNode(ModelNode):
         if self.handle is None:
             raise FdError(f"node {self.name!r} ran before load()")
         return {"model": self.handle}
+
+
+def is_diffusers_config(d: dict) -> bool:
+    """A diffusers WanTransformer3DModel config.json, not a Wan-AI one (WanModel / LingBot WanModelFast
+    configs carry ``_diffusers_version`` too, with Wan-AI key names: ``num_heads``)."""
+    return bool(DIFFUSERS_KEYS & set(d)) and not ("num_heads" in d and "num_attention_heads" not in d)
 
 
 def open_dit_checkpoint(ref: str, ema: bool = True):
