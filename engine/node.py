@@ -173,6 +173,12 @@ class Node:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
 
+    def unsupported(self) -> list[tuple[str, str]]:
+        """Params this node can't honour on its device, as (param name, why): a backend or precision the
+        hardware or the installed packages lack. ``fd validate`` reports each at the param's line, before
+        anything loads. Cheap: params and the device only."""
+        return []
+
     def preflight(self, upstream: dict[str, "Node"]) -> None:
         """Cheap checks before any node of the pipeline loads weights (files present, configs that must agree).
         ``upstream``: each wired input port -> the node that produces it. Raise an FdError to refuse."""

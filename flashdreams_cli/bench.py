@@ -95,7 +95,7 @@ def run_bench(args) -> int:
               "pipeline_ms_median": median(r["pipeline_ms"] for r in timed) if timed else None,
               "node_ms_median": per_node, "parts_ms_median": per_part, "blocks": rows,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-              "graphs": _graph_status(pipe)}
+              "graphs": _graph_status(pipe), "attention": _attention_backends(pipe)}
     report["steady"] = _steady(timed, args.steady_from)
     if report["steady"]["blocks"] < STEADY_MIN_BLOCKS and rank == 0:
         print(f"warning: only {report['steady']['blocks']} timed blocks from block {args.steady_from} on; a steady "
@@ -122,7 +122,7 @@ def run_bench(args) -> int:
     c = Console()
     c.print(table)
     c.print(f"load {load_s:.2f} s, cold start to first block {report['cold_start_s']:.2f} s, "
-            f"peak {report['peak_mem_gib'] or 0:.2f} GiB, env {report['env']}")
+            f"peak {report['peak_mem_gib'] or 0:.2f} GiB, attention {report['attention']}, env {report['env']}")
     return 0
 
 
@@ -160,6 +160,16 @@ def _breakdowns(pipe) -> dict:
         parts = getattr(node, "last_breakdown_ms", None)
         if callable(parts):
             out.update({f"{n}.{k}": v for k, v in (parts() or {}).items()})
+    return out
+
+
+def _attention_backends(pipe) -> dict:
+    """Which attention backend each model node ran (``auto`` resolved), so a number says what made it."""
+    out = {}
+    for n, node in pipe.nodes.items():
+        in_use = getattr(node, "attention_in_use", None)
+        if callable(in_use) and in_use() is not None:
+            out[n] = in_use()
     return out
 
 

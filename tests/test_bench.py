@@ -42,6 +42,7 @@ def test_bench_json_fields(report):
         median(b["parts_ms"]["sampler.dit_ms"] for b in timed))
     assert report["report_blocks"]["3"] == blocks[3]
     assert report["graphs"]["sampler"].startswith("eager") and report["peak_mem_gib"] is None
+    assert report["attention"] == {"dit": "auto"}                       # the DiT's backend, named
     total, absolute = report["final_latent_checksum"]["sampler.latent"]
     assert absolute >= abs(total) > 0
 

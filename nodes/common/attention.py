@@ -13,14 +13,16 @@ as "contributes nothing".
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash_attn")
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "flash_attn", "flash4")
 
 _SDPA = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -37,6 +39,29 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def flash4_available() -> bool:
+    """FlashAttention-4 (the CuTe-DSL kernels of the ``flash-attn-4`` wheel, module ``flash_attn.cute``)."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def backend_problem(backend: str, device: torch.device | str) -> str | None:
+    """Why ``backend`` can't run on ``device`` (None when it can): what validation says before a weight is read."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        return f"unknown attention backend {backend!r}; choose one of {BACKENDS}"
+    if backend in ("flash4", "flash_attn", "cudnn", "flash") and device.type != "cuda":
+        return f"attention backend {backend!r} needs a CUDA device (this node runs on {device.type}); use auto or math"
+    if backend == "flash4" and not flash4_available():
+        return ("attention backend 'flash4' needs FlashAttention-4: pip install -e '.[flash]' "
+                "(the flash-attn-4 wheel, module flash_attn.cute)")
+    if backend == "flash_attn" and not flash_attn_available():
+        return "attention backend 'flash_attn' needs the flash-attn package: pip install flash-attn"
+    return None
+
+
 def _sdpa(q, k, v, scale):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
@@ -47,8 +72,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     """softmax(q k^T * scale) v for q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]
     (scale defaults to 1/sqrt(D)). With ``return_lse``: (out, lse [B, Lq, H] float32); ``mask``
     (boolean [.., Lq, Lk], True = attend) is only taken on that path."""
+    if backend == "auto" and q.is_cuda:
+        backend = auto_backend(q.device)
+    if backend == "flash4" and q.dtype not in (torch.float16, torch.bfloat16):
+        backend = "auto"                                   # FA4 is a half-precision kernel; fp32 takes SDPA
     if return_lse:
-        return _with_lse(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, mask)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if backend == "flash4" and mask is None and k.shape[1] > 0:
+            return _flash4(q, k, v, scale, True)
+        return _with_lse(q, k, v, scale, mask)
     if mask is not None:
         raise ValueError("a mask needs return_lse=True (the explicit path)")
     if backend == "auto":
@@ -56,6 +88,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
             with sdpa_kernel(_AUTO_CUDA, set_priority=True):
                 return _sdpa(q, k, v, scale)
         return _sdpa(q, k, v, scale)
+    if backend == "flash4":
+        return _flash4(q, k, v, scale, False)
     if backend == "flash_attn":
         from flash_attn import flash_attn_func  # optional dependency, imported on use
 
@@ -64,6 +98,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     with sdpa_kernel(_SDPA[backend]):
         return _sdpa(q, k, v, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def auto_backend(device: torch.device) -> str:
+    """The fastest backend measured on this GPU's architecture that is installed here
+    (attention_table.py; "auto" = torch's own cuDNN-first SDPA order). Cached: neither changes in a process."""
+    from .attention_table import fastest_measured
+    cap = torch.cuda.get_device_capability(device)
+    return fastest_measured(cap, installed=lambda name: backend_problem(name, device) is None)
+
+
+def _flash4_func():
+    """FA4 JIT-compiles its kernels on first use (seconds per shape family); its on-disk cache, which it reads
+    only when enabled before the import, makes a second process start warm. Set here unless the user chose."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "fd", "flash4"))
+    from flash_attn.cute import flash_attn_func  # optional dependency (the `flash` extra), imported on use
+    return flash_attn_func
+
+
+def _flash4(q, k, v, scale, return_lse):
+    """FlashAttention-4 takes the DiT layout [B, L, H, D] as it is; its lse is [B, H, Lq] (natural log)."""
+    out = _flash4_func()(q, k, v, softmax_scale=scale, return_lse=return_lse)
+    out, lse = out if isinstance(out, tuple) else (out, None)
+    if not return_lse:
+        return out
+    return out, lse.transpose(1, 2).float()
 
 
 def _with_lse(q, k, v, scale, mask):

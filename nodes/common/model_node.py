@@ -58,6 +58,24 @@ class ModelNode(Node):
         super().__init__(*args, **kwargs)
         self.model: nn.Module | None = None
 
+    def unsupported(self) -> list[tuple[str, str]]:
+        """A model node with an ``attention`` param can't run a backend its device or install lacks."""
+        backend = getattr(self.p, "attention", None)
+        if backend is None:
+            return []
+        from .attention import backend_problem
+        why = backend_problem(backend, self.device)
+        return [("attention", why)] if why else []
+
+    def attention_in_use(self) -> str | None:
+        """The attention backend this node's forwards take (``auto`` resolved on this device), for fd bench."""
+        backend = getattr(self.p, "attention", None)
+        if backend != "auto" or not str(self.device).startswith("cuda"):
+            return backend
+        from .attention import auto_backend
+        picked = auto_backend(torch.device(self.device))
+        return "auto: torch SDPA (cuDNN first)" if picked == "auto" else f"auto: {picked}"
+
     # ------------------------------------------------------------------ hooks
     def build_random(self) -> nn.Module:
         """The module the size params describe; called under ``torch.device("meta")``."""

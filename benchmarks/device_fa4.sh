@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device call: FlashAttention-4 (CuTe DSL) against cuDNN at fd's attention shapes, its tests, and W1 through
+# `fd bench` with attention flash4 vs cudnn (graphs replayed). Carry: .whl (omegaconf), .fa4b (FA4's wheels for
+# Python 3.12 + nvidia-cudnn-frontend) and .fa4a (nvidia-cutlass-dsl-libs-cu13 as one .tar.xz: ~61 MiB, so it
+# travels in the call before this one, on the same warm machine, because one call carries at most 64 MiB).
+set -u
+source benchmarks/device_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGE=/tmp/fa4site
+if [ ! -d "$STAGE/flash_attn" ]; then
+  # one pip call: the three cutlass-dsl wheels share a top-level folder, which separate --target calls would clobber
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE" .fa4b/*.whl || exit 1
+  python3 -c "import tarfile,sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+    .fa4a/cutlass_dsl_libs_cu13.tar.xz "$STAGE" || echo "no .fa4a on this machine: FA4 will fail to import"
+fi
+# the cutlass package lives where nvidia_cutlass_dsl's .pth would put it (PYTHONPATH folders don't run .pth files)
+export PYTHONPATH=$STAGE:$STAGE/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4cache
+nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
+python3 -c "import flash_attn.cute, cudnn; print('flash_attn.cute', flash_attn.cute.__file__, 'cudnn', cudnn.backend_version())" \
+  2>&1 | tail -3
+# op level, cold JIT cache then warm (a second process reads the kernels from disk)
+timeout 240 python3 -m benchmarks.attention_probe > "$OUT/probe.jsonl" 2> "$OUT/probe.err" || tail -20 "$OUT/probe.err"
+timeout 60 python3 -m benchmarks.attention_probe --backends flash4 --shapes w1_block5 > "$OUT/probe_warm.jsonl" \
+  2>> "$OUT/probe.err" || tail -5 "$OUT/probe.err"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention_backends.py > "$OUT/pytest.txt" 2>&1
+tail -3 "$OUT/pytest.txt"
+W1="inputs.num_blocks=12 nodes.sampler.params.window_frames=21 --warmup 2 --blocks 10 --report-block 5 --json"
+for be in cudnn flash4; do
+  timeout 200 python3 -m flashdreams_cli.main bench bench_self_forcing nodes.decoder.type=taehv.decode \
+    nodes.dit.params.attention=$be $W1 > "$OUT/w1_$be.json" 2> "$OUT/w1_$be.err" || tail -20 "$OUT/w1_$be.err"
+done
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+rows = [json.loads(l) for f in ("probe.jsonl", "probe_warm.jsonl") if (out / f).exists()
+        for l in (out / f).read_text().splitlines() if l.strip()]
+print(f"{'shape':10} {'backend':10} {'ms':>8} {'TFLOP/s':>8} {'rel err':>9} {'max abs':>8} {'1st call s':>10}")
+for r in rows:
+    if "shape" not in r:
+        print(r); continue
+    if "error" in r:
+        print(f"{r['shape']:10} {r['backend']:10} ERROR {r['error'][:90]}"); continue
+    print(f"{r['shape']:10} {r['backend']:10} {r.get('ms', 0):8.3f} {r.get('tflops', 0):8.1f} {r['rel_err']:9.2e} "
+          f"{r['max_abs_err']:8.4f} {r['first_call_s']:10.2f}")
+for be in ("cudnn", "flash4"):
+    p = out / f"w1_{be}.json"
+    try:
+        r = json.loads(p.read_text())
+    except Exception:
+        print(f"w1 {be}: no result"); continue
+    b5 = r["report_blocks"].get("5") or {}
+    print(f"w1 {be:7} block5 {b5.get('wall_ms', float('nan')):7.1f} ms  steady {r['block_ms_median']:7.1f} ms  "
+          f"dit {r['parts_ms_median'].get('sampler.dit_ms', 0):6.1f}  kv {r['parts_ms_median'].get('sampler.kv_ms', 0):6.1f}"
+          f"  cold {r['cold_start_s']:5.1f} s  graphs {r['graphs'].get('sampler')}")
+PY
