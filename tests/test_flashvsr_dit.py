@@ -97,7 +97,7 @@ def _tiny_model(case):
     proj = LQProjector(LQProjConfig(hidden1=8, hidden2=8, out_dim=dit.cfg.dim, layer_num=1))
     for p in proj.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.05
-    return FlashVSRModel(dit, proj, inputs["context"][0], StreamSettings(kernel="masked", local_range=3))
+    return FlashVSRModel(dit, proj, inputs["context"][0])
 
 
 def test_stream_step_is_noise_minus_flow_and_counts_frames(case):
@@ -105,7 +105,8 @@ def test_stream_step_is_noise_minus_flow_and_counts_frames(case):
     model = _tiny_model(case)
     _, _, _, h, w = inputs["noise"].shape
     lq = torch.rand(1, 3, 25 + 8, h * 8, w * 8) * 2 - 1
-    a, b = model.open_stream(), model.open_stream()
+    settings = StreamSettings(kernel="masked", local_range=3)
+    a, b = model.open_stream(settings), model.open_stream(settings)
     noise0, noise1 = inputs["noise"][:, :, :6], inputs["noise"][:, :, 6:8]
     x0 = a.step(noise0, lq[:, :, :25])
     flow = b.flow(noise0, b.lq.project(lq[:, :, :25]))
@@ -122,7 +123,7 @@ def test_mismatched_parts_are_refused(case):
     cj, dit, inputs, _ = case
     proj = LQProjector(LQProjConfig(hidden1=8, hidden2=8, out_dim=dit.cfg.dim + 1, layer_num=1))
     with pytest.raises(ValueError, match="LQ projector outputs"):
-        FlashVSRModel(dit, proj, inputs["context"][0], StreamSettings())
+        FlashVSRModel(dit, proj, inputs["context"][0])
     proj = LQProjector(LQProjConfig(hidden1=8, hidden2=8, out_dim=dit.cfg.dim, layer_num=1))
     with pytest.raises(ValueError, match="prompt embedding"):
-        FlashVSRModel(dit, proj, torch.zeros(4, dit.cfg.text_dim + 1), StreamSettings())
+        FlashVSRModel(dit, proj, torch.zeros(4, dit.cfg.text_dim + 1))
