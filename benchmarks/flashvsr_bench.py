@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -152,7 +151,7 @@ def chunk_rows(dry: bool, sizes: list[tuple[int, int]], attention: list[str], st
                    "peak_gib": peak, "ms_per_frame": median(times[1 + warmup:]) / 8, "chunk_frames": 8,
                    "topk_ratio": up.settings().ratio_for(h, w)}
             log(rec, "flashvsr_chunk.jsonl")
-            del state
+            up.release(state)   # drop this stream's window cache before the next size
 
 
 def main(argv=None):
