@@ -68,6 +68,8 @@ class OmniDreamsDiTNode(ModelNode):
         Param("camera_embeddings", int, 7, "multi-view, random weights: rows of the view AdaLN embedder", min=1),
         Param("guidance", float, 1.0, "classifier-free guidance scale (1: off, the distilled models; the "
               "diffusion-forcing teacher: 3). Each branch keeps its own KV cache, as upstream", min=0.0),
+        Param("text_len", int, 512, "prompt tokens of the text embeddings (sizes the cross-attention K/V in the "
+              "memory plan; the model takes any length)", min=1),
         Param("attention", str, "auto", "attention backend", choices=BACKENDS),
         dtype_param(),
         seed_param(),
@@ -89,6 +91,18 @@ class OmniDreamsDiTNode(ModelNode):
             return CosmosConfig(**over, out_channels=self.p.in_channels, **self._config_values())
         except ValueError as e:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {e}") from e
+
+    def cache_layout(self) -> dict:
+        """What ar.sampler needs to size this model's caches before any weight is read (nodes/ar/memory.py):
+        per sample (a view is a sample) one windowed self-attention cache and the prompt's cross K/V, twice
+        with guidance (the unconditional branch keeps its own)."""
+        from nodes.common.params import resolve_dtype
+        cfg, dtype = self.size_config(), resolve_dtype(self.p.dtype, self.device)
+        return {"num_layers": cfg.num_blocks, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+                "patch": (cfg.patch_spatial, cfg.patch_spatial), "dim": cfg.model_channels,
+                "ffn_dim": cfg.mlp_dim, "text_len": self.p.text_len,
+                "kv_copies": 1 if float(self.p.guidance) == 1.0 else 2,
+                "dtype": str(dtype).removeprefix("torch."), "dtype_bytes": dtype.itemsize}
 
     def view_indices(self) -> list[int] | None:
         if self.p.views is None:
