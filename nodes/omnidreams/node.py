@@ -22,6 +22,7 @@ from nodes.cosmos.config import CosmosConfig, native_keys
 from nodes.cosmos.node import open_cosmos_checkpoint
 
 from .causal import OmniDreamsCausal
+from .hdmap import HDMapPixelShuffleNode, HDMapVideoNode
 from .keymap import config_from_state_dict, final_rows_to_module
 
 # camera name -> view AdaLN embedder row (the multi-view OmniDreams mapping)
@@ -190,4 +191,4 @@ class HDMapFileNode(Node):
         return {"latent": t.to(self.device, torch.float32)}
 
 
-NODE_TYPES = (OmniDreamsDiTNode, HDMapFileNode)
+NODE_TYPES = (OmniDreamsDiTNode, HDMapFileNode, HDMapVideoNode, HDMapPixelShuffleNode)
