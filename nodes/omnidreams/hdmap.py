@@ -64,7 +64,7 @@ class HDMapVideoNode(Node):
     def run(self, inputs, state: _Readers, step):
         b = step.block or 0
         want = self.frames_for(b)
-        if "frames" in inputs:
+        if inputs.get("frames") is not None:
             frames = self._pushed(inputs["frames"], b, want)
         else:
             frames = self._read(state, b, want)
