@@ -13,6 +13,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.basic.tensor_ops",
     "nodes.sinks",
     "nodes.text.node",
+    "nodes.text.embeddings_file",
     "nodes.image.node",
     "nodes.wan.node_dit",
     "nodes.wan.node_vae",

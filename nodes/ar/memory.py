@@ -2,7 +2,8 @@
 
 The sampler decides the cache's size (batch, sink, window or num_blocks, latent size) and the model
 decides its layout, so the model node feeding ``model`` is asked for ``cache_layout()`` (layers, heads,
-head size, patch, dtype bytes, widths) and the product is taken here: the self-attention K/V rows, the
+head size, patch, dtype bytes, widths, and ``kv_copies``: how many independent caches per sample, e.g. 2 for
+classifier-free guidance with a cache per branch) and the product is taken here: the self-attention K/V rows, the
 float32 sink copy of ``rope_mode: relative``, the cross-attention K/V of the prompt (static buffers),
 and, with a global cache, the noise of every block. Activations are a rough bound for one DiT call over
 a block: its tokens times (FFN width + 8 hidden widths), in the model's dtype.
@@ -17,7 +18,8 @@ def kv_cache(p, layout: dict) -> dict:
     frames = p.window_frames if p.window_frames is not None else p.num_blocks * p.frames_per_block
     ph, pw = layout["patch"]
     ft = (p.latent_height // ph) * (p.latent_width // pw)
-    nbytes = 2 * layout["num_layers"] * p.batch * frames * ft * layout["num_heads"] * layout["head_dim"]
+    nbytes = (2 * layout["num_layers"] * p.batch * frames * ft * layout["num_heads"] * layout["head_dim"]
+              * layout.get("kv_copies", 1))
     return {"sink_frames": p.sink_frames, "window_frames": frames, "bounded": p.window_frames is not None,
             "frame_tokens": ft, "dtype": layout.get("dtype", ""), "bytes": int(nbytes * layout["dtype_bytes"])}
 
@@ -36,7 +38,8 @@ def sampler_memory(p, model_node) -> dict:
     width = m["num_heads"] * m["head_dim"]
     sink = (m["num_layers"] * b * p.sink_frames * ft * width * FP32
             if p.rope_mode == "relative" and p.sink_frames else 0)
-    cross = 2 * m["num_layers"] * b * (m["text_len"] + m.get("image_tokens", 0)) * width * m["dtype_bytes"]
+    cross = (2 * m["num_layers"] * b * (m["text_len"] + m.get("image_tokens", 0)) * width * m["dtype_bytes"]
+             * m.get("kv_copies", 1))
     act = b * nfpb * ft * (m["ffn_dim"] + 8 * m["dim"]) * m["dtype_bytes"]
     return {"weights": 0, "weights_source": "", "state": kv + sink + cross + noise,
             "state_what": (f"KV cache {frames} frames x {ft} tokens ({kv / 2**20:.1f} MiB)"

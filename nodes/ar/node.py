@@ -103,6 +103,10 @@ class ARSamplerNode(Node):
         Param("boundary_ratio", float, None, "two-expert models (Wan 2.2): steps at t/1000 >= this predict x at the "
               "boundary and re-noise with add_noise_high (FastVideo); null: every step predicts x0 (Self-Forcing). "
               "Must equal the experts' boundary", min=0.0, max=1.0, nullable=True),
+        Param("unipc_steps", int, None, "diffusion-forcing teacher (OmniDreams): solve every block with the UniPC "
+              "multistep ODE over set_timesteps(unipc_steps, shift) from pure noise (no re-noise draws) instead of "
+              "the steps list; the context pass re-noises with that schedule's sigma nearest context_noise; null: "
+              "the few-step re-noise sampler", min=1, nullable=True),
         Param("first_block_frames", int, None, "latent frames of the first generated block (FastVideo Wan 2.2: 1); "
               "null: frames_per_block", min=1, nullable=True),
         Param("batch", int, 1, "videos per session", min=1),
@@ -118,6 +122,8 @@ class ARSamplerNode(Node):
         super().__init__(*args, **kwargs)
         if self.p.boundary_ratio is not None and not 0.0 < float(self.p.boundary_ratio) < 1.0:
             raise ValueError(f"boundary_ratio must lie strictly between 0 and 1, got {self.p.boundary_ratio}")
+        if self.p.boundary_ratio is not None and self.p.unipc_steps is not None:
+            raise ValueError("unipc_steps (a UniPC solve per block) and boundary_ratio (two experts) exclude each other")
         self._last: dict[str, list[NodeTimer]] = {}
         self._graphs = None  # the latest session's denoiser, for graph_status()
         self._spare: tuple | None = None  # (key, stream) a finished session left: cache and graphs kept
@@ -166,7 +172,7 @@ class ARSamplerNode(Node):
         table = UniPCIntTable(self.p.shift) if self.p.table == "unipc" else FlowMatchTable(self.p.shift)
         return ARSchedule.build(table, self.p.steps, first_chunk_steps=self.p.first_chunk_steps,
                                 warp=self.p.warp, context_noise=self.p.context_noise,
-                                boundary_ratio=self.p.boundary_ratio)
+                                boundary_ratio=self.p.boundary_ratio, unipc_steps=self.p.unipc_steps)
 
     @property
     def first_frames(self) -> int:

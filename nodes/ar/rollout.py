@@ -21,6 +21,10 @@ I2V (Causal-Forcing ``initial_latent``): before block 0 the image latent is pass
 chunks of ``frames_per_block`` from frame 0 (its output is unused); generated frames then
 start after it, and ``run_all`` prepends the image latent to the result.
 
+Diffusion-forcing teacher (``ARSchedule.unipc``, OmniDreams' teacher): each block is solved by the
+UniPC multistep ODE over ``set_timesteps(N, shift)`` (no re-noise draws), then the context pass as
+above (its draw, when ``context_noise > 0``, is the only one of the block after the block's noise).
+
 Wan 2.2 (two experts, ``ARSchedule.boundary``): high-noise steps convert to x at the boundary and
 re-noise with add_noise_high (``_denoise_two_experts``); ``first_block_frames`` gives block 0 its
 own length (FastVideo's MoE path: 1 frame).
@@ -186,7 +190,9 @@ class ARRollout:
             self._prime()
         plan: StepPlan = self.schedule.for_block(b)
         frame_start = self.first_frame + self.block_offset(b)
-        if self.schedule.boundary is not None:
+        if self.schedule.unipc is not None:
+            x0 = self._solve_unipc(noise_block, frame_start, b)
+        elif self.schedule.boundary is not None:
             x0 = self._denoise_two_experts(noise_block, plan, frame_start, b)
         else:
             x, x0 = noise_block, None
@@ -199,6 +205,16 @@ class ARRollout:
         self._call("context", ctx_x, ctx_t, frame_start, b)
         self.block_index += 1
         return x0
+
+    def _solve_unipc(self, x: Tensor, frame_start: int, b: int) -> Tensor:
+        """The diffusion-forcing teacher (``ARSchedule.unipc``): UniPC multistep from the block's noise,
+        one denoise call per schedule timestep (the int64 value as the model's t), no draws."""
+        solver = self.schedule.unipc.solver()
+        for i, t in enumerate(solver.timesteps.tolist()):
+            sigma = float(solver.sigmas[i])
+            flow, _ = self._call("denoise", x, float(t), frame_start, b, i, sigma)
+            x = solver.step(flow.float(), int(t), x.float())
+        return x
 
     def _denoise_two_experts(self, x: Tensor, plan: StepPlan, frame_start: int, b: int) -> Tensor:
         """Wan 2.2's trajectory (``ARSchedule.boundary``): high-noise steps predict x at the boundary

@@ -73,19 +73,47 @@ class Boundary:
 
 
 @dataclass(frozen=True)
+class UniPCSolve:
+    """The diffusion-forcing teacher's block solve (OmniDreams' teacher, FlashDreams
+    ``FlowMatchUniPCScheduler``): each block runs the deterministic UniPC-bh2 multistep ODE
+    (order 2, lower-order final) over ``set_timesteps(num_steps, shift)`` from pure noise, with
+    no re-noise draws; the network sees the schedule's int64 timesteps. The context pass
+    re-noises with the schedule's sigma nearest ``context_noise`` (for 35 steps at shift 5 the
+    last step is t = 128) and passes ``context_noise`` itself, as FlashDreams' ``add_noise``."""
+    num_steps: int
+    shift: float
+
+    def solver(self):
+        from nodes.samplers.unipc import FlowUniPC
+        s = FlowUniPC(shift=1.0)              # base table unshifted; the inference schedule takes the shift
+        s.set_timesteps(self.num_steps, shift=self.shift)
+        return s
+
+    def context_sigma(self, t: float) -> float:
+        s = self.solver()
+        if float(t) <= 0:
+            return 0.0
+        i = int((s.timesteps.double() - float(t)).abs().argmin())
+        return float(s.sigmas[i])
+
+
+@dataclass(frozen=True)
 class ARSchedule:
     """Step plans per block plus the context pass (timestep and, when > 0, its re-noise sigma).
-    ``boundary``: the Wan 2.2 two-expert trajectory (None: Self-Forcing's, every step to x0)."""
+    ``boundary``: the Wan 2.2 two-expert trajectory (None: Self-Forcing's, every step to x0).
+    ``unipc``: every block is solved by UniPC instead (the plans are then unused)."""
     first: StepPlan          # block 0 (the first generated block; after the image in I2V)
     rest: StepPlan           # every later block
     context_t: float
     context_sigma_noise: float
     boundary: Boundary | None = None
+    unipc: UniPCSolve | None = None
 
     @classmethod
     def build(cls, table: FlowMatchTable, steps: Sequence[int],
               first_chunk_steps: Sequence[int] | None = None, warp: bool = True,
-              context_noise: float = 0.0, boundary_ratio: float | None = None) -> "ARSchedule":
+              context_noise: float = 0.0, boundary_ratio: float | None = None,
+              unipc_steps: int | None = None) -> "ARSchedule":
         """Plan from config step lists (e.g. [1000, 750, 500, 250]).
 
         ``warp`` maps them through the table (``warp_denoising_step``, true in every
@@ -98,6 +126,11 @@ class ARSchedule:
         rest = plan(steps)
         first = plan(first_chunk_steps) if first_chunk_steps is not None else rest
         bound = None if boundary_ratio is None else Boundary.build(table, boundary_ratio)
+        if unipc_steps is not None:
+            if bound is not None:
+                raise ValueError("unipc_steps (a UniPC solve per block) cannot be combined with boundary_ratio")
+            solve = UniPCSolve(int(unipc_steps), float(table.shift))
+            return cls(first, rest, float(context_noise), solve.context_sigma(context_noise), None, solve)
         return cls(first, rest, float(context_noise), table.scalar_sigmas(float(context_noise))[0], bound)
 
     def for_block(self, block: int) -> StepPlan:

@@ -48,16 +48,22 @@ class ImageLoadNode(Node):
     type_name = "image.load"
     doc = ("Reads an image file (PNG, JPEG, ... via PyAV) into [1, 3, height, width] in [-1, 1], resized to the "
            "video size.")
-    outputs = (Port("image", IMAGE, "[1, 3, height, width] in [-1, 1]"),)
+    outputs = (Port("image", IMAGE, "[N, 3, height, width] in [-1, 1] (N = 1, or the number of `paths`)"),)
     params = (
-        Param("path", str, doc="image file"),
+        Param("path", str, None, "image file", nullable=True),
+        Param("paths", list, None, "several image files stacked on the batch axis (a multi-view model's first "
+              "frames, in its view order); when set, `path` is not read", nullable=True),
         Param("height", int, 480, "frame height in pixels", min=8),
         Param("width", int, 832, "frame width in pixels", min=8),
     )
     phase = SESSION
 
     def run(self, inputs, state, step):
-        return {"image": to_model_image(read_image(self.p.path), self.p.height, self.p.width).to(self.device)}
+        paths = [self.p.path] if self.p.paths is None else list(self.p.paths)
+        if not paths or None in paths:
+            raise FdError(f"node {self.name!r}: no image: set params.path (or params.paths for several)")
+        imgs = [to_model_image(read_image(str(p)), self.p.height, self.p.width) for p in paths]
+        return {"image": torch.cat(imgs).to(self.device)}
 
 
 class ClipEncoderNode(ModelNode):

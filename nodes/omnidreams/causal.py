@@ -5,6 +5,10 @@
 - block condition: ``hdmap`` [B, f, C_hd, H, W], the HD-map latent of the block's frames (required);
 - cache: a [window] self-attention KV cache without sink (upstream: the window includes the current chunk,
   the oldest chunk leaves when full; absolute RoPE positions, keys rotated before caching).
+- classifier-free guidance (the diffusion-forcing teacher, ``guidance`` != 1): a second, unconditional
+  branch with the negative prompt and its OWN self-attention KV cache (FlashDreams
+  ``network_cache_uncond``); every call, the context pass included, runs both branches and returns
+  ``uncond + guidance * (cond - uncond)``, so both caches hold their branch's history.
 - chunk 0 (``frame_start`` 0): the network input has its first latent frame replaced by the image latent
   and a condition mask of ones on it (zeros elsewhere and on every later chunk). The flow returned for that
   frame is the one that maps x to the image (sigma = t / 1000, the flow-matching parameterisation), so the
@@ -25,10 +29,14 @@ class OmniDreamsCausal(CausalModel):
     block_conditions = ("hdmap",)
     required_conditions = ("text",)
 
-    def __init__(self, net: OmniDreamsNet, image: torch.Tensor | None = None, views: list[int] | None = None):
+    def __init__(self, net: OmniDreamsNet, image: torch.Tensor | None = None, views: list[int] | None = None,
+                 guidance: float = 1.0, negative_text: torch.Tensor | None = None):
         """``image``: a first-frame latent [B, 1, C, H, W] used when the session sets no ``image`` condition.
         ``views``: the camera indices of a multi-view network's views; its samples are then B*V, in (b, v)
-        order, on every tensor (latents, text, image, HD-map), and each view has its own cache rows."""
+        order, on every tensor (latents, text, image, HD-map), and each view has its own cache rows.
+        ``guidance`` != 1: classifier-free guidance against ``negative_text`` [1 or B, L, C_text]."""
+        if guidance != 1.0 and negative_text is None:
+            raise ValueError(f"guidance {guidance} needs negative prompt embeddings (wire negative_text)")
         if bool(net.camera_embeddings) != bool(views):
             raise ValueError("a multi-view checkpoint needs its views' camera indices" if net.camera_embeddings else
                              f"the checkpoint is single-view, but {len(views)} views were given")
@@ -37,6 +45,8 @@ class OmniDreamsCausal(CausalModel):
         self.net = net
         self.image = image
         self.views = list(views or [])
+        self.guidance = float(guidance)
+        self.negative_text = negative_text if self.guidance != 1.0 else None
 
     @property
     def device(self) -> torch.device:
@@ -74,12 +84,16 @@ class OmniDreamsStream(CausalStream):
         self.model, self.spec = model, spec
         self.views = torch.tensor(model.views, dtype=torch.long, device=model.device) if model.views else None
         self.kt = kt
-        self.cache = SelfKVCache(
-            cfg.num_blocks, cfg.num_heads, cfg.head_dim, (H // k) * (W // k), sink_frames=0,
-            window_frames=None if spec.window_frames is None else spec.window_frames // kt,
-            max_frames=None if spec.max_frames is None else -(-spec.max_frames // kt), batch_size=spec.batch,
-            dtype=model.dtype, device=model.device)
+        def new_cache() -> SelfKVCache:
+            return SelfKVCache(
+                cfg.num_blocks, cfg.num_heads, cfg.head_dim, (H // k) * (W // k), sink_frames=0,
+                window_frames=None if spec.window_frames is None else spec.window_frames // kt,
+                max_frames=None if spec.max_frames is None else -(-spec.max_frames // kt), batch_size=spec.batch,
+                dtype=model.dtype, device=model.device)
+        self.cache = new_cache()
+        self.uncond_cache = new_cache() if model.negative_text is not None else None
         self.cross = None
+        self.cross_uncond = None
         self.image = None
 
     # ------------------------------------------------------------------ conditions
@@ -94,6 +108,12 @@ class OmniDreamsStream(CausalStream):
                                 else ""))
         with torch.no_grad():
             self.cross = net.prepare_cross(text.to(self.model.device).expand(N, -1, -1))
+            if self.uncond_cache is not None:
+                neg = self.model.negative_text
+                if neg.ndim != 3 or neg.shape[-1] != text.shape[-1] or neg.shape[0] not in (1, N):
+                    raise ValueError(f"negative prompt embeddings {list(neg.shape)}: expected [1 or {N}, L, "
+                                     f"{text.shape[-1]}]")
+                self.cross_uncond = net.prepare_cross(neg.to(self.model.device).expand(N, -1, -1))
         if image is None:
             image = self.model.image
         if image is not None:
@@ -131,10 +151,16 @@ class OmniDreamsStream(CausalStream):
         plan = self.cache.plan(frame_start // self.kt, f // self.kt)
         tt = torch.full((B,), float(t), dtype=torch.float32, device=x.device)
         net = self.model.net
-        flow = net.forward_chunk(xin.transpose(1, 2), tt, hd.transpose(1, 2), self.cross,
-                                 condition_mask=mask.transpose(1, 2), cache=self.cache, plan=plan,
-                                 views=self.views)
-        return flow.transpose(1, 2).float(), xin, n
+
+        def branch(cross, cache) -> torch.Tensor:
+            return net.forward_chunk(xin.transpose(1, 2), tt, hd.transpose(1, 2), cross,
+                                     condition_mask=mask.transpose(1, 2), cache=cache, plan=plan,
+                                     views=self.views).transpose(1, 2).float()
+        flow = branch(self.cross, self.cache)
+        if self.uncond_cache is not None:
+            uncond = branch(self.cross_uncond, self.uncond_cache)
+            flow = uncond + self.model.guidance * (flow - uncond)
+        return flow, xin, n
 
     def _run(self, x: torch.Tensor, t: float, frame_start: int, hdmap) -> torch.Tensor:
         flow, xin, n = self.network_flow(x, t, frame_start, hdmap)
@@ -149,11 +175,14 @@ class OmniDreamsStream(CausalStream):
         self._run(x, t, frame_start, hdmap)
 
     def reset(self) -> None:
-        self.cache.k.zero_()
-        self.cache.v.zero_()
+        for t in self.state_tensors().values():
+            t.zero_()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"k": self.cache.k, "v": self.cache.v}
+        out = {"k": self.cache.k, "v": self.cache.v}
+        if self.uncond_cache is not None:
+            out.update(uncond_k=self.uncond_cache.k, uncond_v=self.uncond_cache.v)
+        return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_state_into({"k": self.cache.k, "v": self.cache.v}, tensors, "omnidreams cache")
+        copy_state_into(self.state_tensors(), tensors, "omnidreams cache")

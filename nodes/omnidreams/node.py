@@ -14,7 +14,7 @@ import torch
 
 from engine.errors import FdError
 from engine.node import SESSION, Node, Param, Port
-from engine.types import CAUSAL_DENOISER, LATENT
+from engine.types import CAUSAL_DENOISER, LATENT, TEXT_EMBEDDING
 from nodes.common.attention import BACKENDS
 from nodes.common.model_node import Built, ModelNode
 from nodes.common.params import checkpoint_param, dtype_param, seed_param
@@ -22,6 +22,7 @@ from nodes.cosmos.config import CosmosConfig, native_keys
 from nodes.cosmos.node import open_cosmos_checkpoint
 
 from .causal import OmniDreamsCausal
+from .hdmap import HDMapPixelShuffleNode, HDMapVideoNode
 from .keymap import config_from_state_dict, final_rows_to_module
 
 # camera name -> view AdaLN embedder row (the multi-view OmniDreams mapping)
@@ -39,7 +40,9 @@ class OmniDreamsDiTNode(ModelNode):
     doc = ("OmniDreams HD-map conditioned streaming DiT (Cosmos-Predict2.5 network + HD-map patch embedding, "
            "windowed KV cache without sink): the released single-view net.* checkpoint or random weights.")
     inputs = (Port("image_latent", LATENT, "first-frame latent [B, 1, C, h, w], stamped into latent frame 0 of "
-                   "block 0 with condition mask 1", optional=True),)
+                   "block 0 with condition mask 1", optional=True),
+              Port("negative_text", TEXT_EMBEDDING, "negative prompt embeddings [1 or B, L, C] of classifier-free "
+                   "guidance (needed when guidance != 1: the diffusion-forcing teacher)", optional=True))
     outputs = (Port("model", CAUSAL_DENOISER, "the model behind the causal-model contract (drives ar.sampler)"),)
     params = (
         checkpoint_param("random", "DiT weights (single_view/2b_res720p_30fps_i2v_hdmap_distilled.pt)"),
@@ -64,11 +67,21 @@ class OmniDreamsDiTNode(ModelNode):
         Param("views", list, None, "multi-view: the camera names of the views, in sample order (a session's batch "
               f"is B x views); one of {', '.join(CAMERA_VIEWS)}; null: a single-view checkpoint", nullable=True),
         Param("camera_embeddings", int, 7, "multi-view, random weights: rows of the view AdaLN embedder", min=1),
+        Param("guidance", float, 1.0, "classifier-free guidance scale (1: off, the distilled models; the "
+              "diffusion-forcing teacher: 3). Each branch keeps its own KV cache, as upstream", min=0.0),
+        Param("text_len", int, 512, "prompt tokens of the text embeddings (sizes the cross-attention K/V in the "
+              "memory plan; the model takes any length)", min=1),
         Param("attention", str, "auto", "attention backend", choices=BACKENDS),
         dtype_param(),
         seed_param(),
     )
     phase = SESSION
+
+    def preflight(self, upstream) -> None:
+        """Before any weight is read: guidance needs the negative prompt wired."""
+        if float(self.p.guidance) != 1.0 and "negative_text" not in upstream:
+            raise FdError(f"node {self.name!r} (omnidreams.dit): guidance {self.p.guidance} needs negative prompt "
+                          "embeddings; wire `negative_text` (a text encoder of the negative prompt) or set guidance: 1")
 
     def _config_values(self) -> dict:
         return {k: getattr(self.p, k) for k in CONFIG_PARAMS}
@@ -79,6 +92,18 @@ class OmniDreamsDiTNode(ModelNode):
             return CosmosConfig(**over, out_channels=self.p.in_channels, **self._config_values())
         except ValueError as e:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {e}") from e
+
+    def cache_layout(self) -> dict:
+        """What ar.sampler needs to size this model's caches before any weight is read (nodes/ar/memory.py):
+        per sample (a view is a sample) one windowed self-attention cache and the prompt's cross K/V, twice
+        with guidance (the unconditional branch keeps its own)."""
+        from nodes.common.params import resolve_dtype
+        cfg, dtype = self.size_config(), resolve_dtype(self.p.dtype, self.device)
+        return {"num_layers": cfg.num_blocks, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+                "patch": (cfg.patch_spatial, cfg.patch_spatial), "dim": cfg.model_channels,
+                "ffn_dim": cfg.mlp_dim, "text_len": self.p.text_len,
+                "kv_copies": 1 if float(self.p.guidance) == 1.0 else 2,
+                "dtype": str(dtype).removeprefix("torch."), "dtype_bytes": dtype.itemsize}
 
     def view_indices(self) -> list[int] | None:
         if self.p.views is None:
@@ -123,7 +148,8 @@ class OmniDreamsDiTNode(ModelNode):
 
     def run(self, inputs, state, step):
         try:
-            model = OmniDreamsCausal(self.require_model(), image=inputs.get("image_latent"), views=self.view_indices())
+            model = OmniDreamsCausal(self.require_model(), image=inputs.get("image_latent"), views=self.view_indices(),
+                                     guidance=self.p.guidance, negative_text=inputs.get("negative_text"))
         except ValueError as e:
             raise FdError(f"node {self.name!r} (omnidreams.dit): {e}") from e
         return {"model": model}
@@ -165,4 +191,4 @@ class HDMapFileNode(Node):
         return {"latent": t.to(self.device, torch.float32)}
 
 
-NODE_TYPES = (OmniDreamsDiTNode, HDMapFileNode)
+NODE_TYPES = (OmniDreamsDiTNode, HDMapFileNode, HDMapVideoNode, HDMapPixelShuffleNode)

@@ -223,4 +223,60 @@ class WanVAEEncodeNode(_WanVAENode):
         return {"latent": torch.cat([mask, z], dim=1).transpose(1, 2).contiguous()}
 
 
-NODE_TYPES = (WanVAEDecodeNode, WanVAEEncodeNode)
+class WanVAEStreamEncodeNode(_WanVAENode):
+    """Per-block video encode with the Wan VAE's causal conv caches carried between blocks (OmniDreams encodes
+    each chunk's HD-map frames this way, with LightVAE: the same network at a quarter of the width, read from
+    the weights). Block 0 takes 1 + 4(f - 1) frames, every later block 4f, so f latent frames come out per
+    block and their concatenation equals one whole-clip encode."""
+    type_name = "wan.vae_encode_stream"
+    doc = ("Wan 2.1 VAE (or LightVAE) streaming encoder: each block's pixel frames to its latent frames, conv "
+           "caches kept across blocks (OmniDreams' HD-map encoder).")
+    inputs = (Port("frames", PIXELS, "this block's frames [B, T, 3, H, W] in [-1, 1]"),)
+    outputs = (Port("latent", LATENT, "normalised latents [B, f, z, H/8, W/8]"),)
+    params = _vae_params() + (
+        Param("latent_frames", int, 2, "latent frames per block (the sampler's frames_per_block): block 0 takes "
+              "1 + 4(f - 1) pixel frames, later blocks 4f", min=1),
+    )
+
+    def new_state(self):
+        return {"encoder": None}
+
+    def state_tensors(self, state) -> dict:
+        if state.get("restore"):
+            return dict(state["restore"])
+        enc = state["encoder"]
+        if enc is None:
+            return {"started": False}
+        return {"started": True, "first": enc.first, **{f"cache.{i}": t for i, t in enumerate(enc.cache)}}
+
+    def load_state(self, state, values: dict):
+        if values.get("started"):
+            state["restore"] = values
+        return state
+
+    def run(self, inputs, state, step):
+        from .vae_stream import StreamingEncoder
+        vae = self._vae()
+        if state["encoder"] is None:
+            state["encoder"] = StreamingEncoder(vae)
+            values = state.pop("restore", None)
+            if values:
+                state["encoder"].cache = [values[f"cache.{i}"].to(vae.conv2.weight.device)
+                                          for i in range(len([k for k in values if k.startswith("cache.")]))]
+                state["encoder"].first = bool(values["first"])
+        enc, f, t = state["encoder"], self.p.latent_frames, vae.temporal_factor
+        frames = inputs["frames"]
+        want = 1 + t * (f - 1) if enc.first else t * f
+        if frames.ndim != 5 or frames.shape[2] != 3 or frames.shape[1] != want:
+            raise FdError(f"node {self.name!r}: block {step.block} got frames {list(frames.shape)}; it needs "
+                          f"[B, {want}, 3, H, W] ({'1 + ' if enc.first else ''}{t} x "
+                          f"{f - 1 if enc.first else f} pixel frames for {f} latent frames per block)")
+        if frames.shape[3] % 8 or frames.shape[4] % 8:
+            raise FdError(f"node {self.name!r}: frames of {frames.shape[3]}x{frames.shape[4]} px; the VAE needs "
+                          "multiples of 8")
+        with torch.no_grad():
+            z = enc.encode_chunk(self._layout(frames.transpose(1, 2)))
+        return {"latent": z.transpose(1, 2).float().contiguous()}
+
+
+NODE_TYPES = (WanVAEDecodeNode, WanVAEEncodeNode, WanVAEStreamEncodeNode)
