@@ -34,9 +34,10 @@ def _karras_by_hand(n: int, smin: float, smax: float, rho: float) -> list[float]
 
 
 def _diffusers_unipc(flow_sigmas: list[float]):
-    sched = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-                                              use_flow_sigmas=True, flow_shift=1.0, predict_x0=True, solver_type="bh2",
-                                              lower_order_final=True, final_sigmas_type="zero")
+    sched = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2,
+                                              prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                              predict_x0=True, solver_type="bh2", lower_order_final=True,
+                                              final_sigmas_type="zero")
     sched.set_timesteps(sigmas=np.array(flow_sigmas, dtype=np.float64))
     return sched
 
