@@ -148,3 +148,29 @@ def test_predict2_checkpoint_in_the_predict25_spec_is_refused(tmp_path):
     node = plan.nodes["dit"].build()
     with pytest.raises(FdError, match="no crossattn_proj.*Predict2 checkpoint.*variant: predict2.5"):
         node.load()
+
+
+def test_an_image_of_another_aspect_is_covered_and_center_cropped_as_upstream(tmp_path):
+    """Predict2.5 I2V: image.load fit cover = upstream's resize_input (scale to cover, sizes rounded up, center
+    crop). A wide 40x100 image into 16x24: scale 0.4 -> 16x40, columns 8..32 kept; stretch keeps them all."""
+    import av
+    import numpy as np
+    import torch.nn.functional as F
+
+    from nodes.image.node import ImageLoadNode
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)
+    path = tmp_path / "wide.png"
+    with av.open(str(path), "w", format="image2") as c:
+        s = c.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = 100, 40, "rgb24"
+        for p in [*s.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")), *s.encode()]:
+            c.mux(p)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    cover = ImageLoadNode("i", {"path": str(path), "height": 16, "width": 24, "fit": "cover"}, "cpu")
+    got = cover.run({}, None, None)["image"]
+    want = F.interpolate(x, size=(16, 40), mode="bilinear", align_corners=False, antialias=True)[..., 8:32]
+    torch.testing.assert_close(got, want.clamp(0, 1) * 2 - 1)
+    stretch = ImageLoadNode("i", {"path": str(path), "height": 16, "width": 24}, "cpu").run({}, None, None)["image"]
+    assert stretch.shape == got.shape and not torch.allclose(stretch, got)
+    plan = engine.load_plan("cosmos_predict25_i2v", check_devices=False)
+    assert plan.nodes["image"].build().p.fit == "cover"
