@@ -69,8 +69,11 @@ def test_the_text_encoder_is_offloaded_in_the_memory_plan():
     mp = memory_plan(plan, device="h100")
     text = next(n for n in mp.nodes if n.node == "text")
     assert text.offload and text.weights > 12 * 2 ** 30
-    dit = next(n for n in mp.nodes if n.node == "dit")
-    assert mp.peaks["cuda:0"] < text.weights + dit.weights + 2 * 2 ** 30 + 10 * 2 ** 30
+    sampler = next(n for n in mp.nodes if n.node == "sampler")
+    assert sampler.activations > 0 and sampler.state > 0           # the DiT call's bound, text K/V, latents
+    kept = memory_plan(engine.load_plan("cosmos_predict25_i2v", overrides=["nodes.text.offload=false"],
+                                        check_devices=False), device="h100")
+    assert kept.peaks["cuda:0"] - mp.peaks["cuda:0"] > 0.8 * text.weights   # blocks run without it
     assert mp.fits
 
 

@@ -23,7 +23,7 @@ from engine.node import SESSION, Node, Param, Port
 from engine.types import DENOISER, INT, LATENT, TEXT_EMBEDDING
 from nodes.common.attention import BACKENDS
 from nodes.common.model_node import Built, ModelNode
-from nodes.common.params import checkpoint_param, dtype_param, is_random, seed_param
+from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, is_random, seed_param
 
 from .config import CosmosConfig, native_keys
 
@@ -252,6 +252,34 @@ class CosmosSamplerNode(Node):
                 out = v2w.sample(x0_fn, (B, C, f_lat, H, W), seed, num_steps=self.p.num_steps,
                                  sigma_min=smin, sigma_max=smax, rho=self.p.rho, device=dev)
         return {"latent": out.transpose(1, 2)}
+
+    def memory_estimate(self, upstream) -> dict:
+        """For the memory plan: the text K/V of each prompt (every block's, computed once), the latents the
+        loop keeps (noise, sample, clean frames, the solver's history; float32) and a rough bound for one DiT
+        call: its tokens (x2 with batched guidance) times (MLP width + 8 widths) in the DiT's dtype, plus the
+        float32 RoPE copies of q and k."""
+        dit = upstream.get("model")
+        if not isinstance(dit, CosmosDiTNode):
+            return {"weights": 0, "weights_source": ""}
+        try:
+            cfg = dit.size_config()
+        except FdError:
+            return {"weights": 0, "weights_source": ""}
+        nbytes = dtype_bytes(dit.p.dtype, dit.device)
+        f_lat = (self.p.frames - 1) // self.p.temporal_compression + 1
+        H, W, C = self.p.latent_height, self.p.latent_width, self.p.latent_channels or cfg.in_channels
+        tokens = (f_lat // cfg.patch_temporal) * (H // cfg.patch_spatial) * (W // cfg.patch_spatial)
+        text_len = getattr(getattr(upstream.get("text"), "p", None), "text_len", 512)
+        prompts = 2 if "negative" in upstream else 1
+        D = cfg.model_channels
+        cross = prompts * cfg.num_blocks * 2 * text_len * D * nbytes
+        latents = 6 * C * f_lat * H * W * 4
+        batch = prompts if self.p.batch_cfg else 1
+        act = batch * tokens * ((cfg.mlp_dim + 8 * D) * nbytes + 4 * D * 4)
+        return {"weights": 0, "weights_source": "", "state": cross + latents,
+                "state_what": f"text K/V of {prompts} prompt(s) {cross / 2**20:.0f} MiB, latents "
+                              f"{latents / 2**20:.0f} MiB ({tokens} tokens per forward)",
+                "activations": act}
 
     def _sigma_bounds(self) -> tuple[float, float]:
         lo, hi = SIGMA_DEFAULTS[self.p.solver]
