@@ -21,6 +21,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.wan.node_experts",
     "nodes.cosmos.node",
     "nodes.cosmos.text",
+    "nodes.cosmos.reason1",
     "nodes.omnidreams.node",
     "nodes.ar.node",
     "nodes.taehv.node",

@@ -123,9 +123,7 @@ def _resolve_hf(ref: HfRef, kind: str) -> Path:
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
         raise CheckpointError(_not_cached_message(ref, kind, is_offline)) from e
     except hf_errors.GatedRepoError as e:
-        raise CheckpointError(f"{ref}: {ref.repo_id} is gated; accept its licence on "
-                              f"https://huggingface.co/{ref.repo_id} and log in (`hf auth login`), "
-                              f"then: {ref.download_command(kind)}") from e
+        raise CheckpointError(_gated_message(ref, kind)) from e
     except hf_errors.RepositoryNotFoundError as e:
         raise CheckpointError(f"{ref}: repo {ref.repo_id!r} ({ref.repo_type}) does not exist "
                               "or is private (log in with `hf auth login`)") from e
@@ -134,6 +132,20 @@ def _resolve_hf(ref: HfRef, kind: str) -> Path:
     except hf_errors.EntryNotFoundError as e:
         raise CheckpointError(f"{ref}: repo {ref.repo_id} has no file {ref.path!r}"
                               + (f" at revision {ref.revision}" if ref.revision else "")) from e
+    except hf_errors.HfHubHTTPError as e:
+        # a gated repo answers 401 (not logged in) or 403 (licence not accepted / token without access)
+        # without always being recognised as gated
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise CheckpointError(_gated_message(ref, kind, status)) from e
+        raise
+
+
+def _gated_message(ref: HfRef, kind: str, status: int | None = None) -> str:
+    why = f"the Hub answered {status} for" if status else "gated:"
+    return (f"{ref}: {why} {ref.repo_id}; accept its licence on https://huggingface.co/{ref.repo_id} "
+            "and log in with a token that may read it (`hf auth login` / `huggingface-cli login`, or set "
+            f"HF_TOKEN), then: {ref.download_command(kind)}")
 
 
 def _not_cached_message(ref: HfRef, kind: str, is_offline: bool) -> str:

@@ -92,6 +92,7 @@ class TimestepMLP(nn.Module):
         self.linear_2 = nn.Linear(dim, 3 * dim if lora else dim, bias=False)
 
     def forward(self, sinusoid: torch.Tensor):
+        sinusoid = sinusoid.to(self.linear_1.weight.dtype)  # computed in float32 (see CosmosDiT.embed_time)
         out = self.linear_2(F.silu(self.linear_1(sinusoid)))
         return (sinusoid, out) if self.lora else (out, None)
 
@@ -281,8 +282,9 @@ class CosmosDiT(nn.Module):
 
     def embed_time(self, timesteps_B_T: torch.Tensor):
         """Per-frame timesteps [B, T] -> (block modulation input [B, T, D], AdaLN-LoRA term [B, T, 3D] or None)."""
-        dtype = self.x_embedder.proj[1].weight.dtype
-        emb, lora = self.t_embedder(timesteps_B_T.to(dtype))
+        # The timesteps stay float32 up to the sinusoid, as upstream scales them (int64 * timestep_scale) and
+        # embeds them in float32: in bf16, Predict2.5's 0..1000 timesteps would round (994 -> 992) first.
+        emb, lora = self.t_embedder(timesteps_B_T.float())
         return self.t_embedding_norm(emb), lora
 
     def rope(self, T: int, H: int, W: int, device, fps: float | None = None):

@@ -6,8 +6,10 @@ also taken) or builds random weights of the size params. Sizes come from the wei
 the Predict2 2B config. ``variant`` states which family the spec expects: a Predict2 checkpoint (no
 ``crossattn_proj``) given to a Predict2.5 spec, or the other way round, is refused.
 
-``cosmos.sampler`` is bidirectional: the whole clip in engine block 0, as ``Video2WorldPipeline``
-(Karras sigmas + RectifiedFlowAB2, x0 guidance against the negative prompt). With ``condition`` wired
+``cosmos.sampler`` is bidirectional: the whole clip in engine block 0, as ``Video2WorldPipeline``. ``solver: ab2``
+is Predict2's (Karras sigmas + RectifiedFlowAB2 on x0 predictions, x0 guidance against the negative prompt);
+``solver: unipc`` is Predict2.5's (velocity predictions, UniPC over Karras flow sigmas or the shifted schedule,
+velocity guidance; ``flow_video2world.py``). With ``condition`` wired
 (clean latent frames, e.g. ``wan.vae_encode`` of the first image) the first latent frames are kept clean
 (I2V); without it, every frame is generated (T2V). It does not stream through ``ar.sampler``: Cosmos-Predict2
 is a bidirectional model with no causal cache.
@@ -21,11 +23,14 @@ from engine.node import SESSION, Node, Param, Port
 from engine.types import DENOISER, INT, LATENT, TEXT_EMBEDDING
 from nodes.common.attention import BACKENDS
 from nodes.common.model_node import Built, ModelNode
-from nodes.common.params import checkpoint_param, dtype_param, is_random, seed_param
+from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, is_random, seed_param
 
 from .config import CosmosConfig, native_keys
 
 VARIANTS = ("predict2", "predict2.5")
+SOLVERS = ("ab2", "unipc")
+SCHEDULES = ("karras", "shift")   # flow_video2world.flow_schedule
+SIGMA_DEFAULTS = {"ab2": (0.002, 80.0), "unipc": (0.01, 200.0)}   # (sigma_min, sigma_max) of each solver upstream
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Params that are the model's config, not its sizes: no tensor records them.
 CONFIG_PARAMS = ("patch_spatial", "patch_temporal", "concat_padding_mask", "video_condition",
@@ -160,8 +165,9 @@ def open_cosmos_checkpoint(ref: str):
 
 class CosmosSamplerNode(Node):
     type_name = "cosmos.sampler"
-    doc = ("Cosmos-Predict2 Video2World sampling of a whole clip in block 0: Karras sigmas + RectifiedFlowAB2, "
-           "x0 guidance against the negative prompt; I2V when condition latents are wired.")
+    doc = ("Cosmos-Predict2 / 2.5 Video2World sampling of a whole clip in block 0: Predict2's Karras sigmas + "
+           "RectifiedFlowAB2 with x0 guidance (solver ab2), or Predict2.5's UniPC over Karras flow sigmas with "
+           "velocity guidance (solver unipc); I2V when condition latents are wired.")
     inputs = (
         Port("model", DENOISER, "Cosmos DiT (cosmos.dit)"),
         Port("text", TEXT_EMBEDDING, "prompt embeddings [B, L, C]"),
@@ -174,12 +180,23 @@ class CosmosSamplerNode(Node):
     params = (
         Param("mode", str, "t2v", "t2v (every frame generated) or i2v (needs the condition input)",
               choices=("t2v", "i2v")),
-        Param("num_steps", int, 35, "sampling steps (Karras sigmas; one more x0 pass at sigma_min)", min=1),
-        Param("sigma_min", float, 0.002, "smallest sigma", min=0.0),
-        Param("sigma_max", float, 80.0, "largest sigma (the noise scale at the start)", min=0.0),
+        Param("solver", str, "ab2", "ab2 (Predict2: x0 prediction, RectifiedFlowAB2) or unipc (Predict2.5: "
+              "velocity prediction, FlowUniPC)", choices=SOLVERS),
+        Param("num_steps", int, 35, "sampling steps (ab2: one more x0 pass at sigma_min; unipc with the karras "
+              "schedule: N + 1 model calls, as upstream)", min=1),
+        Param("sigma_min", float, None, "smallest Karras sigma (default ab2: 0.002, unipc: 0.01)", min=0.0,
+              nullable=True),
+        Param("sigma_max", float, None, "largest Karras sigma (default ab2: 80, unipc: 200)", min=0.0, nullable=True),
         Param("rho", float, 7.0, "Karras schedule exponent", min=0.0),
-        Param("guidance", float, 7.0, "x0 guidance: cond + g (cond - uncond); needs the negative input", min=0.0),
-        Param("sigma_conditional", float, 1e-4, "I2V: the noise level the clean frames' timestep is given", min=0.0),
+        Param("schedule", str, "karras", "unipc: karras (EDM sigmas as flow sigmas s/(1+s); the released "
+              "post-trained 2B) or shift (shifted linear flow sigmas)", choices=SCHEDULES),
+        Param("shift", float, 5.0, "unipc with schedule shift: the flow shift", min=0.0),
+        Param("guidance", float, 7.0, "guidance cond + g (cond - uncond) on x0 (ab2) or velocity (unipc); needs "
+              "the negative input", min=0.0),
+        Param("sigma_conditional", float, 1e-4, "ab2, I2V: the noise level the clean frames' timestep is given",
+              min=0.0),
+        Param("conditional_frame_timestep", float, 0.1, "unipc, I2V: the clean frames' timestep (1000 scale; "
+              "negative: not pinned, as the pre-trained config)"),
         Param("frames", int, 93, "pixel frames (1 + 4k; 93 = 24 latent frames)", min=1),
         Param("temporal_compression", int, 4, "pixel frames per latent frame after the first (Wan VAE: 4)", min=1),
         Param("latent_channels", int, None, "noise channels (default: the DiT's)", min=1, nullable=True),
@@ -218,18 +235,82 @@ class CosmosSamplerNode(Node):
         text = inputs["text"].to(dev)
         negative = inputs.get("negative")
         B = text.shape[0]
-        v2w = Video2World(model, sigma_conditional=self.p.sigma_conditional, fps=self.p.fps)
+        self._check_text(model, text, negative)
+        seed = int(inputs.get("seed", self.p.seed))
         with torch.no_grad():
             cond = model.prepare_cross(text)
             uncond = None if negative is None else model.prepare_cross(negative.to(dev))
             if gt is not None and gt.shape[0] != B:
                 gt = gt.expand(B, *gt.shape[1:])
-            x0_fn = v2w.x0_fn(cond, uncond, self.p.guidance, gt=gt, num_conditional_frames=cond_frames,
-                              batched=self.p.batch_cfg)
-            seed = int(inputs.get("seed", self.p.seed))
-            out = v2w.sample(x0_fn, (B, C, f_lat, H, W), seed, num_steps=self.p.num_steps,
-                             sigma_min=self.p.sigma_min, sigma_max=self.p.sigma_max, rho=self.p.rho, device=dev)
+            if self.p.solver == "unipc":
+                out = self._sample_unipc(model, cond, uncond, gt, cond_frames, (B, C, f_lat, H, W), seed, dev)
+            else:
+                v2w = Video2World(model, sigma_conditional=self.p.sigma_conditional, fps=self.p.fps)
+                x0_fn = v2w.x0_fn(cond, uncond, self.p.guidance, gt=gt, num_conditional_frames=cond_frames,
+                                  batched=self.p.batch_cfg)
+                smin, smax = self._sigma_bounds()
+                out = v2w.sample(x0_fn, (B, C, f_lat, H, W), seed, num_steps=self.p.num_steps,
+                                 sigma_min=smin, sigma_max=smax, rho=self.p.rho, device=dev)
         return {"latent": out.transpose(1, 2)}
+
+    def memory_estimate(self, upstream) -> dict:
+        """For the memory plan: the text K/V of each prompt (every block's, computed once), the latents the
+        loop keeps (noise, sample, clean frames, the solver's history; float32) and a rough bound for one DiT
+        call: its tokens (x2 with batched guidance) times (MLP width + 8 widths) in the DiT's dtype, plus the
+        float32 RoPE copies of q and k."""
+        dit = upstream.get("model")
+        if not isinstance(dit, CosmosDiTNode):
+            return {"weights": 0, "weights_source": ""}
+        try:
+            cfg = dit.size_config()
+        except FdError:
+            return {"weights": 0, "weights_source": ""}
+        nbytes = dtype_bytes(dit.p.dtype, dit.device)
+        f_lat = (self.p.frames - 1) // self.p.temporal_compression + 1
+        H, W, C = self.p.latent_height, self.p.latent_width, self.p.latent_channels or cfg.in_channels
+        tokens = (f_lat // cfg.patch_temporal) * (H // cfg.patch_spatial) * (W // cfg.patch_spatial)
+        text_len = getattr(getattr(upstream.get("text"), "p", None), "text_len", 512)
+        prompts = 2 if "negative" in upstream else 1
+        D = cfg.model_channels
+        cross = prompts * cfg.num_blocks * 2 * text_len * D * nbytes
+        latents = 6 * C * f_lat * H * W * 4
+        batch = prompts if self.p.batch_cfg else 1
+        act = batch * tokens * ((cfg.mlp_dim + 8 * D) * nbytes + 4 * D * 4)
+        return {"weights": 0, "weights_source": "", "state": cross + latents,
+                "state_what": f"text K/V of {prompts} prompt(s) {cross / 2**20:.0f} MiB, latents "
+                              f"{latents / 2**20:.0f} MiB ({tokens} tokens per forward)",
+                "activations": act}
+
+    def _sigma_bounds(self) -> tuple[float, float]:
+        lo, hi = SIGMA_DEFAULTS[self.p.solver]
+        smin = lo if self.p.sigma_min is None else self.p.sigma_min
+        smax = hi if self.p.sigma_max is None else self.p.sigma_max
+        if not 0 < smin < smax:
+            raise FdError(f"node {self.name!r}: need 0 < sigma_min < sigma_max, got {smin} and {smax}")
+        return smin, smax
+
+    def _sample_unipc(self, model, cond, uncond, gt, cond_frames, shape, seed, dev):
+        from .flow_video2world import FlowVideo2World, flow_schedule
+
+        smin, smax = self._sigma_bounds()
+        fv2w = FlowVideo2World(model, conditional_frame_timestep=self.p.conditional_frame_timestep, fps=self.p.fps)
+        fn = fv2w.velocity_fn(cond, uncond, self.p.guidance, gt=gt, num_conditional_frames=cond_frames,
+                              batched=self.p.batch_cfg)
+        schedule = flow_schedule(self.p.schedule, self.p.num_steps, self.p.shift, smin, smax, self.p.rho)
+        return fv2w.sample(fn, shape, seed, schedule, device=dev)
+
+    def _check_text(self, model, text, negative) -> None:
+        """Text features of the width the DiT reads: Predict2 cross-attends T5 (1024), Predict2.5 projects
+        Cosmos-Reason1's concatenated layers (crossattn_proj) first."""
+        cfg = model.cfg
+        want = cfg.crossattn_proj_in_channels if cfg.predict25 else cfg.crossattn_emb_channels
+        for port, emb in (("text", text), ("negative", negative)):
+            if emb is not None and (emb.ndim != 3 or emb.shape[-1] != want):
+                what = ("a Predict2.5 DiT reads Cosmos-Reason1 features (all layers concatenated; "
+                        "cosmos.reason1_encoder)" if cfg.predict25 else "a Predict2 DiT reads T5 features "
+                        "(cosmos.text_encoder)")
+                raise FdError(f"node {self.name!r}: {port} embeddings have shape {tuple(emb.shape)}, but {what} "
+                              f"of width {want}; wire the text encoder that belongs to the DiT's variant")
 
     def _condition(self, latent, shape, dev):
         """(conditional frames, clean latents [B, C, T, H, W] padded with zeros) from the condition input."""

@@ -2,10 +2,13 @@
 
 Images are decoded with PyAV (ffmpeg's PNG/JPEG/WebP decoders), so no imaging library
 is needed, and resized to the spec's frame size the way Causal-Forcing's I2V loader
-does (``transforms.Resize((H, W))``: bilinear with antialiasing, aspect not kept).
+does (``transforms.Resize((H, W))``: bilinear with antialiasing, aspect not kept), or, with
+``fit: cover``, the way Cosmos-Predict2.5's ``resize_input`` does: scaled (aspect kept) until it
+covers the frame, sizes rounded up, then center-cropped.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +39,25 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FdError(f"image {p}: cannot decode it ({e})") from e
 
 
-def to_model_image(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 [H, W, 3] -> [1, 3, height, width] float32 in [-1, 1]."""
+FITS = ("stretch", "cover")
+
+
+def to_model_image(rgb: np.ndarray, height: int, width: int, fit: str = "stretch") -> torch.Tensor:
+    """uint8 [H, W, 3] -> [1, 3, height, width] float32 in [-1, 1]; ``fit`` stretch (aspect not kept) or cover
+    (aspect kept, scaled to cover the frame with sizes rounded up, then center-cropped)."""
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
-    if x.shape[-2:] != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    size = (height, width)
+    if fit == "cover":
+        h, w = x.shape[-2:]
+        ratio = max(width / w, height / h)
+        size = (math.ceil(ratio * h), math.ceil(ratio * w))
+    if x.shape[-2:] != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if size != (height, width):   # center crop, offsets rounded as torchvision's center_crop
+        top, left = int(round((size[0] - height) / 2.0)), int(round((size[1] - width) / 2.0))
+        x = x[..., top: top + height, left: left + width]
     return (x.clamp(0, 1) * 2 - 1).contiguous()
 
 
@@ -55,6 +72,8 @@ class ImageLoadNode(Node):
               "frames, in its view order); when set, `path` is not read", nullable=True),
         Param("height", int, 480, "frame height in pixels", min=8),
         Param("width", int, 832, "frame width in pixels", min=8),
+        Param("fit", str, "stretch", "an image of another aspect: stretch (resized to the frame, aspect not kept; "
+              "Wan / Causal-Forcing) or cover (aspect kept, center-cropped; Cosmos-Predict2.5)", choices=FITS),
     )
     phase = SESSION
 
@@ -62,7 +81,7 @@ class ImageLoadNode(Node):
         paths = [self.p.path] if self.p.paths is None else list(self.p.paths)
         if not paths or None in paths:
             raise FdError(f"node {self.name!r}: no image: set params.path (or params.paths for several)")
-        imgs = [to_model_image(read_image(str(p)), self.p.height, self.p.width) for p in paths]
+        imgs = [to_model_image(read_image(str(p)), self.p.height, self.p.width, self.p.fit) for p in paths]
         return {"image": torch.cat(imgs).to(self.device)}
 
 

@@ -1,4 +1,4 @@
-"""Wan 2.1's bidirectional samplers over the shifted flow schedule: UniPC multistep and plain Euler.
+"""Flow-matching UniPC multistep and plain Euler: Wan 2.1's samplers, and Cosmos-Predict2.5's UniPC.
 
 Mirrors ``FlowUniPCMultistepScheduler`` (wan/utils/fm_solvers_unipc.py) as wan/text2video.py
 drives it: built with shift 1 (so the base sigmas are the unshifted linear ones), then
@@ -7,6 +7,12 @@ sigma_min. Only the configuration Wan uses is implemented: flow prediction, pred
 bh2, solver_order 2, lower_order_final, no thresholding, final sigma 0. Scalar coefficients
 are float32 CPU tensors computed the way upstream does, so a step issues only elementwise
 device kernels (no host sync) and stays within float32 rounding of the reference.
+
+Cosmos-Predict2.5 drives a copy of the same scheduler (cosmos_predict2/_src/predict2/models/fm_solvers_unipc.py,
+same update rules) over another schedule: with ``use_kerras_sigma`` its ``set_timesteps`` takes EDM's Karras
+sigmas (200 -> 0.01, rho 7, N + 1 points), maps them onto the flow path with ``s / (1 + s)`` and keeps all
+N + 1 of them, so it makes N + 1 model calls for N steps and ignores ``shift``. ``karras_flow_schedule`` builds
+that table and ``set_schedule`` runs the one solver on any (timesteps, sigmas) pair.
 """
 from __future__ import annotations
 
@@ -34,6 +40,23 @@ def shifted_flow_schedule(num_steps: int, shift: float, num_train_timesteps: int
     return timesteps, sigmas
 
 
+def karras_flow_schedule(num_steps: int, sigma_min: float = 0.01, sigma_max: float = 200.0, rho: float = 7.0,
+                         num_train_timesteps: int = 1000) -> tuple[Tensor, Tensor]:
+    """(timesteps int64 [N+1] truncated, sigmas float32 [N+2] ending in 0): EDM's Karras sigmas in float64
+    numpy, as flow sigmas ``s / (1 + s)``, as Cosmos-Predict2.5's ``set_timesteps(use_kerras_sigma=True)``."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    ramp = np.arange(num_steps + 1) / num_steps
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    edm = (hi + ramp * (lo - hi)) ** rho
+    s = edm / (1 + edm)
+    timesteps = torch.from_numpy(s * num_train_timesteps).to(torch.int64)
+    sigmas = torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))
+    return timesteps, sigmas
+
+
 def _lambda(sigma: Tensor) -> Tensor:
     """Log-SNR of the flow path x = (1 - sigma) x0 + sigma noise (float32 scalar)."""
     return torch.log(1 - sigma) - torch.log(sigma)
@@ -50,8 +73,16 @@ class _FlowSchedule:
         self.step_index = 0
 
     def set_timesteps(self, num_steps: int, shift: float | None = None) -> None:
-        self.timesteps, self.sigmas = shifted_flow_schedule(
-            num_steps, self.shift if shift is None else shift, self.num_train_timesteps, self.shift)
+        self.set_schedule(*shifted_flow_schedule(
+            num_steps, self.shift if shift is None else shift, self.num_train_timesteps, self.shift))
+
+    def set_schedule(self, timesteps: Tensor, sigmas: Tensor) -> None:
+        """Any table: one model call per entry of ``timesteps`` [N] (int64), ``sigmas`` [N+1] float32 ending in
+        the final sigma (0), e.g. ``karras_flow_schedule``."""
+        if sigmas.ndim != 1 or timesteps.ndim != 1 or len(sigmas) != len(timesteps) + 1:
+            raise ValueError(f"need sigmas [N+1] for timesteps [N], got {tuple(sigmas.shape)}, "
+                             f"{tuple(timesteps.shape)}")
+        self.timesteps, self.sigmas = timesteps, sigmas.to(torch.float32)
         self.step_index = 0
         self._reset()
 
