@@ -173,6 +173,12 @@ class Node:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
 
+    def device_problems(self, device: str) -> list[tuple[str, str, str]]:
+        """Params this node cannot honour on ``device`` (where planning placed it: 'cpu', 'cuda:0', ...), as
+        (param name, message, hint) each; planning turns them into spec errors at that param's line, so
+        ``fd validate`` reports them before anything loads. Params alone: no weights, no allocation."""
+        return []
+
     def preflight(self, upstream: dict[str, "Node"]) -> None:
         """Cheap checks before any node of the pipeline loads weights (files present, configs that must agree).
         ``upstream``: each wired input port -> the node that produces it. Raise an FdError to refuse."""
