@@ -250,7 +250,7 @@ class Block(nn.Module):
 
     def forward(self, x, cond, rope, ctx: CallContext):
         """x [B, L, dim] float32 residual; cond [B, Fm, 6, dim] float32 AdaLN terms (Fm = 1 or frames)."""
-        fm, wd, eps, kern = cond.shape[1], self.ffn[0].weight.dtype, self.eps, ctx.kernels
+        fm, wd, eps, kern = cond.shape[1], self.cross_attn.k.weight.dtype, self.eps, ctx.kernels
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + cond).unsqueeze(3).unbind(2)
         x = kern.gated_add(x, self.self_attn(kern.modulate(x, shift1, scale1, fm, eps, wd), rope, ctx), gate1, fm)
         if ctx.camera is not None:
