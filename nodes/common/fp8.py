@@ -84,7 +84,7 @@ class QuantizedRows:
     @classmethod
     def of(cls, x: torch.Tensor, quant=quantize_rows) -> "QuantizedRows":
         x8, s = quant(x.reshape(-1, x.shape[-1]))
-        return cls(x8, s, tuple(x.shape[:-1]))
+        return cls(x8.contiguous(), s, tuple(x.shape[:-1]))     # _scaled_mm wants a row-major [M, K]
 
 
 class Fp8Linear(nn.Module):
