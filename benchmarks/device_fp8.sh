@@ -7,16 +7,24 @@
 #      inductor cache on disk;
 #  (c) quality with random weights: teacher-forced flow error at block 5 and decoded-frame PSNR vs the bf16
 #      rollout over 10 blocks, per option and all together (benchmarks/fp8_quality.py);
-#  (d) Wan-14B causal (random weights) in FP8 with the FP8 KV cache, if the budget allows.
+#  (d) Wan-14B causal (random weights) in FP8 with the FP8 KV cache, if the budget allows;
+#  (e) bf16 with the elementwise stages compiled in max-autotune mode, if the budget still allows.
 # Needs .whl carried with nvidia-cudnn-frontend (cp312 manylinux x86_64) besides omegaconf/antlr4.
-# CPU check of every Python part:  python -m benchmarks.fp8_ops --dry && python -m benchmarks.fp8_quality --dry \
-#   --blocks 2 --options bf16,fast_all
+# CPU check of every Python part (tiny shapes, no fd bench):  DRY=1 OUT=/tmp/x bash benchmarks/device_fp8.sh
 set -u
-source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [[ "${DRY:-0}" == 1 ]]; then
+  export PYTHONPATH=$PWD
+  python3 -m benchmarks.fp8_ops --dry --out "$OUT/fp8_ops.jsonl" > "$OUT/fp8_ops.log" 2>&1 || tail -20 "$OUT/fp8_ops.log"
+  python3 -m benchmarks.fp8_quality --dry --blocks 2 --options bf16,fast_all --out "$OUT/fp8_quality.jsonl" \
+    > "$OUT/fp8_quality.log" 2>&1 || tail -20 "$OUT/fp8_quality.log"
+  python3 -m benchmarks.fp8_table "$OUT"
+  exit 0
+fi
+source benchmarks/device_env.sh
 export TORCHINDUCTOR_CACHE_DIR=/tmp/fd_inductor_cache   # shared by every run below (FX graph cache on disk)
 START=$SECONDS
-BUDGET=${FP8_BUDGET_S:-500}
+BUDGET=${FP8_BUDGET_S:-460}
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,memory.used --format=csv,noheader
 python3 -c "import cudnn; print('cudnn frontend', cudnn.__version__, 'backend', cudnn.backend_version())" \
@@ -42,13 +50,16 @@ bench fd_fast 130 $W1 $FAST
 bench fd_bf16_second 90 $W1
 # (c) quality
 if (( $(left) > 60 )); then
-  timeout $(( $(left) - 20 )) python3 -m benchmarks.fp8_quality --out "$OUT/fp8_quality.jsonl" \
+  QT=$(( $(left) - 20 )); (( QT > 160 )) && QT=160
+  timeout $QT python3 -m benchmarks.fp8_quality --out "$OUT/fp8_quality.jsonl" \
     > "$OUT/fp8_quality.log" 2>&1 || { echo "fp8_quality stopped:"; tail -8 "$OUT/fp8_quality.log"; }
 fi
 # (d) Wan-14B, FP8 everything but the context pass (quality-faithful), FP8 KV cache
 bench fd_14b_fp8 150 inputs.num_blocks=6 nodes.sampler.params.window_frames=21 nodes.dit.params.preset=14b \
   nodes.dit.params.precision=fp8 nodes.dit.params.attention_precision=fp8 nodes.dit.params.kv_dtype=fp8 \
   --warmup 1 --blocks 4 --report-block 4 --steady-from 4 --json
+# (e) bf16 steady state: the elementwise stages compiled with max-autotune (only if time is left)
+bench fd_bf16_autotune 120 $W1 nodes.dit.params.compile_mode=max-autotune-no-cudagraphs
 
 python3 -m benchmarks.fp8_table "$OUT"
 echo "total $(( SECONDS - START )) s"

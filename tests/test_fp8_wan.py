@@ -135,6 +135,8 @@ def test_fp8_linears_and_attention_in_the_model():
         rel = ((out - base).norm() / base.norm()).item()
         assert 0 < rel < 0.2, rel
     assert not torch.equal(lin, both)
+    h = torch.randn(1, 7, m.cfg.dim)
+    assert torch.equal(blk._ffn(h, m.kernels), blk.ffn(h))     # GELU fused into the quantiser = the plain chain
 
 
 # ------------------------------------------------------------------ params at planning time

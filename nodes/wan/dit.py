@@ -94,15 +94,20 @@ def _add_float(x, y):
     return x + y.float()
 
 
+def _gelu_quant_rows(x):
+    """FFN middle in FP8 mode: GELU-tanh and the per-token e4m3 quantisation of its output in one pass."""
+    return quantize_rows(F.gelu(x, approximate="tanh"))
+
+
 class Kernels:
     """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``). The FP8 quantisers
     (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel."""
 
-    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv")
+    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant")
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
-        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv)
+        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows)
         for name, fn in zip(self.NAMES, fns):
             setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
 
@@ -260,7 +265,13 @@ class Block(nn.Module):
         else:
             h = kern.ln_cast(x, None, None, eps, wd)
         x = kern.add_float(x, self.cross_attn(h, ctx))
-        return kern.gated_add(x, self.ffn(kern.modulate(x, shift2, scale2, fm, eps, wd)), gate2, fm)
+        return kern.gated_add(x, self._ffn(kern.modulate(x, shift2, scale2, fm, eps, wd), kern), gate2, fm)
+
+    def _ffn(self, h, kern):
+        up, _, down = self.ffn
+        if isinstance(down, Fp8Linear):   # GELU fused into the down projection's input quantisation
+            return down(QuantizedRows.of(up(h), kern.gelu_quant))
+        return self.ffn(h)
 
 
 def _norm_weight(norm: nn.Module):

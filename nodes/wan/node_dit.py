@@ -64,6 +64,9 @@ class WanDiTNode(ModelNode):
         Param("compile", str, "auto", "torch.compile the elementwise stages (modulation, qk-norm + RoPE, gated "
               "adds): auto = on CUDA; each shape compiles once (seconds), shared by all layers",
               choices=("auto", "on", "off")),
+        Param("compile_mode", str, "default", "torch.compile mode of those stages (max-autotune-no-cudagraphs "
+              "autotunes the fused kernels: longer first start, cached on disk)",
+              choices=("default", "max-autotune-no-cudagraphs")),
         Param("precision", str, "auto", "the transformer blocks' linears (attention q/k/v/o, FFN): auto = the node's "
               "dtype; fp8 = e4m3 weights (one scale per output channel, quantised once at load) times e4m3 "
               "activations (one scale per token), torch._scaled_mm; CUDA sm_89+", choices=("auto", "fp8")),
@@ -195,7 +198,7 @@ class WanDiTNode(ModelNode):
             raise FdError(f"node {self.name!r}: {problems[0][1]} ({problems[0][2]})")
         module.backend = self.p.attention
         if self.p.compile == "on" or (self.p.compile == "auto" and str(self.device).startswith("cuda")):
-            module.compile_elementwise()
+            module.compile_elementwise(mode=None if self.p.compile_mode == "default" else self.p.compile_mode)
         if self.p.precision == "fp8":
             module.use_fp8_linears()
         if self.p.attention_precision == "fp8":
