@@ -64,14 +64,14 @@ def quality(folder: Path) -> None:
     rows = _lines(folder / "fp8_quality.jsonl")
     if not rows:
         return
-    print(f"\n{'quality (random weights)':24s} {'tf err b0':>9s} {'tf err b5':>9s} {'PSNR dB':>8s} {'min':>6s} "
-          f"{'lat err b9':>10s}")
+    print(f"\n{'quality (random weights)':24s} {'tf err b0':>9s} {"tf err b5":>9s} {'PSNR dB':>8s} {'min':>6s} "
+          f"{'lat err last':>12s}")
     for r in rows:
         tf = [k for k in r if k.startswith("tf_rel_err_block")]
         last = max(tf, key=lambda k: int(k.removeprefix("tf_rel_err_block"))) if tf else None
         print(f"{r['option']:24s} {_f(r.get('tf_rel_err_block0'), '{:.4f}'):>9s} "
               f"{_f(r.get(last) if last else None, '{:.4f}'):>9s} {_f(r.get('psnr_mean_db'), '{:.1f}'):>8s} "
-              f"{_f(min(r['psnr_db']), '{:.1f}'):>6s} {_f(r['latent_rel_err'][-1], '{:.4f}'):>10s}")
+              f"{_f(min(r['psnr_db']), '{:.1f}'):>6s} {_f(r['latent_rel_err'][-1], '{:.4f}'):>12s}")
 
 
 def main() -> None:
