@@ -64,7 +64,7 @@ def quality(folder: Path) -> None:
     rows = _lines(folder / "fp8_quality.jsonl")
     if not rows:
         return
-    print(f"\n{'quality (random weights)':24s} {'tf err b0':>9s} {"tf err b5":>9s} {'PSNR dB':>8s} {'min':>6s} "
+    print(f"\n{'quality (random weights)':24s} {'tf err b0':>9s} {'tf err b5':>9s} {'PSNR dB':>8s} {'min':>6s} "
           f"{'lat err last':>12s}")
     for r in rows:
         tf = [k for k in r if k.startswith("tf_rel_err_block")]
