@@ -123,7 +123,7 @@ class Fp8Linear(nn.Module):
                 y = torch._scaled_mm(x8, w, sx, self.weight_scale, bias=self.bias, out_dtype=self.out_dtype)
                 self._bias_in_mm = True
                 return y
-            except RuntimeError:
+            except (RuntimeError, ValueError, TypeError, NotImplementedError):
                 self._bias_in_mm = False
         y = torch._scaled_mm(x8, w, sx, self.weight_scale, out_dtype=self.out_dtype)
         return y if self.bias is None else y + self.bias

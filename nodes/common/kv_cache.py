@@ -106,6 +106,8 @@ class SelfKVCache:
         self.fp8 = dtype == E4M3
         self.read_dtype = (read_dtype or torch.float32) if self.fp8 else dtype
         self.k_scale = self.v_scale = None
+        # FP8 (de)quantisers; the model may swap in compiled ones (one fused pass each instead of three)
+        self.quant, self.dequant = quantize_rows, dequantize
         if self.fp8:
             self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
             self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
@@ -166,7 +168,7 @@ class SelfKVCache:
         """Store the block's post-RoPE k and its v ([B, rows, H, D]) at the plan's rows
         (through ``rows.index`` when given: one launch per tensor, capture-friendly)."""
         if self.fp8:
-            (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
+            (k8, ks), (v8, vs) = self.quant(k), self.quant(v)
             pairs = ((self.k, k8), (self.v, v8), (self.k_scale, ks), (self.v_scale, vs))
         else:
             pairs = ((self.k, k), (self.v, v))
@@ -192,13 +194,13 @@ class SelfKVCache:
             n = self.sink_k.shape[2]
             shifted = apply_rope(self.sink_k[layer], cos, sin)
             if self.fp8:
-                self.k[layer, :, :n], self.k_scale[layer, :, :n] = quantize_rows(shifted)
+                self.k[layer, :, :n], self.k_scale[layer, :, :n] = self.quant(shifted)
             else:
                 self.k[layer, :, :n] = shifted.to(self.k.dtype)
         n = plan.attend_rows
         if self.fp8:
-            return (dequantize(self.k[layer, :, :n], self.k_scale[layer, :, :n], self.read_dtype),
-                    dequantize(self.v[layer, :, :n], self.v_scale[layer, :, :n], self.read_dtype))
+            return (self.dequant(self.k[layer, :, :n], self.k_scale[layer, :, :n], self.read_dtype),
+                    self.dequant(self.v[layer, :, :n], self.v_scale[layer, :, :n], self.read_dtype))
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
     def chronological(self, layer: int, frame_end: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,6 +179,8 @@ class WanCausalStream(CausalStream):
             sink_frames=spec.sink_frames, window_frames=spec.window_frames, max_frames=spec.max_frames,
             batch_size=spec.batch, rope_mode=spec.rope_mode, dtype=model.kv_dtype or model.dtype,
             read_dtype=model.dtype, device=model.device)
+        kern = model.module.kernels   # an FP8 cache quantises on write and dequantises on read with the DiT's
+        self.cache.quant, self.cache.dequant = kern.quant_rows, kern.dequant   # (compiled) kernels
         self.denoiser = CausalDenoiser(model.module, self.cache, graphs=spec.graphs)
         self._t: dict[tuple, torch.Tensor] = {}
         self._denoised: tuple | None = None

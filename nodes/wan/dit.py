@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass
 
 from nodes.common.attention import attention, attention_fp8
-from nodes.common.fp8 import Fp8Linear, QuantizedRows, fp8_linears, quantize_rows
+from nodes.common.fp8 import Fp8Linear, QuantizedRows, dequantize, fp8_linears, quantize_rows
 from nodes.common.fp8_attention import quantize_qkv
 from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache
 from nodes.common.rope import RopeTable, apply_rope
@@ -103,11 +103,13 @@ class Kernels:
     """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``). The FP8 quantisers
     (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel."""
 
-    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant")
+    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant",
+             "dequant")
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
-        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows)
+        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows,
+               dequantize)
         for name, fn in zip(self.NAMES, fns):
             setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
 
