@@ -9,6 +9,7 @@ size (or the explicit size params) with deterministic random weights, for benchm
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
@@ -187,6 +188,10 @@ class WanDiTNode(ModelNode):
         out = [(name, f"{name}: fp8 is not possible here: {reason}",
                 f"set {name}: auto, or place the node on an H100/H200/L40/RTX 40xx (device: cuda)") for name in wanted
                if reason]
+        if self.p.attention_precision == "fp8" and not out and str(device).startswith("cuda") \
+                and torch.cuda.is_available() and importlib.util.find_spec("cudnn") is None:
+            out.append(("attention_precision", "attention_precision: fp8 needs the cuDNN frontend, which is not "
+                        "installed", "pip install nvidia-cudnn-frontend (or fd's fp8 extra)"))
         if self.p.attention_precision == "fp8" and self.context_size() > 1:
             out.append(("attention_precision", "attention_precision: fp8 does not run under context parallelism "
                         "(the ring/Ulysses attention is bf16)", "set attention_precision: auto, or parallel.context: 1"))
