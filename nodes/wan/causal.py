@@ -25,13 +25,13 @@ from nodes.common.sharding import for_group as context_parallel_for
 from nodes.common.sharding import make_rank_cache
 
 from .config import WanConfig
+from .dit import CrossCache, WanDiT
 
 # 'full': the context pass runs one more forward on the clean block (upstream). 'reuse': it runs nothing,
 # and the block's cache rows keep the K/V of its last denoising step (computed from the last step's noisy
 # input at its timestep): one forward of five fewer per block, at a quality cost that benchmarks/
 # device_fp8.sh measures. FlashDreams' skip_finalize_kv_cache is the same shortcut.
 CONTEXT_PASSES = ("full", "reuse")
-from .dit import CrossCache, WanDiT
 
 
 class CausalDenoiser:
