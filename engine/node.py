@@ -173,10 +173,10 @@ class Node:
         """Parameter memory this node will hold once loaded; read by ``device: auto``. No loading."""
         return 0
 
-    def unsupported(self) -> list[tuple[str, str]]:
-        """Params this node can't honour on its device, as (param name, why): a backend or precision the
-        hardware or the installed packages lack. ``fd validate`` reports each at the param's line, before
-        anything loads. Cheap: params and the device only."""
+    def device_problems(self, device: str) -> list[tuple[str, str, str]]:
+        """Params this node cannot honour on ``device`` (where planning placed it: 'cpu', 'cuda:0', ...), as
+        (param name, message, hint) each; planning turns them into spec errors at that param's line, so
+        ``fd validate`` reports them before anything loads. Params alone: no weights, no allocation."""
         return []
 
     def preflight(self, upstream: dict[str, "Node"]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import networkx as nx
 
-from .errors import SpecErrors
+from .errors import SpecError, SpecErrors
 from .node import BLOCK, SESSION, Node, NodeContext
 from .placement import Placement, place
 from .registry import Registry
@@ -137,6 +137,11 @@ def make_plan(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices:
     # throw-away instances: only asked for their parameter-memory estimate
     probes = {n: (spec.nodes[n].device, types[n](n, dict(spec.nodes[n].params))) for n in order}
     placements = place(probes, cuda_devices=cuda_devices)
+    refused = [SpecError("unsupported_on_device", msg, spec.node_where(n, "params", field), node=n,
+                         field=f"params.{field}", hint=hint)
+               for n in order for field, msg, hint in probes[n][1].device_problems(placements[n].device)]
+    if refused:
+        raise SpecErrors(spec.annotate(refused))
     nodes: dict[str, NodePlan] = {}
     for name in order:
         nt, ns = types[name], spec.nodes[name]

@@ -85,8 +85,6 @@ def validate(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices: 
             _check_local_checkpoint(spec, name, ns, err)
         if len(errs) == before:
             _check_buildable(spec, name, ns, nt, err, errs)
-        if len(errs) == before:
-            _check_supported(spec, name, ns, nt, err, cuda_devices)
 
     # wiring: every declared input of known-type nodes
     graph = nx.DiGraph()
@@ -236,19 +234,6 @@ def _check_buildable(spec, name, ns, nt, err, errs):
         cli = {loc for p, loc in spec.locations.items() if p[:2] == prefix and loc.file.startswith("<")}
         if cli:   # the command line changed this node's params: name those arguments too
             errs[-1] = errs[-1].with_related(*(Related(loc, "set on the command line") for loc in sorted(cli, key=str)))
-
-
-def _check_supported(spec, name, ns, nt, err, cuda_devices):
-    """A node asked for something its device can't do (an fp8 kernel on a CPU, a backend not installed)."""
-    device = ns.device if ns.device != "auto" else ("cuda" if cuda_devices else "cpu")
-    try:
-        problems = nt(name, dict(ns.params), device).unsupported()
-    except Exception:  # noqa: BLE001 - the buildable check above already reported bad params
-        return
-    for param, why in problems:
-        where = spec.node_where(name, "params", param) if param in ns.params else spec.node_where(name, "params")
-        err("unsupported_param", f"param {param!r}: {why}", where, node=name, field=f"params.{param}",
-            hint=f"`fd nodes {nt.type_name}` lists the choices")
 
 
 def _one_node(spec: Spec, name: str) -> Spec:

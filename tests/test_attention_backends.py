@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from engine.registry import Registry
+from engine import load_plan
+from engine.errors import SpecErrors
 from engine.runner import read_spec
-from engine.validate import validate
 from nodes.common import attention_table
 from nodes.common.attention import _explicit_with_lse, attention, backend_problem, flash4_available
 from nodes.common.ring import merge_partials
@@ -37,15 +37,14 @@ def test_every_measured_row_says_where_it_came_from():
         assert row["date"] and row["device"] and row["source"], cap
 
 
-def test_validate_refuses_a_backend_the_device_cannot_run():
+def test_planning_refuses_a_backend_the_device_cannot_run():
     spec = read_spec("tiny_self_forcing", overrides=["nodes.dit.params.attention=flash4"])
-    errors = validate(spec, Registry.default(), cuda_devices=0)
-    bad = [e for e in errors if e.code == "unsupported_param"]
+    with pytest.raises(SpecErrors) as e:
+        load_plan(spec, cuda_devices=0)
+    bad = [x for x in e.value.errors if x.code == "unsupported_on_device"]
     assert bad and bad[0].node == "dit" and bad[0].field == "params.attention"
     assert "flash4" in bad[0].message and "CUDA" in bad[0].message
-    ok = validate(read_spec("tiny_self_forcing", overrides=["nodes.dit.params.attention=math"]), Registry.default(),
-                  cuda_devices=0)
-    assert not ok
+    assert load_plan(read_spec("tiny_self_forcing", overrides=["nodes.dit.params.attention=math"]), cuda_devices=0)
 
 
 # --------------------------------------------------------------------------- GPU: FlashAttention-4 against the formula

@@ -342,6 +342,23 @@ def test_t2v_sampler_cfg_and_seed(solver):
     assert not torch.allclose(_t2v(dit.handle, text, p, seed=3), no_cfg)
 
 
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_t2v_sampler_batched_cfg_equals_two_passes(model_type):
+    """cfg: batched stacks both prompts into one batch-2 forward: the same latents as two forwards."""
+    from nodes.wan.node_dit import WanDiTNode
+    dit = WanDiTNode("dit", {"checkpoint": "random", "dim": 32, "ffn_dim": 48, "num_heads": 2, "num_layers": 1,
+                             "text_dim": 8, "text_len": 6, "dtype": "fp32", "model_type": model_type}, "cpu")
+    dit.load()
+    text, neg = torch.randn(1, 6, 8), torch.randn(1, 4, 8)
+    extra = {}
+    if model_type == "i2v":
+        extra = {"clip": torch.randn(1, 257, 1280), "y": torch.randn(1, 2, 20, 4, 6)}
+    two = _t2v(dit.handle, text, {}, negative=neg, **extra)
+    one = _t2v(dit.handle, text, {"cfg": "batched"}, negative=neg, **extra)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(two, _t2v(dit.handle, text, {"cfg": "batched"}, **extra))   # no negative: no CFG
+
+
 def test_t2v_sampler_i2v_inputs():
     from nodes.wan.node_dit import WanDiTNode
     dit = WanDiTNode("dit", {"checkpoint": "random", "model_type": "i2v", "dim": 32, "ffn_dim": 48, "num_heads": 2,

@@ -21,7 +21,8 @@ def kv_cache(p, layout: dict) -> dict:
     nbytes = (2 * layout["num_layers"] * p.batch * frames * ft * layout["num_heads"] * layout["head_dim"]
               * layout.get("kv_copies", 1))
     return {"sink_frames": p.sink_frames, "window_frames": frames, "bounded": p.window_frames is not None,
-            "frame_tokens": ft, "dtype": layout.get("dtype", ""), "bytes": int(nbytes * layout["dtype_bytes"])}
+            "frame_tokens": ft, "dtype": layout.get("kv_dtype", layout.get("dtype", "")),
+            "bytes": int(nbytes * layout.get("kv_bytes_per_value", layout["dtype_bytes"]))}
 
 
 def sampler_memory(p, model_node) -> dict:

@@ -170,3 +170,18 @@ def _explicit_with_lse(q, k, v, scale, mask):
 
 def finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+# --- FP8 (issue 19): an additive path; the bf16 entry point above is unchanged --------------------------------
+ATTENTION_PRECISIONS = ("auto", "fp8")
+
+
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                  scaling: str = "tensor", runner=None, out: str = "fp8", quant=None) -> torch.Tensor:
+    """softmax(q k^T * scale) v with Q, K, V (and P, and O unless ``out='bf16'``) in e4m3, [B, L, H, D] in and
+    out (q's dtype). ``scaling``: 'tensor' or 'head' amax scales, computed on the device (nodes/common/
+    fp8_attention.py says what each folds where). ``runner``: a ``CudnnFp8Attention`` (it owns the cuDNN
+    plans); None runs the float32 emulation of the same arithmetic (CPU, tests). ``quant``: a compiled
+    ``fp8_attention.quantize_qkv`` (fuses amax, scale and cast), default the eager one."""
+    from .fp8_attention import fp8_attention, quantize_qkv
+    return fp8_attention(q, k, v, scale=scale, scaling=scaling, runner=runner, out=out, quant=quant or quantize_qkv)

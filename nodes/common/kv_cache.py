@@ -19,6 +19,12 @@ For CUDA graphs the per-block variation travels as tensors (``DeviceRows``): the
 block's cache rows as an index (``index_copy_``) and, in 'relative' mode, the sink
 shift's rotation. A captured call then depends on the attended length only, so
 once the window is full one graph serves every later block.
+
+FP8 (``dtype=torch.float8_e4m3fn``): K and V are stored in e4m3 with one float32 scale per (token,
+head) (amax over the head dim / 448: 4 bytes per 128 values, so the cache takes 0.53x of bf16), written
+by the same index path, and ``keys_values`` returns the attended rows dequantised to ``read_dtype``.
+Per-token scales are what an incrementally written cache can have without rescaling old rows; they
+are also why the rows cannot go into cuDNN's FP8 attention as they are (its descales are scalars).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fp8 import E4M3, dequantize, quantize_rows
 from .rope import apply_rope, frame_shift_cos_sin
 
 ROPE_MODES = ("absolute", "relative")
@@ -71,12 +78,14 @@ class SelfKVCache:
         query-to-sink distance stays bounded in unbounded rollouts. Without sink
         frames it equals 'absolute'. A float32 copy of the unshifted sink keys is
         kept so repeated shifts never accumulate rounding.
+    ``read_dtype``: what ``keys_values`` returns for an FP8 cache (default: float32); ignored otherwise.
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int, *,
                  sink_frames: int = 0, window_frames: int | None = None, max_frames: int | None = None,
                  batch_size: int = 1, rope_mode: str = "absolute",
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 read_dtype: torch.dtype | None = None):
         if rope_mode not in ROPE_MODES:
             raise ValueError(f"rope_mode must be one of {ROPE_MODES}, got {rope_mode!r}")
         if window_frames is None:
@@ -94,6 +103,14 @@ class SelfKVCache:
         shape = (num_layers, batch_size, window_frames * frame_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.fp8 = dtype == E4M3
+        self.read_dtype = (read_dtype or torch.float32) if self.fp8 else dtype
+        self.k_scale = self.v_scale = None
+        # FP8 (de)quantisers; the model may swap in compiled ones (one fused pass each instead of three)
+        self.quant, self.dequant = quantize_rows, dequantize
+        if self.fp8:
+            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
         self.sink_k = None
         self._rows: OrderedDict[tuple, DeviceRows] = OrderedDict()
         if rope_mode == "relative" and sink_frames:
@@ -150,31 +167,61 @@ class SelfKVCache:
               rows: DeviceRows | None = None) -> None:
         """Store the block's post-RoPE k and its v ([B, rows, H, D]) at the plan's rows
         (through ``rows.index`` when given: one launch per tensor, capture-friendly)."""
+        if self.fp8:
+            (k8, ks), (v8, vs) = self.quant(k), self.quant(v)
+            pairs = ((self.k, k8), (self.v, v8), (self.k_scale, ks), (self.v_scale, vs))
+        else:
+            pairs = ((self.k, k), (self.v, v))
         if rows is None:
             for dst, src, n in plan.writes:
-                self.k[layer, :, dst:dst + n] = k[:, src:src + n]
-                self.v[layer, :, dst:dst + n] = v[:, src:src + n]
+                for buf, x in pairs:
+                    buf[layer, :, dst:dst + n] = x[:, src:src + n]
         else:
-            self.k[layer].index_copy_(1, rows.index, k.to(self.k.dtype))
-            self.v[layer].index_copy_(1, rows.index, v.to(self.v.dtype))
+            for buf, x in pairs:
+                _index_copy(buf[layer], rows.index, x.to(buf.dtype))
         for dst, src, n in self.sink_writes(plan):
             self.sink_k[layer, :, dst:dst + n] = k[:, src:src + n]
 
     def keys_values(self, layer: int, plan: BlockPlan,
                     rows: DeviceRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attended K/V (views into the cache, ring order) for a block already written."""
+        """The attended K/V (views into the cache, ring order; an FP8 cache returns dequantised copies)
+        for a block already written."""
         if self.sink_k is not None:
             if rows is None:
                 cos, sin = frame_shift_cos_sin(self.head_dim, plan.sink_shift, self.k.device)
             else:
                 cos, sin = rows.shift_cos, rows.shift_sin
             n = self.sink_k.shape[2]
-            self.k[layer, :, :n] = apply_rope(self.sink_k[layer], cos, sin).to(self.k.dtype)
-        return self.k[layer, :, :plan.attend_rows], self.v[layer, :, :plan.attend_rows]
+            shifted = apply_rope(self.sink_k[layer], cos, sin)
+            if self.fp8:
+                self.k[layer, :, :n], self.k_scale[layer, :, :n] = self.quant(shifted)
+            else:
+                self.k[layer, :, :n] = shifted.to(self.k.dtype)
+        n = plan.attend_rows
+        if self.fp8:
+            return (self.dequant(self.k[layer, :, :n], self.k_scale[layer, :, :n], self.read_dtype),
+                    self.dequant(self.v[layer, :, :n], self.v_scale[layer, :, :n], self.read_dtype))
+        return self.k[layer, :, :n], self.v[layer, :, :n]
 
     def chronological(self, layer: int, frame_end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached K/V after frames [0, frame_end) in upstream's row order (for tests/debugging)."""
         s, ft = self.sink_frames, self.frame_tokens
         frames = list(range(min(s, frame_end))) + list(range(max(s, frame_end - self.ring_frames), frame_end))
         idx = torch.tensor([self._slot(f) * ft + j for f in frames for j in range(ft)], device=self.k.device)
+        if self.fp8:
+            return tuple(dequantize(x[layer].index_select(1, idx), s[layer].index_select(1, idx), self.read_dtype)
+                         for x, s in ((self.k, self.k_scale), (self.v, self.v_scale)))
         return self.k[layer].index_select(1, idx), self.v[layer].index_select(1, idx)
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every tensor the cache keeps between blocks, by name (snapshots, clearing)."""
+        named = (("k", self.k), ("v", self.v), ("sink_k", self.sink_k), ("k_scale", self.k_scale),
+                 ("v_scale", self.v_scale))
+        return {name: t for name, t in named if t is not None}
+
+
+def _index_copy(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.index_copy_(1, index, src), through a byte view for float8 (index_copy has no float8 kernel)."""
+    if dst.dtype == E4M3:
+        dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+    dst.index_copy_(1, index, src)

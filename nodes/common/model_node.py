@@ -58,14 +58,14 @@ class ModelNode(Node):
         super().__init__(*args, **kwargs)
         self.model: nn.Module | None = None
 
-    def unsupported(self) -> list[tuple[str, str]]:
+    def device_problems(self, device: str) -> list[tuple[str, str, str]]:
         """A model node with an ``attention`` param can't run a backend its device or install lacks."""
         backend = getattr(self.p, "attention", None)
         if backend is None:
             return []
         from .attention import backend_problem
-        why = backend_problem(backend, self.device)
-        return [("attention", why)] if why else []
+        why = backend_problem(backend, device)
+        return [("attention", why, "attention: auto picks the fastest backend installed here")] if why else []
 
     def attention_in_use(self) -> str | None:
         """The attention backend this node's forwards take (``auto`` resolved on this device), for fd bench."""

@@ -27,6 +27,12 @@ from nodes.common.sharding import make_rank_cache
 from .config import WanConfig
 from .dit import CrossCache, WanDiT
 
+# 'full': the context pass runs one more forward on the clean block (upstream). 'reuse': it runs nothing,
+# and the block's cache rows keep the K/V of its last denoising step (computed from the last step's noisy
+# input at its timestep): one forward of five fewer per block, at a quality cost that benchmarks/
+# device_fp8.sh measures. FlashDreams' skip_finalize_kv_cache is the same shortcut.
+CONTEXT_PASSES = ("full", "reuse")
+
 
 class CausalDenoiser:
     """``denoise(x, t, frame_start) -> flow`` over one KV cache and one prompt (tensor timesteps,
@@ -122,9 +128,8 @@ class CausalDenoiser:
 
 
 def clear_cache(cache: SelfKVCache) -> None:
-    for buf in (cache.k, cache.v, cache.sink_k):
-        if buf is not None:
-            buf.zero_()
+    for buf in cache.buffers().values():
+        buf.zero_()
 
 
 @dataclass
@@ -136,6 +141,8 @@ class WanDenoiser(CausalModel):
     config: WanConfig
     dtype_: torch.dtype
     backend: str
+    kv_dtype: torch.dtype | None = None   # the self-attention cache's dtype (None: dtype_; float8_e4m3fn: FP8)
+    context_pass: str = "full"           # CONTEXT_PASSES: 'reuse' skips the commit forward
 
     session_conditions = ("text", "image")
 
@@ -170,9 +177,13 @@ class WanCausalStream(CausalStream):
         self.cache = make_rank_cache(
             cfg, model.module.parallel, (h // ph) * (w // pw),
             sink_frames=spec.sink_frames, window_frames=spec.window_frames, max_frames=spec.max_frames,
-            batch_size=spec.batch, rope_mode=spec.rope_mode, dtype=model.dtype, device=model.device)
+            batch_size=spec.batch, rope_mode=spec.rope_mode, dtype=model.kv_dtype or model.dtype,
+            read_dtype=model.dtype, device=model.device)
+        kern = model.module.kernels   # an FP8 cache quantises on write and dequantises on read with the DiT's
+        self.cache.quant, self.cache.dequant = kern.quant_rows, kern.dequant   # (compiled) kernels
         self.denoiser = CausalDenoiser(model.module, self.cache, graphs=spec.graphs)
         self._t: dict[tuple, torch.Tensor] = {}
+        self._denoised: tuple | None = None
 
     def set_conditions(self, text: torch.Tensor, image: torch.Tensor | None = None) -> None:
         self.set_cross(self.cross_for(text, image))
@@ -197,23 +208,32 @@ class WanCausalStream(CausalStream):
         return self._t[key]
 
     def denoise(self, x, t, frame_start, y=None, camera=None):
+        self._denoised = (frame_start, tuple(x.shape))   # what 'reuse' may keep (see commit)
         with torch.no_grad():
             return self.denoiser(x, self._timestep(t, x), frame_start, y, camera)
+
+    def commit(self, x, t, frame_start, y=None, camera=None) -> None:
+        """The context pass. With ``context_pass: reuse`` nothing runs when the call before it denoised this very
+        block (its rows hold that step's K/V); an image prefix or a recache commit still runs its forward."""
+        last, self._denoised = self._denoised, None
+        if self.model.context_pass == "reuse" and last == (frame_start, tuple(x.shape)):
+            return
+        with torch.no_grad():
+            self.denoiser(x, self._timestep(t, x), frame_start, y, camera)
 
     def prepare(self, x, first_frame: int = 0, y=None, camera=None) -> int:
         return self.denoiser.prepare(x, first_frame, y, camera)
 
     def reset(self) -> None:
+        self._denoised = None
         clear_cache(self.cache)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's self-attention cache; the cross-attention K/V follow from the prompt."""
-        c = self.cache
-        return {k: t for k, t in (("k", c.k), ("v", c.v), ("sink_k", c.sink_k)) if t is not None}
+        """This rank's self-attention cache (FP8: with its scales); the cross-attention K/V follow from the prompt."""
+        return self.cache.buffers()
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        c = self.cache
-        copy_state_into({"k": c.k, "v": c.v, "sink_k": c.sink_k}, tensors, "KV cache")
+        copy_state_into(self.cache.buffers(), tensors, "KV cache")
 
     def graph_status(self) -> str:
         return self.denoiser.graph_status()

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 from dataclasses import dataclass
 
-from nodes.common.attention import attention
+from nodes.common.attention import attention, attention_fp8
+from nodes.common.fp8 import Fp8Linear, QuantizedRows, dequantize, fp8_linears, quantize_rows
+from nodes.common.fp8_attention import quantize_qkv
 from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache
 from nodes.common.rope import RopeTable, apply_rope
 from nodes.common.sharding import TokenSharding
@@ -92,14 +94,22 @@ def _add_float(x, y):
     return x + y.float()
 
 
-class Kernels:
-    """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``)."""
+def _gelu_quant_rows(x):
+    """FFN middle in FP8 mode: GELU-tanh and the per-token e4m3 quantisation of its output in one pass."""
+    return quantize_rows(F.gelu(x, approximate="tanh"))
 
-    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float")
+
+class Kernels:
+    """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``). The FP8 quantisers
+    (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel."""
+
+    NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant",
+             "dequant")
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
-        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float)
+        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows,
+               dequantize)
         for name, fn in zip(self.NAMES, fns):
             setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
 
@@ -150,6 +160,20 @@ class CallContext:
     rows: DeviceRows | None = None            # the same, as device tensors (captured calls)
     cp: TokenSharding | None = None           # context parallelism: this rank's tokens
     camera: torch.Tensor | None = None        # LingBot camera tokens [B, L, dim] (control_type 'cam'), or None
+    fp8_attention: "Fp8Attention | None" = None  # self-attention in FP8 (WanDiT.use_fp8_attention), else None
+
+
+@dataclass
+class Fp8Attention:
+    """How the self-attention runs in FP8: the scaling (nodes/common/fp8_attention.py SCALINGS), the output
+    type, and the cuDNN plans (``runner``; None runs the float32 emulation: CPU tests)."""
+    scaling: str = "tensor"
+    out: str = "fp8"
+    runner: object = None
+
+    def __call__(self, q, k, v, kernels: "Kernels"):
+        return attention_fp8(q, k, v, scaling=self.scaling, runner=self.runner, out=self.out,
+                             quant=kernels.quant_qkv)
 
 
 class Projections(nn.Module):
@@ -171,6 +195,8 @@ class SelfAttention(Projections):
 
     def forward(self, h, rope, ctx: CallContext):
         kern = ctx.kernels
+        if isinstance(self.q, Fp8Linear):   # quantise the one input of q, k and v once
+            h = QuantizedRows.of(h, kern.quant_rows)
         q = kern.norm_rope(self.q(h), _norm_weight(self.norm_q), self.eps, self.num_heads, *rope)
         k = kern.norm_rope(self.k(h), _norm_weight(self.norm_k), self.eps, self.num_heads, *rope)
         v = self.heads(self.v(h))
@@ -180,7 +206,10 @@ class SelfAttention(Projections):
             if ctx.cache is not None:
                 ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
                 k, v = ctx.cache.keys_values(self.layer, ctx.plan, ctx.rows)
-            y = attention(q, k, v, ctx.backend)
+            if ctx.fp8_attention is not None:
+                y = ctx.fp8_attention(q, k, v, kern)
+            else:
+                y = attention(q, k, v, ctx.backend)
         return self.o(y.flatten(2))
 
 
@@ -228,7 +257,7 @@ class Block(nn.Module):
 
     def forward(self, x, cond, rope, ctx: CallContext):
         """x [B, L, dim] float32 residual; cond [B, Fm, 6, dim] float32 AdaLN terms (Fm = 1 or frames)."""
-        fm, wd, eps, kern = cond.shape[1], self.ffn[0].weight.dtype, self.eps, ctx.kernels
+        fm, wd, eps, kern = cond.shape[1], self.cross_attn.k.weight.dtype, self.eps, ctx.kernels
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + cond).unsqueeze(3).unbind(2)
         x = kern.gated_add(x, self.self_attn(kern.modulate(x, shift1, scale1, fm, eps, wd), rope, ctx), gate1, fm)
         if ctx.camera is not None:
@@ -238,7 +267,13 @@ class Block(nn.Module):
         else:
             h = kern.ln_cast(x, None, None, eps, wd)
         x = kern.add_float(x, self.cross_attn(h, ctx))
-        return kern.gated_add(x, self.ffn(kern.modulate(x, shift2, scale2, fm, eps, wd)), gate2, fm)
+        return kern.gated_add(x, self._ffn(kern.modulate(x, shift2, scale2, fm, eps, wd), kern), gate2, fm)
+
+    def _ffn(self, h, kern):
+        up, _, down = self.ffn
+        if isinstance(down, Fp8Linear):   # GELU fused into the down projection's input quantisation
+            return down(QuantizedRows.of(up(h), kern.gelu_quant))
+        return self.ffn(h)
 
 
 def _norm_weight(norm: nn.Module):
@@ -277,6 +312,7 @@ class WanDiT(nn.Module):
         self.cfg, self.backend = cfg, "auto"
         self.parallel = None  # engine.parallel.ParallelGroup: context parallelism when it has > 1 rank
         self.kernels = EAGER
+        self.fp8_attention: Fp8Attention | None = None   # use_fp8_attention() sets it
         self.rope_table = RopeTable(cfg.head_dim)
         d, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
@@ -312,7 +348,32 @@ class WanDiT(nn.Module):
         """Run the elementwise stages through torch.compile (CUDA; each distinct shape
         compiles once on first use, shared by all layers)."""
         self.kernels = Kernels(compile=True, mode=mode) if enabled else EAGER
+        self._share_quantiser()
         return self
+
+    # FP8 linears of the transformer blocks: the token-count matmuls of every call. Left in their dtype: the
+    # cross-attention k/v (run once per prompt), the time embedding/projection and head (float32, a few rows
+    # or upstream's float32 numerics), the patch and text embeddings, LingBot's camera layers.
+    FP8_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
+                   "ffn.0", "ffn.2")
+
+    def use_fp8_linears(self) -> int:
+        """Quantise the blocks' FP8_LINEARS to e4m3 once (per output channel; in place, weights freed);
+        returns how many layers changed."""
+        n = sum(fp8_linears(blk, self.FP8_LINEARS) for blk in self.blocks)
+        self._share_quantiser()
+        return n
+
+    def use_fp8_attention(self, scaling: str = "tensor", out: str = "fp8", runner=None) -> "WanDiT":
+        """Self-attention in FP8 (cross-attention over the prompt's 512 tokens stays in the model's dtype:
+        ~2 % of the attention FLOPs, and the prompt's conditioning is where precision is cheapest to keep)."""
+        self.fp8_attention = Fp8Attention(scaling, out, runner)
+        return self
+
+    def _share_quantiser(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Fp8Linear):
+                m.quant = self.kernels.quant_rows
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] (one per sample) or [B, F] (per frame) -> e [B, Fm, dim], e0 [B, Fm, 6, dim] (float32)."""
@@ -362,7 +423,7 @@ class WanDiT(nn.Module):
         if cache is not None and plan is None:
             plan = self.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
             rows = cache.device_rows(plan)
-        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp, camera)
+        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp, camera, self.fp8_attention)
         for blk in self.blocks:
             tokens = blk(tokens, e0, rope, ctx)
         out = self.head(tokens, e)

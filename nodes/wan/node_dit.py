@@ -9,6 +9,7 @@ size (or the explicit size params) with deterministic random weights, for benchm
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import torch
 from engine.errors import FdError
 from engine.node import SESSION, Param, Port
 from engine.types import CAUSAL_DENOISER
-from nodes.common.attention import BACKENDS
+from nodes.common.attention import ATTENTION_PRECISIONS, BACKENDS
 from nodes.common.model_node import Built, ModelNode
 
-from .causal import WanDenoiser
+from .causal import CONTEXT_PASSES, WanDenoiser
 from .config import WAN_14B, WAN_1_3B, WanConfig
 from nodes.common.params import checkpoint_param, dtype_param, is_random, seed_param
 
@@ -64,6 +65,24 @@ class WanDiTNode(ModelNode):
         Param("compile", str, "auto", "torch.compile the elementwise stages (modulation, qk-norm + RoPE, gated "
               "adds): auto = on CUDA; each shape compiles once (seconds), shared by all layers",
               choices=("auto", "on", "off")),
+        Param("compile_mode", str, "default", "torch.compile mode of those stages (max-autotune-no-cudagraphs "
+              "autotunes the fused kernels: longer first start, cached on disk)",
+              choices=("default", "max-autotune-no-cudagraphs")),
+        Param("precision", str, "auto", "the transformer blocks' linears (attention q/k/v/o, FFN): auto = the node's "
+              "dtype; fp8 = e4m3 weights (one scale per output channel, quantised once at load) times e4m3 "
+              "activations (one scale per token), torch._scaled_mm; CUDA sm_89+", choices=("auto", "fp8")),
+        Param("attention_precision", str, "auto", "self-attention: auto = the attention backend in the node's dtype; "
+              "fp8 = cuDNN sdpa_fp8 (e4m3 Q/K/V/P, scales computed on the GPU; needs nvidia-cudnn-frontend), "
+              "CUDA sm_89+", choices=ATTENTION_PRECISIONS),
+        Param("fp8_attention_scaling", str, "tensor", "attention_precision fp8: one amax scale per tensor, or per head "
+              "for K and V (folded into Q and the output)", choices=("tensor", "head")),
+        Param("fp8_attention_out", str, "fp8", "attention_precision fp8: the kernel's output type (bf16 avoids the "
+              "e4m3 output rounding where the cuDNN build supports it)", choices=("fp8", "bf16")),
+        Param("kv_dtype", str, "auto", "causal self-attention KV cache: auto = the node's dtype; fp8 = e4m3 with one "
+              "float32 scale per (token, head): 0.53x the bf16 cache", choices=("auto", "fp8")),
+        Param("context_pass", str, "full", "causal: full = the extra forward that caches the clean block (upstream); "
+              "reuse = skip it and keep the last denoising step's K/V (one forward fewer per block, some "
+              "quality cost)", choices=CONTEXT_PASSES),
         dtype_param(),
         seed_param(),
     )
@@ -109,7 +128,10 @@ class WanDiTNode(ModelNode):
         return {"num_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
                 "patch": tuple(cfg.patch_size[1:]), "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "text_len": cfg.text_len,
                 "image_tokens": 257 if cfg.model_type == "i2v" else 0,
-                "dtype": str(dtype).removeprefix("torch."), "dtype_bytes": dtype.itemsize}
+                "dtype": str(dtype).removeprefix("torch."), "dtype_bytes": dtype.itemsize,
+                # the self-attention cache per stored value: FP8 adds a float32 scale per head_dim values
+                "kv_bytes_per_value": (1 + 4 / cfg.head_dim) if self.p.kv_dtype == "fp8" else dtype.itemsize,
+                "kv_dtype": "float8_e4m3fn" if self.p.kv_dtype == "fp8" else str(dtype).removeprefix("torch.")}
 
     def context_size(self) -> int:
         """Ranks this node's sequence is split over (1 when there is no parallel group)."""
@@ -154,17 +176,49 @@ class WanDiTNode(ModelNode):
         with torch.device("meta"):
             return Built(WanDiT(cfg), sd)
 
+    # ------------------------------------------------------------------ fast-mode choices
+    FP8_PARAMS = ("precision", "attention_precision")   # FP8 compute; kv_dtype: fp8 is storage and runs anywhere
+
+    def device_problems(self, device: str) -> list[tuple[str, str, str]]:
+        """FP8 matmuls and attention need a CUDA GPU with FP8 tensor cores; FP8 attention is not wired into
+        context parallelism. An FP8 KV cache is storage (casts and scales) and works on every device."""
+        from nodes.common.fp8 import fp8_unsupported_reason
+        wanted = [name for name in self.FP8_PARAMS if getattr(self.p, name) == "fp8"]
+        reason = fp8_unsupported_reason(device) if wanted else None
+        out = super().device_problems(device)
+        out += [(name, f"{name}: fp8 is not possible here: {reason}",
+                 f"set {name}: auto, or place the node on an H100/H200/L40/RTX 40xx (device: cuda)") for name in wanted
+                if reason]
+        if self.p.attention_precision == "fp8" and not out and str(device).startswith("cuda") \
+                and torch.cuda.is_available() and importlib.util.find_spec("cudnn") is None:
+            out.append(("attention_precision", "attention_precision: fp8 needs the cuDNN frontend, which is not "
+                        "installed", "pip install nvidia-cudnn-frontend (or fd's fp8 extra)"))
+        if self.p.attention_precision == "fp8" and self.context_size() > 1:
+            out.append(("attention_precision", "attention_precision: fp8 does not run under context parallelism "
+                        "(the ring/Ulysses attention is bf16)", "set attention_precision: auto, or parallel.context: 1"))
+        return out
+
     def finish(self, module):
+        problems = self.device_problems(str(self.device))
+        if problems:
+            raise FdError(f"node {self.name!r}: {problems[0][1]} ({problems[0][2]})")
         module.backend = self.p.attention
         if self.p.compile == "on" or (self.p.compile == "auto" and str(self.device).startswith("cuda")):
-            module.compile_elementwise()
+            module.compile_elementwise(mode=None if self.p.compile_mode == "default" else self.p.compile_mode)
+        if self.p.precision == "fp8":
+            module.use_fp8_linears()
+        if self.p.attention_precision == "fp8":
+            from nodes.common.fp8_attention import CudnnFp8Attention
+            module.use_fp8_attention(self.p.fp8_attention_scaling, self.p.fp8_attention_out,
+                                     CudnnFp8Attention(self.p.fp8_attention_out))
         if self.context_size() > 1:
             module.parallel = self.parallel  # the DiT shards each frame's tokens over the group
         return module
 
     def loaded(self, module) -> None:
         self.model = module
-        self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention)
+        kv = torch.float8_e4m3fn if self.p.kv_dtype == "fp8" else None
+        self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention, kv, self.p.context_pass)
 
     def run(self, inputs, state, step):
         if self.handle is None:

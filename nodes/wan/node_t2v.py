@@ -40,10 +40,13 @@ class WanT2VSamplerNode(Node):
         Param("latent_height", int, 60, "latent height (pixel height / 8)", min=1),
         Param("latent_width", int, 104, "latent width (pixel width / 8)", min=1),
         Param("seed", int, 0, "noise seed when the seed input is not wired"),
+        Param("cfg", str, "separate", "CFG passes: separate (two forwards, upstream) or batched (the conditional "
+              "and unconditional passes as one batch-2 forward: same math, bigger kernels)",
+              choices=("separate", "batched")),
     )
 
     def run(self, inputs, state, step):
-        from nodes.samplers import FlowEuler, FlowUniPC, guided
+        from nodes.samplers import FlowEuler, FlowUniPC, cfg_combine, guided
 
         if step.block not in (0, None):
             raise FdError(f"node {self.name!r}: wan.t2v_sampler makes the whole clip in block 0; run one block "
@@ -72,14 +75,30 @@ class WanT2VSamplerNode(Node):
             def model(xx, tt, cross, y):
                 return dit(xx, tt, None, y=y, cross=cross)
 
+            guide = uncond is not None and self.p.guide_scale != 1.0
+            if guide and self.p.cfg == "batched":   # both prompts' K/V stacked once, for every step
+                both = {"cross": stack_cross(cond["cross"], uncond["cross"]),
+                        "y": None if y is None else torch.cat([y, y])}
             for t in sched.timesteps:
                 tt = t.reshape(1).to(dev)
-                if uncond is None or self.p.guide_scale == 1.0:
+                if not guide:
                     flow = model(x, tt, **cond)
+                elif self.p.cfg == "batched":
+                    flow_c, flow_u = model(torch.cat([x, x]), tt.expand(2), **both).chunk(2)
+                    flow = cfg_combine(flow_c, flow_u, self.p.guide_scale)
                 else:
                     flow = guided(model, x, tt, cond, uncond, self.p.guide_scale)
                 x = sched.step(flow, t, x)
         return {"latent": x.transpose(1, 2)}
+
+
+def stack_cross(a, b):
+    """Two prompts' cross-attention K/V (each batch B) as one CrossCache of batch 2B, a's rows first."""
+    from .dit import CrossCache
+
+    def cat(x, y):
+        return None if x is None else [torch.cat([p, q]) for p, q in zip(x, y)]
+    return CrossCache(cat(a.k, b.k), cat(a.v, b.v), cat(a.k_img, b.k_img), cat(a.v_img, b.v_img))
 
 
 NODE_TYPES = (WanT2VSamplerNode,)

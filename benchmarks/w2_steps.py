@@ -1,0 +1,109 @@
+"""W2: bidirectional Wan 2.1 T2V 1.3B (81 frames at 480x832 = 21 latent frames, 32,760 tokens; UniPC, CFG 5)
+with RANDOM weights, through the product's nodes: the ms of one CFG step of `wan.t2v_sampler` (the sampler's
+own loop: the two passes, guidance, the UniPC update) for cfg separate / batched, in bf16 and with the FP8
+fast mode (fp8 linears + fp8 attention), and the Wan VAE decode of the 21 latent frames (`wan.vae_decode`).
+
+A step's ms is (T(n2) - T(n1)) / (n2 - n1) over two sampler runs of n1 and n2 steps after a warm run (compile),
+so the prompt preparation and the first call's costs cancel. Prints one JSON line per row.
+
+    python3 -m benchmarks.w2_steps --out w2.jsonl          # GPU
+    python3 -m benchmarks.w2_steps --dry                   # CPU, tiny model: the same code paths
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from engine.node import Step
+
+VARIANTS = {   # name: (cfg, dit params)
+    "bf16_separate": ("separate", {}),
+    "bf16_batched": ("batched", {}),
+    "fp8_separate": ("separate", {"precision": "fp8", "attention_precision": "fp8"}),
+    "fp8_batched": ("batched", {"precision": "fp8", "attention_precision": "fp8"}),
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+def main() -> None:
+    from nodes.wan.node_dit import WanDiTNode
+    from nodes.wan.node_t2v import WanT2VSamplerNode
+    from nodes.wan.node_vae import WanVAEDecodeNode
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", default="2,5", help="n1,n2 sampler steps of the two timed runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = "cpu" if args.dry else "cuda"
+    if args.dry:
+        dit_base = dict(weights="random", dim=32, ffn_dim=48, num_heads=2, num_layers=1, text_dim=8, text_len=6,
+                        dtype="fp32")
+        shape = dict(frames=5, latent_height=4, latent_width=6)
+        vae_p = dict(checkpoint="random", dim=8, dtype="fp32")
+    else:
+        dit_base = dict(weights="random", preset="1.3b", dtype="bf16")
+        shape = dict(frames=81, latent_height=60, latent_width=104)
+        vae_p = dict(checkpoint="random", dtype="bf16")
+    out = open(args.out, "w") if args.out else None
+
+    def emit(row):
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+
+    n1, n2 = (int(x) for x in args.steps.split(","))
+    for name in args.variants.split(","):
+        cfg, extra = VARIANTS[name]
+        if args.dry and extra:                 # FP8 compute is refused on CPU: the dry run checks the plumbing only
+            extra = {}
+        try:
+            dit = WanDiTNode("dit", {**dit_base, **extra}, dev)
+            dit.load()
+            c = dit.model.cfg
+            g = torch.Generator(device=dev).manual_seed(0)
+            text = torch.randn(1, c.text_len, c.text_dim, generator=g, device=dev)
+            neg = torch.randn(1, c.text_len, c.text_dim, generator=g, device=dev)
+
+            def run(n):
+                node = WanT2VSamplerNode("sampler", {"num_steps": n, "cfg": cfg, **shape}, dev)
+                return node.run({"model": dit.handle, "text": text, "negative": neg}, None, Step(0, {}))["latent"]
+
+            warm_ms = timed(lambda: run(n1))
+            t1, t2 = timed(lambda: run(n1)), timed(lambda: run(n2))
+            emit({"w2": name, "cfg": cfg, "dit_params": extra, "ms_per_cfg_step": round((t2 - t1) / (n2 - n1), 1),
+                  "runs_ms": {n1: round(t1, 1), n2: round(t2, 1)}, "first_run_ms": round(warm_ms, 1),
+                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None})
+            del dit
+        except Exception as e:  # noqa: BLE001 - one variant failing is a result; the others still run
+            emit({"w2": name, "error": repr(e)[:300]})
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    vae = WanVAEDecodeNode("decoder", vae_p, dev)
+    vae.load()
+    f_lat = (shape["frames"] - 1) // 4 + 1
+    z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
+    dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
+    warm = timed(dec)
+    emit({"w2": "wan_vae_decode", "latent_frames": f_lat, "ms": round(min(timed(dec), timed(dec)), 1),
+          "first_ms": round(warm, 1)})
+
+
+if __name__ == "__main__":
+    main()

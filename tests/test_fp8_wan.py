@@ -1,0 +1,177 @@
+"""The Wan DiT's fast-mode choices on CPU with tiny random weights: context-pass reuse (the cache after a
+reused block = the K/V of its last denoising forward, computed independently), the FP8 KV cache through a
+stream and its snapshot, FP8 linears and FP8 attention (emulated) swapped into the model, and the wan.dit
+params at planning time (FP8 compute refused off a FP8 GPU, with the param's line; fd viz shows them)."""
+import pytest
+import torch
+
+from engine import load_plan
+from engine.errors import SpecErrors
+from nodes.common.causal import StreamSpec
+from nodes.common.fp8 import E4M3, Fp8Linear
+from nodes.common.kv_cache import SelfKVCache
+from nodes.wan.causal import WanDenoiser
+from nodes.wan.config import WanConfig
+from nodes.wan.dit import WanDiT
+
+FRAME = (4, 4, 6)      # latent C, H, W of the tiny model: 2x2 patches -> 6 tokens per frame
+NFPB = 2
+
+
+def _model(seed=0, **kw) -> WanDiT:
+    torch.manual_seed(seed)
+    cfg = WanConfig(**{**dict(text_len=8, in_dim=4, dim=32, ffn_dim=48, text_dim=8, out_dim=4, num_heads=2,
+                              num_layers=2), **kw})
+    m = WanDiT(cfg).eval().requires_grad_(False)
+    m.head.head.weight.normal_(0, 0.2)
+    return m
+
+
+def _stream(m: WanDiT, context_pass="full", kv_dtype=None, window=6):
+    den = WanDenoiser(m, m.cfg, torch.float32, "auto", kv_dtype, context_pass)
+    s = den.open_stream(StreamSpec(frame_shape=FRAME, frames_per_block=NFPB, window_frames=window))
+    s.set_conditions(torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(9)))
+    return s
+
+
+def _forwards(m: WanDiT) -> list:
+    calls = []
+    m.patch_embedding.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+STEPS = (1000.0, 750.0, 500.0, 250.0)
+
+
+def _block(stream, frame_start, g):
+    """Self-Forcing's block loop on the stream: 4 denoising calls, then the context pass on x0 at t=0."""
+    x = torch.randn(1, NFPB, *FRAME, generator=g)
+    for i, t in enumerate(STEPS):
+        flow = stream.denoise(x, t, frame_start)
+        x0 = x - (t / 1000) * flow
+        last = (x, t)
+        if i + 1 < len(STEPS):
+            x = (1 - STEPS[i + 1] / 1000) * x0 + STEPS[i + 1] / 1000 * torch.randn(x.shape, generator=g)
+    stream.commit(x0, 0.0, frame_start)
+    return last, x0
+
+
+def test_context_reuse_keeps_the_last_steps_kv_and_skips_one_forward():
+    m = _model()
+    full, reuse = _stream(m, "full"), _stream(m, "reuse")
+    calls = _forwards(m)
+    g = torch.Generator().manual_seed(1)
+    _block(reuse, 0, g)                                  # block 0: fills the cache (reuse, too)
+    assert len(calls) == len(STEPS)                     # no context forward
+    before = {k: t.clone() for k, t in reuse.cache.buffers().items()}
+    (x_last, t_last), _ = _block(reuse, NFPB, g)
+    # independent: a fresh cache holding block 0's rows, one forward of the last step's input at its t
+    ref = SelfKVCache(m.cfg.num_layers, m.cfg.num_heads, m.cfg.head_dim, 6, window_frames=6)
+    ref.k.copy_(before["k"]), ref.v.copy_(before["v"])
+    m.forward_causal(x_last, torch.full((1, NFPB), t_last), reuse.denoiser.cross, ref, NFPB)
+    assert torch.equal(reuse.cache.k, ref.k) and torch.equal(reuse.cache.v, ref.v)
+    # the full pass differs exactly in the block's rows: they hold x0 at t=0 instead
+    g = torch.Generator().manual_seed(1)
+    _block(full, 0, g)
+    before = {k: t.clone() for k, t in full.cache.buffers().items()}
+    _, x0 = _block(full, NFPB, g)
+    rows = slice(NFPB * 6, 2 * NFPB * 6)
+    assert not torch.allclose(full.cache.k[:, :, rows], reuse.cache.k[:, :, rows])
+    ref.k.copy_(before["k"]), ref.v.copy_(before["v"])
+    m.forward_causal(x0, torch.zeros(1, NFPB), full.denoiser.cross, ref, NFPB)
+    torch.testing.assert_close(full.cache.k[:, :, rows], ref.k[:, :, rows])
+
+
+def test_context_reuse_still_commits_without_a_denoised_block():
+    """An image prefix or a recache commit has no denoising call before it: its forward runs."""
+    m = _model()
+    s = _stream(m, "reuse")
+    calls = _forwards(m)
+    s.commit(torch.randn(1, NFPB, *FRAME), 0.0, 0)
+    assert len(calls) == 1 and s.cache.k.abs().sum() > 0
+    s.denoise(torch.randn(1, NFPB, *FRAME), 500.0, NFPB)
+    s.commit(torch.randn(1, NFPB, *FRAME), 0.0, 0)        # another block than the one denoised
+    assert len(calls) == 3
+    s.reset()
+    s.commit(torch.randn(1, NFPB, *FRAME), 0.0, 0)
+    assert len(calls) == 4
+
+
+def test_fp8_kv_cache_stream_and_snapshot():
+    m = _model()
+    ref, f8 = _stream(m), _stream(m, kv_dtype=E4M3)
+    assert f8.cache.k.dtype == E4M3 and f8.cache.read_dtype == torch.float32
+    outs = []
+    for s in (ref, f8):
+        g = torch.Generator().manual_seed(2)
+        for b in range(4):                                   # past the 6-frame window: the ring wraps
+            _block(s, b * NFPB, g)
+        outs.append(s.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 4 * NFPB))
+    rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert 0 < rel < 0.1, rel
+    snap = {k: t.clone() for k, t in f8.state_tensors().items()}
+    assert set(snap) == {"k", "v", "k_scale", "v_scale"}
+    f8.reset()
+    assert f8.cache.k_scale.abs().sum() == 0
+    f8.load_state_tensors(snap)
+    again = f8.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 4 * NFPB)
+    assert torch.equal(again, outs[1])
+
+
+def test_fp8_linears_and_attention_in_the_model():
+    m = _model()
+    x, t = torch.randn(1, NFPB, *FRAME), torch.full((1, NFPB), 500.0)
+    cross = m.prepare_cross(torch.randn(1, 5, 8))
+    cache = lambda: SelfKVCache(2, 2, 16, 6, max_frames=NFPB)  # noqa: E731
+    base = m.forward_causal(x, t, cross, cache(), 0)
+    assert m.use_fp8_linears() == len(WanDiT.FP8_LINEARS) * m.cfg.num_layers
+    blk = m.blocks[0]
+    assert isinstance(blk.self_attn.q, Fp8Linear) and isinstance(blk.ffn[2], Fp8Linear)
+    assert not isinstance(blk.cross_attn.k, Fp8Linear) and not isinstance(m.head.head, Fp8Linear)
+    lin = m.forward_causal(x, t, cross, cache(), 0)
+    m.use_fp8_attention("head")
+    both = m.forward_causal(x, t, cross, cache(), 0)
+    for out in (lin, both):
+        rel = ((out - base).norm() / base.norm()).item()
+        assert 0 < rel < 0.2, rel
+    assert not torch.equal(lin, both)
+    h = torch.randn(1, 7, m.cfg.dim)
+    assert torch.equal(blk._ffn(h, m.kernels), blk.ffn(h))     # GELU fused into the quantiser = the plain chain
+
+
+# ------------------------------------------------------------------ params at planning time
+def test_fp8_compute_refused_on_cpu_with_the_param_line():
+    with pytest.raises(SpecErrors) as e:
+        load_plan("tiny_self_forcing", ["nodes.dit.params.precision=fp8", "nodes.dit.params.attention_precision=fp8"],
+                  cuda_devices=0)
+    errs = e.value.errors
+    assert {x.field for x in errs} == {"params.precision", "params.attention_precision"}
+    assert all(x.code == "unsupported_on_device" and "cpu" in x.message for x in errs)
+
+
+def test_cpu_capable_choices_plan_and_show_in_viz():
+    """kv_dtype: fp8 and context_pass: reuse run on CPU; fd viz's drawing carries them with the node's params."""
+    from engine import viz
+    plan = load_plan("tiny_self_forcing", ["nodes.dit.params.kv_dtype=fp8", "nodes.dit.params.context_pass=reuse"],
+                     cuda_devices=0)
+    html = viz.to_html(plan)
+    for text in ('"kv_dtype": "fp8"', '"context_pass": "reuse"', '"precision": "auto"', '"attention_precision"'):
+        assert text in html, text
+
+
+def test_fp8_kv_cache_counted_in_the_memory_plan():
+    from nodes.ar.memory import kv_cache
+    base = load_plan("tiny_self_forcing", cuda_devices=0)
+    f8 = load_plan("tiny_self_forcing", ["nodes.dit.params.kv_dtype=fp8"], cuda_devices=0)
+    sizes = []
+    for plan in (base, f8):
+        dit, sampler = plan.nodes["dit"].build(), plan.nodes["sampler"].build()
+        sizes.append(kv_cache(sampler.p, dit.cache_layout()))
+    assert sizes[1]["dtype"] == "float8_e4m3fn"
+    head_dim = 64 // 4
+    assert sizes[1]["bytes"] == int(sizes[0]["bytes"] / 4 * (1 + 4 / head_dim))   # fp32 -> 1 byte + scale
+
+
+def test_fp8_on_a_cuda_node_checked_on_a_machine_without_cuda_is_left_to_the_gpu():
+    load_plan("tiny_self_forcing", ["nodes.dit.params.precision=fp8", "nodes.dit.device=cuda"],
+              cuda_devices=0, check_devices=False)
