@@ -24,6 +24,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.ar.node",
     "nodes.taehv.node",
     "nodes.lingbot.node",
+    "nodes.world.node",
 )
 
 
