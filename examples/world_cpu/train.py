@@ -232,7 +232,7 @@ def train_dit(args, cfg, pool, dev, deadline, fh, gen):
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 25 == 0 or step == 1:
             mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
             log_line(fh, phase="dit", step=step, loss=sum(losses[-25:]) / len(losses[-25:]), lr=lr, grad_norm=gnorm,
