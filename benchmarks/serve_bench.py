@@ -30,7 +30,8 @@ async def run(spec_name: str, overrides: list[str], blocks: int) -> dict:
     try:
         async with Client.connect(url) as c:
             t0 = time.perf_counter()
-            await c.start(prompt="a red fox running through fresh snow", seed=0, blocks=blocks)
+            prompt = "a red fox running through fresh snow" if "prompt" in spec.inputs else None   # world_cpu: none
+            await c.start(prompt=prompt, seed=0, blocks=blocks)
             while True:
                 item = await c.recv(timeout=120)
                 if isinstance(item, Frame):

@@ -27,6 +27,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.taehv.node",
     "nodes.lingbot.node",
     "nodes.flashvsr.node_dit",
+    "nodes.world.node",
 )
 
 
