@@ -3,16 +3,15 @@
 # `fd bench` with attention flash4 vs cudnn (graphs replayed). Carry: .whl (omegaconf), .fa4b (FA4's wheels for
 # Python 3.12). nvidia-cutlass-dsl-libs-cu13 (a 92 MB wheel; 61 MiB as .tar.xz) is too
 # big for one call's 64 MiB with the tree, so earlier calls on the same warm machine left it in /tmp/fa4blob as
-# pieces (`split -b 31M` of the .tar.xz, each carried in one call and copied there), with the
-# nvidia-cudnn-frontend wheel (cuDNN FP8 attention).
+# pieces (`split -b 31M` of the .tar.xz, each carried in one call and copied there). The cuDNN
+# frontend (cuDNN FP8 attention) comes in .whl.
 set -u
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STAGE=/tmp/fa4site
 if [ ! -d "$STAGE/flash_attn" ]; then
   # one pip call: the three cutlass-dsl wheels share a top-level folder, which separate --target calls would clobber
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE" .fa4b/*.whl /tmp/fa4blob/*.whl \
-    || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE" .fa4b/*.whl || exit 1
   cat /tmp/fa4blob/part.* | python3 -c "import tarfile,sys; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1])" \
     "$STAGE" || echo "no /tmp/fa4blob on this machine: FA4 will fail to import"
 fi
