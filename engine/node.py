@@ -190,6 +190,11 @@ class Node:
     def offload(self) -> None:
         """Give device memory back after a once-per-session node has run (``offload: true``)."""
 
+    def blocks_available(self) -> int | None:
+        """How many blocks a node that reads a finite source (a video file) can feed, known once ``preflight``
+        has run; runners stop there (``Pipeline.blocks_available``). None, the default: no limit."""
+        return None
+
     def new_state(self) -> Any:
         """Fresh per-session state; ``Session.reset()`` calls it again."""
         return None

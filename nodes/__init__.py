@@ -24,6 +24,8 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.ar.node",
     "nodes.taehv.node",
     "nodes.lingbot.node",
+    "nodes.video.node",
+    "nodes.flashvsr.node_decode",
 )
 
 
