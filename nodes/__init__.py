@@ -25,6 +25,7 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.taehv.node",
     "nodes.lingbot.node",
     "nodes.video.node",
+    "nodes.flashvsr.node_dit",
     "nodes.flashvsr.node_decode",
 )
 
