@@ -106,3 +106,30 @@ def test_self_forcing_then_flashvsr_in_one_dag(tmp_path):
     preview = tmp_path / spec.nodes["preview"].params["path"]
     with av.open(str(preview)) as c:
         assert sum(1 for _ in c.decode(video=0)) == sf_frames
+
+
+def test_upscaler_takes_whole_chunks_back_to_back():
+    """A chained source hands the upscaler 0, 1 or 2 chunks a block: the latents equal one chunk per block."""
+    import torch
+
+    from nodes.flashvsr.node_dit import FlashVSRDiTNode, FlashVSRUpscalerNode
+    dit = FlashVSRDiTNode("dit", dict(checkpoint="random", dim=32, ffn_dim=32, num_heads=2, num_layers=1,
+                                      text_dim=16, prompt_len=4, lq_hidden=[8, 8], dtype="fp32", compile="off"))
+    dit.load()
+    model = dit.run({}, None, None)["model"]
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 25 + 8 * 3, 3, 128, 128, generator=g) * 2 - 1
+    sched = ChunkSchedule()
+
+    def run(cuts):
+        up = FlashVSRUpscalerNode("up", {"kernel": "masked", "local_range": 3, "seed": 3})
+        state = up.new_state()
+        return [up.run({"model": model, "video": video[:, a:b]}, state, None)["latent"] for a, b in cuts]
+
+    one = run([sched.lq_range(k) for k in range(4)])
+    mixed = run([(0, 0), (0, 33), (33, 33), (33, 49)])
+    assert [m.shape[1] for m in mixed] == [0, 8, 0, 4]
+    torch.testing.assert_close(torch.cat(mixed, 1), torch.cat(one, 1))
+    up = FlashVSRUpscalerNode("up", {"kernel": "masked", "local_range": 3})
+    with pytest.raises(FdError, match="takes 8 LQ frames, got 5"):
+        up.run({"model": model, "video": video[:, :30]}, up.new_state(), None)
