@@ -7,6 +7,7 @@ before any node is constructed or any weight is read. The engine then calls:
     node = NodeType(name, params, context)     # cheap: no weights
     node.estimate_bytes()                      # for `device: auto`
     node.load()                                # heavy: weights onto node.device
+    node.blocks_available()                    # a finite source (a video file): the blocks it can feed
     state = node.new_state()                   # per-session (KV cache, decoder memory)
     outputs = node.run(inputs, state, step)    # once per session or once per block
     values = node.state_tensors(state)         # snapshot: tensors and JSON scalars (docs/sessions.md)
