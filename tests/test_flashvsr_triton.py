@@ -57,3 +57,16 @@ def test_bad_shapes():
     q = torch.randn(1, BLOCK, 1, 8)
     with pytest.raises(ValueError, match="does not fit"):
         sparse_attention(q, q, q, torch.ones(1, 2, 1, 1, dtype=torch.bool))
+
+
+def test_half_precision_path():
+    """The tensor-core path (P cast to the input dtype, no IEEE flag), in fp16: the interpreter's bf16 dot is
+    wrong (numpy has no bfloat16), so bf16 is checked on the GPU (tests/test_flashvsr_triton_gpu.py)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2 * BLOCK, 2, 32, generator=g).half()
+    k, v = (torch.randn(1, 3 * BLOCK, 2, 32, generator=g).half() for _ in range(2))
+    mask = torch.rand(1, 2, 2, 3, generator=g) < 0.6
+    got = sparse_attention(q, k, v, mask)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), masked_attention(q.float(), k.float(), v.float(), mask),
+                               atol=2e-3, rtol=2e-3)

@@ -21,7 +21,7 @@ from engine.node import SESSION, Node, Param, Port
 from engine.types import INT, LATENT, MODEL, PIXELS
 from nodes.common.attention import BACKENDS
 from nodes.common.model_node import Built, ModelNode
-from nodes.common.params import checkpoint_param, dtype_param, is_random, require_loaded, seed_param
+from nodes.common.params import checkpoint_param, dtype_param, require_loaded, seed_param
 
 from .config import ATTENTION_MODES, StreamSettings
 from .lq_proj import MODES as LQ_MODES
