@@ -114,7 +114,7 @@ def bench_decoder(model, size, h, w, device, dtype, reps, warmup, cuda):
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             rec["graphs"] = dec.graph_status()
         log(rec)
-        del dec, state
+        dec = state = None   # free the stream (and its graphs) before the next variant
         if cuda:
             torch.cuda.empty_cache()
 

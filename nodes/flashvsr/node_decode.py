@@ -126,8 +126,8 @@ class FlashVSRDecodeNode(ModelNode):
                           f"{want} frames{' (the first decode drops some)' if first and f else ''}, but `cond` has "
                           f"{cond.shape[1]} LQ frames (wire video.input's cond port, not its frames port)")
         if f == 0:
-            n, _, c, h, w = cond.shape
-            return {"pixels": torch.zeros((latent.shape[0], 0, 3, h, w))}
+            h, w = cond.shape[-2:]
+            return {"pixels": torch.zeros((latent.shape[0], 0, 3, h, w), device=cond.device)}
         with torch.no_grad():
             x = self.model.decoder_input(latent.to(device=self.device, dtype=self.dtype),
                                          cond.to(device=self.device, dtype=self.dtype))
