@@ -120,6 +120,11 @@ def bench_decoder(model, size, h, w, device, dtype, reps, warmup, cuda):
 
 
 def bench_prep(size, h, w, reps):
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        log({"what": "lq_prep_cpu_skipped", "why": "Pillow is not installed on this machine"})
+        return
     for scale in (4.0, 2.0):
         src_h, src_w = int(round(h / scale)), int(round(w / scale))
         geo = geometry(src_w, src_h, scale)
