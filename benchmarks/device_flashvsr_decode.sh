@@ -25,6 +25,8 @@ for r in rows:
         print(f"{r['size']:9} {r['variant']:13} {r['steady_ms_median']:8.2f} {r['ms_per_frame']:8.2f} "
               f"{r.get('rel_err_vs_ref', 0):8.1e} {r['adain_ms']:6.2f} {r['wavelet_ms']:7.2f} {r.get('peak_gib', 0):5.1f}")
 for r in rows:
+    if r["what"] == "lq_prep_cpu_skipped":
+        print(f"LQ prep not timed: {r['why']}")
     if r["what"] == "lq_prep_cpu":
         print(f"LQ prep {r['size']} x{r['scale']:g} {r['src']}->{r['out']}: {r['ms_per_8_frames']:.1f} ms / 8 frames "
               f"(8 threads {r['ms_per_8_frames_8_threads']:.1f}, {r['cpus']} cpus)")
