@@ -7,6 +7,7 @@ before any node is constructed or any weight is read. The engine then calls:
     node = NodeType(name, params, context)     # cheap: no weights
     node.estimate_bytes()                      # for `device: auto`
     node.load()                                # heavy: weights onto node.device
+    node.blocks_available()                    # a finite source (a video file): the blocks it can feed
     state = node.new_state()                   # per-session (KV cache, decoder memory)
     outputs = node.run(inputs, state, step)    # once per session or once per block
     values = node.state_tensors(state)         # snapshot: tensors and JSON scalars (docs/sessions.md)
@@ -195,6 +196,11 @@ class Node:
 
     def offload(self) -> None:
         """Give device memory back after a once-per-session node has run (``offload: true``)."""
+
+    def blocks_available(self) -> int | None:
+        """How many blocks a node that reads a finite source (a video file) can feed, known once ``preflight``
+        has run; runners stop there (``Pipeline.blocks_available``). None, the default: no limit."""
+        return None
 
     def new_state(self) -> Any:
         """Fresh per-session state; ``Session.reset()`` calls it again."""

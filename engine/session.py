@@ -87,6 +87,21 @@ class Pipeline:
         self.loaded = True
         return self
 
+    def blocks_available(self) -> int | None:
+        """The fewest blocks any finite source node (a video file) can feed, or None when none limits the run."""
+        counts = [c for c in (node.blocks_available() for node in self.nodes.values()) if c is not None]
+        return min(counts) if counts else None
+
+    def blocks_to_run(self, requested: int | None = None) -> int:
+        """``requested`` (else the spec's ``inputs.num_blocks``), capped by what the sources hold; with
+        neither, the sources' count (a video spec needs no num_blocks), else 1."""
+        if requested is None and "num_blocks" in self.plan.spec.inputs:
+            requested = int(self.plan.spec.inputs["num_blocks"])
+        available = self.blocks_available()
+        if available is None:
+            return 1 if requested is None else requested
+        return available if requested is None else min(requested, available)
+
     def open_session(self, **inputs) -> "Session":
         if not self.loaded:
             self.load()
@@ -239,7 +254,12 @@ class Session:
         return result
 
     def stream(self, num_blocks: int | None = None) -> Iterator[BlockResult]:
-        n = num_blocks if num_blocks is not None else int(self.inputs.get("num_blocks", 1))
+        if num_blocks is not None:
+            n = num_blocks
+        elif "num_blocks" in self.inputs:
+            n = self.pipeline.blocks_to_run(int(self.inputs["num_blocks"]))
+        else:
+            n = self.pipeline.blocks_to_run()
         for _ in range(n):
             yield self.step()
 

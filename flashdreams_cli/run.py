@@ -70,7 +70,6 @@ def run_exec(args, rank_main=None) -> int:
         if too_big:   # minutes of loading, then hours per block: ask first
             raise SpecErrors([_with_hint(e, "pass --allow-cpu to run it anyway") for e in too_big])
     console = Console(stderr=True, quiet=args.quiet or rank != 0)
-    n_blocks = args.blocks if args.blocks is not None else int(plan.spec.inputs.get("num_blocks", 1))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False, disable=args.quiet or rank != 0) as progress:
         load_task = progress.add_task("loading", total=len(plan.order))
@@ -84,6 +83,7 @@ def run_exec(args, rank_main=None) -> int:
         for w in fit_warnings(plan) if rank == 0 else ():
             Console(stderr=True).print(f"[yellow]warning:[/] {w}", highlight=False)
         pipe.load(progress=on_load)
+        n_blocks = pipe.blocks_to_run(args.blocks)   # a video input ends the run at its last chunk
         block_task = progress.add_task("blocks", total=n_blocks)
         from .interrupt import stop_after_block
         notice = Console(stderr=True, quiet=rank != 0)        # said even with --quiet: the run ends early

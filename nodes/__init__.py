@@ -26,8 +26,10 @@ _NODE_MODULES: tuple[str, ...] = (
     "nodes.ar.node",
     "nodes.taehv.node",
     "nodes.lingbot.node",
+    "nodes.video.node",
     "nodes.flashvsr.node_dit",
     "nodes.world.node",
+    "nodes.flashvsr.node_decode",
 )
 
 

@@ -182,11 +182,12 @@ class FlashVSRUpscalerNode(Node):
     inputs = (
         Port("model", MODEL, "a flashvsr.dit model"),
         Port("video", PIXELS, "this block's LQ frames [B, T, 3, H, W] in [-1, 1], upscaled and cropped to multiples "
-             "of 128 px: T = 25 at block 0, then 8"),
+             "of 128 px: T = 25 at block 0, then 8; or whole chunks back to back (T = 0: none this block), "
+             "as video.input hands out frames from an upstream node"),
         Port("seed", INT, "noise seed (else the seed param)", optional=True),
     )
-    outputs = (Port("latent", LATENT, "clean latents of this chunk [B, f, C, H/8, W/8] float32: f = 6 at block 0, "
-                    "then 2"),)
+    outputs = (Port("latent", LATENT, "clean latents of this block's chunk(s) [B, f, C, H/8, W/8] float32: f = 6 "
+                    "for the first chunk, 2 per later one"),)
     params = (
         Param("attention", str, "sparse", "self-attention: sparse (upstream's block-sparse top-k) or dense (full)",
               choices=ATTENTION_MODES),
@@ -245,12 +246,23 @@ class FlashVSRUpscalerNode(Node):
                 self._restore(state, state.restore)
                 state.restore = None
         stream = state.stream
-        frames = self._frames(inputs["video"], stream)
-        b, _, _, h, w = frames.shape
-        noise = torch.randn((b, model.latent_channels, stream.latent_frames_next(), h // 8, w // 8),
-                            generator=state.generator, device=model.device, dtype=torch.float32)
-        x0 = stream.step(noise, frames)
-        return {"latent": x0.transpose(1, 2)}
+        video = inputs["video"]
+        latents, start = [], 0
+        while not _is_empty(video):
+            want = stream.lq_frames_wanted()
+            chunk = video[:, start:start + want] if isinstance(video, torch.Tensor) else video
+            frames = self._frames(chunk, stream)      # checks the frames and this chunk's count
+            b, _, _, h, w = frames.shape
+            noise = torch.randn((b, model.latent_channels, stream.latent_frames_next(), h // 8, w // 8),
+                                generator=state.generator, device=model.device, dtype=torch.float32)
+            latents.append(stream.step(noise, frames).transpose(1, 2))
+            start += want
+            if start >= video.shape[1]:
+                break
+        if not latents:   # a chained source still filling its first chunk: nothing to upscale this block
+            b, _, _, h, w = video.shape
+            return {"latent": torch.zeros((b, 0, model.latent_channels, h // 8, w // 8), device=model.device)}
+        return {"latent": torch.cat(latents, 1)}
 
     # ------------------------------------------------------------------ snapshots
     def state_tensors(self, state: UpscalerState) -> dict:
@@ -271,6 +283,11 @@ class FlashVSRUpscalerNode(Node):
             raise FdError(f"node {self.name!r}: snapshot: {e}") from e
         if rng is not None:
             state.generator.set_state(rng.cpu())
+
+
+def _is_empty(video) -> bool:
+    """Frames [B, 0, 3, H, W]: a block that carries no chunk (a chained source between chunks)."""
+    return isinstance(video, torch.Tensor) and video.dim() == 5 and video.shape[1] == 0
 
 
 NODE_TYPES = (FlashVSRDiTNode, FlashVSRUpscalerNode)

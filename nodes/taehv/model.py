@@ -163,6 +163,32 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor, memory: Memory | None = N
     return h.unflatten(0, (n, -1)), new_memory
 
 
+def time_upscale(layers: nn.Sequential) -> int:
+    """Output frames per input frame of a decoder stack: the product of its TGrow strides."""
+    s = 1
+    for layer in layers:
+        if isinstance(layer, TGrow):
+            s *= layer.stride
+    return s
+
+
+def zero_memory(layers: nn.Sequential, x: torch.Tensor) -> Memory:
+    """Explicit zero memory of every MemBlock of a decoder stack for input ``x`` [N, T, C, h, w]
+    (spatial sizes followed through its Upsample layers; dtype and device of its first conv)."""
+    n, _, _, h, w = x.shape
+    w_ = next(layer.weight for layer in layers if isinstance(layer, nn.Conv2d))
+    memory: Memory = {}
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Upsample):
+            s = layer.scale_factor
+            s = s if isinstance(s, (tuple, list)) else (s, s)
+            h, w = int(h * s[0]), int(w * s[1])
+        elif isinstance(layer, MemBlock):
+            c = layer.conv[0].in_channels // 2
+            memory[i] = torch.zeros((n, c, h, w), dtype=w_.dtype, device=w_.device)
+    return memory
+
+
 @dataclass(frozen=True)
 class TAEHVConfig:
     latent_channels: int = 16
@@ -222,11 +248,7 @@ class TAEHV(nn.Module):
     @property
     def t_upscale(self) -> int:
         """Output frames per latent frame (4 with the default flags)."""
-        s = 1
-        for layer in self.decoder:
-            if isinstance(layer, TGrow):
-                s *= layer.stride
-        return s
+        return time_upscale(self.decoder)
 
     @property
     def frames_to_trim(self) -> int:
@@ -237,18 +259,7 @@ class TAEHV(nn.Module):
         """The fresh-start memory for latents ``x`` [N, T, C, h, w] as explicit zeros (what
         ``run_layers`` uses when an entry is absent), so a first block has the same inputs as
         every later one: one compiled graph / captured graph serves both."""
-        n, _, _, h, w = x.shape
-        w_ = self.decoder[1].weight
-        memory: Memory = {}
-        for i, layer in enumerate(self.decoder):
-            if isinstance(layer, nn.Upsample):
-                s = layer.scale_factor
-                s = s if isinstance(s, (tuple, list)) else (s, s)
-                h, w = int(h * s[0]), int(w * s[1])
-            elif isinstance(layer, MemBlock):
-                c = layer.conv[0].in_channels // 2
-                memory[i] = torch.zeros((n, c, h, w), dtype=w_.dtype, device=w_.device)
-        return memory
+        return zero_memory(self.decoder, x)
 
     def prepare_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Map DiT (normalised) latents [N, T, C, h, w] to what this checkpoint was trained on."""

@@ -1,0 +1,1 @@
+"""FlashVSR: streaming video super-resolution (LQ projector, block-sparse DiT, TCDecoder, colour fix)."""
