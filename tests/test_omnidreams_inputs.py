@@ -157,3 +157,42 @@ def test_tiny_pipeline_with_pushed_hdmap_frames_through_the_stream_encoder(tmp_p
         s.set_input("hdmap_frames", torch.rand(1, 5, 3, 64, 96))
         with pytest.raises(FdError, match="block 3 got HD-map frames"):
             s.step()
+
+
+def tiny_overrides(tmp_path, frames_path, image_path, text_path) -> list[str]:
+    """omnidreams_sv's graph at a tiny size on the CPU: every model node random, the inputs real files."""
+    dit = dict(checkpoint="random", model_channels=48, num_blocks=2, num_heads=3, crossattn_emb_channels=24,
+               crossattn_proj_in_channels=32, adaln_lora_dim=8, text_len=16, dtype="fp32")
+    out = [f"inputs.image={image_path}", f"inputs.hdmap={frames_path}", f"inputs.text={text_path}",
+           "inputs.num_blocks=2", "nodes.text.params.width=32", f"sinks.video.params.path={tmp_path / 'o.mp4'}",
+           "nodes.sampler.params.latent_height=8", "nodes.sampler.params.latent_width=12",
+           "nodes.decoder.params.checkpoint=random", "nodes.decoder.params.channels=[32,16,16,16]",
+           "nodes.decoder.params.dtype=fp32"]
+    for n in ("image", "hdmap_frames"):
+        out += [f"nodes.{n}.params.height={H}", f"nodes.{n}.params.width={W}"]
+    for n in ("image_latent", "hdmap"):
+        out += [f"nodes.{n}.params.checkpoint=random", f"nodes.{n}.params.dim=8", f"nodes.{n}.params.dtype=fp32"]
+    out += [f"nodes.dit.params.{k}={v}" for k, v in dit.items()]
+    out += [f"nodes.{n}.device=cpu" for n in ("text", "image", "image_latent", "hdmap_frames", "hdmap", "dit",
+                                               "sampler", "decoder")]
+    return out
+
+
+def test_omnidreams_sv_graph_runs_at_tiny_size(clip, tmp_path):
+    """The released single-view spec's own graph (text file -> DiT; image -> LightVAE -> first-frame stamp;
+    HD-map video -> LightVAE stream -> hdmap; LightTAE decode), with random tiny weights: it streams, block 0
+    starts with the encoded first frame, and the video's frames are consumed 5 then 8."""
+    from safetensors.torch import save_file
+    path, frames = clip
+    write_video(tmp_path / "first.mkv", frames[:1])
+    save_file({"embeds": torch.randn(16, 32)}, str(tmp_path / "t.safetensors"))
+    pipe = engine.load("omnidreams_sv", overrides=tiny_overrides(tmp_path, path, tmp_path / "first.mkv",
+                                                                 tmp_path / "t.safetensors")).load()
+    with pipe.open_session() as s:
+        outs = [s.step().outputs for _ in range(2)]
+        image = s.values["image_latent"]["latent"]
+        assert s.states["hdmap_frames"].read == 13
+    lat = [o["sampler"]["latent"] for o in outs]
+    assert [t.shape for t in lat] == [(1, 2, 16, 8, 12)] * 2
+    torch.testing.assert_close(lat[0][:, :1], image, atol=1e-4, rtol=0)      # the stamped first frame
+    assert all(torch.isfinite(o["decoder"]["pixels"]).all() for o in outs)

@@ -13,9 +13,15 @@ from __future__ import annotations
 FP32 = 4
 
 
+def rollout_frames(p) -> int:
+    """Latent frames of ``num_blocks`` blocks (block 0 has ``first_block_frames`` when set: Wan 2.2's 1)."""
+    first = p.frames_per_block if getattr(p, "first_block_frames", None) is None else p.first_block_frames
+    return first + (p.num_blocks - 1) * p.frames_per_block
+
+
 def kv_cache(p, layout: dict) -> dict:
     """The self-attention K/V rows the sampler's stream will allocate for a model of this layout."""
-    frames = p.window_frames if p.window_frames is not None else p.num_blocks * p.frames_per_block
+    frames = p.window_frames if p.window_frames is not None else rollout_frames(p)
     ph, pw = layout["patch"]
     ft = (p.latent_height // ph) * (p.latent_width // pw)
     nbytes = (2 * layout["num_layers"] * p.batch * frames * ft * layout["num_heads"] * layout["head_dim"]
@@ -27,8 +33,8 @@ def kv_cache(p, layout: dict) -> dict:
 
 def sampler_memory(p, model_node) -> dict:
     nfpb, c, lh, lw, b = p.frames_per_block, p.latent_channels, p.latent_height, p.latent_width, p.batch
-    frames = p.window_frames if p.window_frames is not None else p.num_blocks * nfpb
-    noise = 0 if p.window_frames is not None else b * p.num_blocks * nfpb * c * lh * lw * FP32
+    frames = p.window_frames if p.window_frames is not None else rollout_frames(p)
+    noise = 0 if p.window_frames is not None else b * rollout_frames(p) * c * lh * lw * FP32
     layout = getattr(model_node, "cache_layout", None)
     if layout is None:
         return {"weights": 0, "weights_source": "", "state": noise,

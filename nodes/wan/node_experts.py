@@ -40,14 +40,32 @@ class Wan22ExpertsNode(Node):
         if not 0.0 < float(self.p.boundary_ratio) < 1.0:
             raise ValueError(f"boundary_ratio must lie strictly between 0 and 1, got {self.p.boundary_ratio}")
         self._made: tuple | None = None
+        self._high = None   # the high-noise expert's node, once the plan has shown it (memory_estimate, preflight)
 
     def facts(self, sources) -> dict:
         b = float(self.p.boundary_ratio) * 1000.0
         return {"notes": [f"high: t >= {b:g}, own KV cache", f"low: t < {b:g}, own KV cache",
                           f"text K/V: {self.p.cross_attention}"]}
 
+    def memory_estimate(self, upstream) -> dict:
+        """No weights of its own (the experts' nodes count theirs). The memory plan asks nodes in graph
+        order, so this call, before ar.sampler's, is where the expert whose layout the caches share is seen."""
+        self._high = upstream.get("high")
+        return {"weights": 0, "weights_source": ""}
+
+    @property
+    def cache_layout(self):
+        """ar.sampler's cache sizing (nodes/ar/memory.py): the experts' shared layout with ``kv_copies`` 2, since
+        each expert keeps its own self-attention cache and its own copy of the prompt's cross K/V (both modes of
+        ``cross_attention`` copy the K/V into each expert's static buffers). None until an expert node was seen."""
+        layout = getattr(self._high, "cache_layout", None)
+        if not callable(layout):
+            return None
+        return lambda: {**layout(), "kv_copies": 2}
+
     def preflight(self, upstream) -> None:
         """Both experts' checkpoints are there and agree on every size, before any weight is read."""
+        self._high = upstream.get("high")
         cfgs = {}
         for port in ("high", "low"):
             node = upstream.get(port)
