@@ -105,17 +105,13 @@ class Kernels:
 
     NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant",
              "dequant", "requant_qkv")
-    BY_ATTENDED_LENGTH = ("quant_qkv", "dequant", "requant_qkv")
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
         fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows,
                dequantize, requantize_qkv)
         for name, fn in zip(self.NAMES, fns):
-            # the attended length varies while a cache fills (and without a window, for ever): the stages that see
-            # it compile once more with that dim dynamic instead of once per length (torch's recompile limit is 8)
-            dynamic = None if name in self.BY_ATTENDED_LENGTH else False
-            setattr(self, name, torch.compile(fn, dynamic=dynamic, fullgraph=True, mode=mode) if compile else fn)
+            setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
 
 
 EAGER = Kernels()
