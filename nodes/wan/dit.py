@@ -101,7 +101,9 @@ def _gelu_quant_rows(x):
 
 class Kernels:
     """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``). The FP8 quantisers
-    (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel."""
+    (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel.
+    quant_qkv / requant_qkv / dequant see the attended length, so they compile once per length: 7 for a
+    21-frame window of 3-frame blocks, within torch's recompile limit (8); past it torch runs them eagerly."""
 
     NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant",
              "dequant", "requant_qkv")
