@@ -207,7 +207,7 @@ class SelfAttention(Projections):
         else:
             if ctx.cache is not None:
                 ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
-            if ctx.cache is not None and ctx.cache.fp8 and ctx.fp8_attention is not None:
+            if ctx.fp8_attention is not None and getattr(ctx.cache, "fp8", False):
                 # FP8 cache into FP8 attention: the stored rows are rescaled, never dequantised
                 k8, ks, v8, vs = ctx.cache.quantized_values(self.layer, ctx.plan, ctx.rows)
                 y = ctx.fp8_attention(q, k8, v8, kern, kv_scales=(ks, vs))
