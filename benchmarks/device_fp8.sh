@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (~7 min on one H100; stages skip themselves past a time budget): the FP8 fast mode (issue 19).
-#  (a) op level: cuDNN sdpa_fp8 per scaling option / output type vs cuDNN bf16 SDPA at W1 block-0/5/steady and
+#  (a) op level: cuDNN sdpa_fp8 per scaling option / output type (and from an FP8 KV cache) vs cuDNN bf16 SDPA at W1 block-0/5/steady and
 #      Wan-14B shapes, and torch._scaled_mm linears vs bf16 at the Wan shapes (benchmarks/fp8_ops.py);
 #  (b) fd bench W1 (TAEHV, window 21), bf16 then fast mode (fp8 linears + fp8 attention + fp8 KV + context
 #      reuse), CUDA graphs replayed; the bf16 bench is run a second time: what a second start costs with the
@@ -42,7 +42,7 @@ bench() {  # name, timeout, overrides...
 }
 
 # (a) op level
-timeout 120 python3 -m benchmarks.fp8_ops --out "$OUT/fp8_ops.jsonl" > "$OUT/fp8_ops.log" 2>&1 \
+timeout 160 python3 -m benchmarks.fp8_ops --n 15 --out "$OUT/fp8_ops.jsonl" > "$OUT/fp8_ops.log" 2>&1 \
   || { echo "fp8_ops failed:"; tail -15 "$OUT/fp8_ops.log"; }
 # (b) end to end: bf16 (cold inductor cache), fast mode, bf16 again (warm cache: the second start)
 bench fd_bf16 120 $W1

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from nodes.common.attention import attention
 from nodes.common.fp8 import amax_scale, quantize, quantize_rows
-from nodes.common.fp8_attention import CudnnFp8Attention, emulate_sdpa_fp8, quantize_qkv, quantized_qkv
+from nodes.common.fp8_attention import (CudnnFp8Attention, QuantizedQKV, emulate_sdpa_fp8, quantize_qkv,
+                                        quantized_qkv, requantize_qkv)
 
 ATTN_SHAPES = [("w1_block0", 12, 4680, 4680), ("w1_block5", 12, 4680, 28080), ("w1_steady", 12, 4680, 32760), ("wan14b_block5", 40, 4680, 28080)]
 LINEAR_SHAPES = [("w1_qkvo", 4680, 1536, 1536), ("w1_ffn_up", 4680, 1536, 8960), ("w1_ffn_down", 4680, 8960, 1536),
@@ -105,9 +106,34 @@ def bench_attention(out, shapes, dev, n):
                          rel_err_vs_emulation=None if emu is None else rel(y, emu), graph_replay_ok=graph_ok)
                 except Exception as e:  # noqa: BLE001 - an unsupported option is a result, not a crash
                     emit(out, op="attention", shape=name, method=method, error=repr(e)[:300])
+        bench_from_cache(out, name, h, lq, lkv, q, k, v, ref, flops, cuda, n)
         del q, k, v, ref, base
         if cuda:
             torch.cuda.empty_cache()
+
+
+def bench_from_cache(out, name, h, lq, lkv, q, k, v, ref, flops, cuda, n):
+    """K/V as an FP8 KV cache holds them (e4m3, a scale per token and head) fed to FP8 attention: the rescale
+    (requantize_qkv, compiled) plus the kernel, vs dequantising to bf16 and quantising again."""
+    (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
+    req_c = torch.compile(requantize_qkv, dynamic=False, fullgraph=True) if cuda else requantize_qkv
+    a = 1 / math.sqrt(q.shape[-1])
+    for scaling in ("tensor", "head"):
+        method = f"fp8_{scaling}_from_fp8_cache"
+        try:
+            if not cuda:
+                y = emulate_sdpa_fp8(QuantizedQKV(*requantize_qkv(q, k8, ks, v8, vs, scaling)), a)
+                emit(out, op="attention", shape=name, heads=h, lq=lq, lkv=lkv, method=method,
+                     rel_err_vs_fp32=rel(y, ref))
+                continue
+            runner = CudnnFp8Attention("fp8")
+            fn = lambda: runner(QuantizedQKV(*req_c(q, k8, ks, v8, vs, scaling)), a)  # noqa: E731
+            y = fn()
+            ms = timed(fn, n, cuda)
+            emit(out, op="attention", shape=name, heads=h, lq=lq, lkv=lkv, method=method, ms=ms,
+                 tflops=flops / ms / 1e9, rel_err_vs_fp32=rel(y, ref))
+        except Exception as e:  # noqa: BLE001
+            emit(out, op="attention", shape=name, method=method, error=repr(e)[:300])
 
 
 def _graph_replays(fn, inputs) -> bool:

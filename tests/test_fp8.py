@@ -184,3 +184,28 @@ def test_fp8_cache_buffers_include_scales():
     c8 = SelfKVCache(1, 2, 16, 3, window_frames=2, dtype=E4M3)
     assert set(c8.buffers()) == {"k", "v", "k_scale", "v_scale"}
     assert set(SelfKVCache(1, 2, 16, 3, window_frames=2).buffers()) == {"k", "v"}
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "head"])
+def test_requantize_from_an_fp8_cache(scaling):
+    """K/V stored per (token, head) are rescaled to the attention's scale: one more rounding of the stored
+    values, and the same scores/outputs as quantising the dequantised rows."""
+    from nodes.common.fp8_attention import requantize_qkv
+    q, k, v = _qkv(heads_scale=(1.0, 2.0 ** 5), lk=12, seed=7)
+    (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
+    kd, vd = dequantize(k8, ks), dequantize(v8, vs)                      # what the cache holds, in real units
+    qq = quantized_qkv(q, k8, v8, scaling, lambda q_, k_, v_, s_: requantize_qkv(q_, k_, ks, v_, vs, s_))
+    if scaling == "tensor":
+        sk, sv = qq.descale_k, qq.descale_v
+        assert torch.equal(sk.flatten(), ks.amax().flatten()) and torch.equal(sv.flatten(), vs.amax().flatten())
+        k_back, v_back = qq.k.float() * sk, qq.v.float() * sv
+    else:
+        b = ks.amax(dim=(0, 1, 3), keepdim=True)
+        sk, sv = b, qq.out_factor
+        k_back, v_back = qq.k.float() * b, qq.v.float() * qq.out_factor
+    assert ((k_back - kd).abs() <= _quant_err(kd, sk)).all()
+    assert ((v_back - vd).abs() <= _quant_err(vd, sv)).all()
+    from nodes.common.attention import attention, attention_fp8
+    y = attention_fp8(q, k8, v8, scaling=scaling, kv_scales=(ks, vs))
+    ref = attention(q, k, v)
+    assert 0 < ((y - ref).norm() / ref.norm()).item() < 8 * U

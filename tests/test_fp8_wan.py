@@ -118,6 +118,26 @@ def test_fp8_kv_cache_stream_and_snapshot():
     assert torch.equal(again, outs[1])
 
 
+def test_fp8_cache_feeds_fp8_attention_without_dequantising(monkeypatch):
+    m = _model()
+    ref = _stream(m)
+    m2 = _model().use_fp8_attention("head")
+    s = _stream(m2, kv_dtype=E4M3)
+    reads = {"raw": 0, "deq": 0}
+    raw, deq = s.cache.quantized_values, s.cache.keys_values
+    monkeypatch.setattr(s.cache, "quantized_values", lambda *a: reads.__setitem__("raw", reads["raw"] + 1) or raw(*a))
+    monkeypatch.setattr(s.cache, "keys_values", lambda *a: reads.__setitem__("deq", reads["deq"] + 1) or deq(*a))
+    outs = []
+    for st in (ref, s):
+        g = torch.Generator().manual_seed(4)
+        for b in range(3):
+            _block(st, b * NFPB, g)
+        outs.append(st.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 3 * NFPB))
+    assert reads["raw"] > 0 and reads["deq"] == 0
+    rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
 def test_fp8_linears_and_attention_in_the_model():
     m = _model()
     x, t = torch.randn(1, NFPB, *FRAME), torch.full((1, NFPB), 500.0)

@@ -68,6 +68,28 @@ def quantized_qkv(q, k, v, scaling: str = "tensor", quant=quantize_qkv) -> Quant
     return QuantizedQKV(*quant(q, k, v, scaling))
 
 
+def requantize_qkv(q, k8, ks, v8, vs, scaling: str = "tensor") -> tuple:
+    """As ``quantize_qkv`` for K/V that are already e4m3 with one scale per (token, head) (an FP8 KV cache:
+    ks, vs [B, L, H, 1]): the tensor's (or head's) amax scale is the max of those scales, so each row is only
+    rescaled by s_row / S <= 1 and rounded again, one pass over one byte per value instead of dequantising to
+    bf16 and quantising that."""
+    def rescale(x8, s, dims):
+        big = s.amax() if dims is None else s.amax(dim=dims, keepdim=True)
+        return quantize(x8.float() * (s / big), torch.ones_like(big)), big
+    if scaling == "tensor":
+        sq = amax_scale(q)
+        (k2, sk), (v2, sv) = rescale(k8, ks, None), rescale(v8, vs, None)
+        one = lambda s: s.reshape(1, 1, 1, 1)  # noqa: E731
+        return quantize(q, sq), k2, v2, one(sq), one(sk), one(sv), None
+    if scaling == "head":
+        (k2, b), (v2, c) = rescale(k8, ks, (0, 1, 3)), rescale(v8, vs, (0, 1, 3))
+        qt = q.float() * b
+        sq = amax_scale(qt)
+        ones = torch.ones(1, 1, 1, 1, device=q.device, dtype=torch.float32)
+        return quantize(qt, sq), k2, v2, sq.reshape(1, 1, 1, 1), ones, ones, c
+    raise ValueError(f"unknown FP8 attention scaling {scaling!r}; choose one of {SCALINGS}")
+
+
 def _round_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float()
 
@@ -171,12 +193,17 @@ class CudnnFp8Attention:
 
 
 def fp8_attention(q, k, v, *, scale: float | None = None, scaling: str = "tensor",
-                  runner: CudnnFp8Attention | None = None, out: str = "fp8", quant=quantize_qkv) -> torch.Tensor:
+                  runner: CudnnFp8Attention | None = None, out: str = "fp8", quant=None,
+                  kv_scales: tuple | None = None) -> torch.Tensor:
     """softmax(q k^T scale) v with Q/K/V (and P, and O unless out='bf16') in e4m3; [B, L, H, D] in and out,
     out in q's dtype. CUDA needs a ``runner`` (it holds the cuDNN plans); without one the float32
-    emulation runs (CPU, tests). ``quant``: quantize_qkv or a compiled copy of it."""
+    emulation runs (CPU, tests). ``kv_scales`` = (ks, vs): k and v are already e4m3 with those per-(token,
+    head) scales (an FP8 KV cache). ``quant``: quantize_qkv (requantize_qkv with kv_scales) or a compiled copy."""
     attn_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    qq = quantized_qkv(q, k, v, scaling, quant)
+    if kv_scales is None:
+        qq = quantized_qkv(q, k, v, scaling, quant or quantize_qkv)
+    else:
+        qq = QuantizedQKV(*(quant or requantize_qkv)(q, k, kv_scales[0], v, kv_scales[1], scaling))
     if runner is None:
         return emulate_sdpa_fp8(qq, attn_scale, out).to(q.dtype)
     if runner.out != out:

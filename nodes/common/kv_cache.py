@@ -23,8 +23,9 @@ once the window is full one graph serves every later block.
 FP8 (``dtype=torch.float8_e4m3fn``): K and V are stored in e4m3 with one float32 scale per (token,
 head) (amax over the head dim / 448: 4 bytes per 128 values, so the cache takes 0.53x of bf16), written
 by the same index path, and ``keys_values`` returns the attended rows dequantised to ``read_dtype``.
-Per-token scales are what an incrementally written cache can have without rescaling old rows; they
-are also why the rows cannot go into cuDNN's FP8 attention as they are (its descales are scalars).
+Per-token scales are what an incrementally written cache can have without rescaling old rows; FP8
+attention, whose descales are scalars, takes the rows through ``quantized_values`` and rescales them by
+s_row / max(s) (nodes/common/fp8_attention.py ``requantize_qkv``), never through bf16.
 """
 from __future__ import annotations
 
@@ -186,22 +187,35 @@ class SelfKVCache:
                     rows: DeviceRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attended K/V (views into the cache, ring order; an FP8 cache returns dequantised copies)
         for a block already written."""
-        if self.sink_k is not None:
-            if rows is None:
-                cos, sin = frame_shift_cos_sin(self.head_dim, plan.sink_shift, self.k.device)
-            else:
-                cos, sin = rows.shift_cos, rows.shift_sin
-            n = self.sink_k.shape[2]
-            shifted = apply_rope(self.sink_k[layer], cos, sin)
-            if self.fp8:
-                self.k[layer, :, :n], self.k_scale[layer, :, :n] = self.quant(shifted)
-            else:
-                self.k[layer, :, :n] = shifted.to(self.k.dtype)
+        self._shift_sink(layer, plan, rows)
         n = plan.attend_rows
         if self.fp8:
             return (self.dequant(self.k[layer, :, :n], self.k_scale[layer, :, :n], self.read_dtype),
                     self.dequant(self.v[layer, :, :n], self.v_scale[layer, :, :n], self.read_dtype))
         return self.k[layer, :, :n], self.v[layer, :, :n]
+
+    def quantized_values(self, layer: int, plan: BlockPlan, rows: DeviceRows | None = None) -> tuple:
+        """An FP8 cache's attended rows as stored: (k8, k_scale, v8, v_scale), views (FP8 attention reads these)."""
+        if not self.fp8:
+            raise ValueError("quantized_values needs an FP8 cache")
+        self._shift_sink(layer, plan, rows)
+        n = plan.attend_rows
+        return self.k[layer, :, :n], self.k_scale[layer, :, :n], self.v[layer, :, :n], self.v_scale[layer, :, :n]
+
+    def _shift_sink(self, layer: int, plan: BlockPlan, rows: DeviceRows | None) -> None:
+        """'relative' mode: rewrite the sink keys from their float32 copy, moved forward by the plan's shift."""
+        if self.sink_k is None:
+            return
+        if rows is None:
+            cos, sin = frame_shift_cos_sin(self.head_dim, plan.sink_shift, self.k.device)
+        else:
+            cos, sin = rows.shift_cos, rows.shift_sin
+        n = self.sink_k.shape[2]
+        shifted = apply_rope(self.sink_k[layer], cos, sin)
+        if self.fp8:
+            self.k[layer, :, :n], self.k_scale[layer, :, :n] = self.quant(shifted)
+        else:
+            self.k[layer, :, :n] = shifted.to(self.k.dtype)
 
     def chronological(self, layer: int, frame_end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached K/V after frames [0, frame_end) in upstream's row order (for tests/debugging)."""

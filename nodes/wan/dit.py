@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from nodes.common.attention import attention, attention_fp8
 from nodes.common.fp8 import Fp8Linear, QuantizedRows, dequantize, fp8_linears, quantize_rows
-from nodes.common.fp8_attention import quantize_qkv
+from nodes.common.fp8_attention import quantize_qkv, requantize_qkv
 from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache
 from nodes.common.rope import RopeTable, apply_rope
 from nodes.common.sharding import TokenSharding
@@ -101,15 +101,17 @@ def _gelu_quant_rows(x):
 
 class Kernels:
     """The DiT's elementwise stages: eager, or torch.compile'd (``compile=True``). The FP8 quantisers
-    (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel."""
+    (per-token activations, attention Q/K/V) are among them: amax + scale + cast fuse into one kernel.
+    quant_qkv / requant_qkv / dequant see the attended length, so they compile once per length: 7 for a
+    21-frame window of 3-frame blocks, within torch's recompile limit (8); past it torch runs them eagerly."""
 
     NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant",
-             "dequant")
+             "dequant", "requant_qkv")
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
         fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows,
-               dequantize)
+               dequantize, requantize_qkv)
         for name, fn in zip(self.NAMES, fns):
             setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
 
@@ -171,9 +173,9 @@ class Fp8Attention:
     out: str = "fp8"
     runner: object = None
 
-    def __call__(self, q, k, v, kernels: "Kernels"):
-        return attention_fp8(q, k, v, scaling=self.scaling, runner=self.runner, out=self.out,
-                             quant=kernels.quant_qkv)
+    def __call__(self, q, k, v, kernels: "Kernels", kv_scales=None):
+        return attention_fp8(q, k, v, scaling=self.scaling, runner=self.runner, out=self.out, kv_scales=kv_scales,
+                             quant=kernels.quant_qkv if kv_scales is None else kernels.requant_qkv)
 
 
 class Projections(nn.Module):
@@ -205,11 +207,14 @@ class SelfAttention(Projections):
         else:
             if ctx.cache is not None:
                 ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
-                k, v = ctx.cache.keys_values(self.layer, ctx.plan, ctx.rows)
-            if ctx.fp8_attention is not None:
-                y = ctx.fp8_attention(q, k, v, kern)
+            if ctx.fp8_attention is not None and getattr(ctx.cache, "fp8", False):
+                # FP8 cache into FP8 attention: the stored rows are rescaled, never dequantised
+                k8, ks, v8, vs = ctx.cache.quantized_values(self.layer, ctx.plan, ctx.rows)
+                y = ctx.fp8_attention(q, k8, v8, kern, kv_scales=(ks, vs))
             else:
-                y = attention(q, k, v, ctx.backend)
+                if ctx.cache is not None:
+                    k, v = ctx.cache.keys_values(self.layer, ctx.plan, ctx.rows)
+                y = attention(q, k, v, ctx.backend) if ctx.fp8_attention is None else ctx.fp8_attention(q, k, v, kern)
         return self.o(y.flatten(2))
 
 
