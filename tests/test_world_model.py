@@ -227,3 +227,40 @@ def test_shipped_model_turns_left_and_right():
     left, right = run_spec("W*4 A*12", 16)[0, 4:], run_spec("W*4 D*12", 16)[0, 4:]
     s_left, s_right = horizontal_shift(left), horizontal_shift(right)
     assert s_left > 1.0 and s_right < -1.0, (s_left, s_right)
+
+
+def test_fd_serve_drives_world_cpu_with_the_live_action_control():
+    """fd serve offers the `action` control for world_cpu (no prompt), and a held key reaches world.actions:
+    the blocks after it differ from a run without it."""
+    import asyncio
+
+    pytest.importorskip("aiohttp")
+    from engine.spec import load_spec
+    from flashdreams_cli.serve import ServeConfig, Server
+    from flashdreams_cli.serve.client import Client, Frame
+    spec = load_spec("world_cpu", overrides=["nodes.dit.params.checkpoint=random",
+                                             "nodes.decoder.params.checkpoint=random", "inputs.num_blocks=3",
+                                             "inputs.actions=W*12"])
+
+    async def go(control):
+        server = Server(spec, ServeConfig(port=0))
+        await server.start()
+        try:
+            async with Client.connect(f"http://127.0.0.1:{server.port}") as c:
+                assert c.hello["controls"] == ["action"] and not c.hello["has_prompt"]
+                await c.start(seed=0, quality=95)
+                await c.wait_for("block", timeout=60)
+                await c.pause()
+                paused = await c.wait_for("paused", timeout=60)
+                if control:
+                    await c.control("action", [0.0, 0.0, 1.0, 0.0])      # arrow right: turn right (D)
+                await c.resume()
+                done, frames = await c.collect_until("done", timeout=120)
+                return paused["block"], [f for f in frames if isinstance(f, Frame)]
+        finally:
+            await server.stop()
+
+    k, steered = asyncio.run(go(True))
+    _, plain = asyncio.run(go(False))
+    after = lambda fs: [f.jpeg for f in fs if f.header.block >= k]  # noqa: E731
+    assert after(steered) and after(steered) != after(plain)

@@ -153,9 +153,10 @@ def render_pool(args, world, encode, dev, deadline, fh, gen):
     acts, lats, t0 = [], [], time.monotonic()
     with torch.no_grad():
         while sum(len(a) for a in acts) < args.pool_clips and (time.monotonic() < deadline or not acts):
-            a = random_actions(chunk, frames, gen, device=dev)
-            x = world.render(world.poses(a), chunk=chunk * frames)
-            z = encode(x.flatten(0, 1)).unflatten(0, (chunk, frames))
+            n = min(chunk, args.pool_clips - sum(len(a) for a in acts))
+            a = random_actions(n, frames, gen, device=dev)
+            x = world.render(world.poses(a), chunk=n * frames)
+            z = encode(x.flatten(0, 1)).unflatten(0, (n, frames))
             acts.append(a)
             lats.append(z.to(torch.bfloat16 if dev.type == "cuda" else torch.float32))
     acts, lats = torch.cat(acts), torch.cat(lats)

@@ -174,7 +174,7 @@ class WorldActionsNode(Node):
     doc = ("Each block's action ids from an action script (W/S forward/back, A/D turn left/right, Q/E strafe, "
            "'.' stand still; 'W*16 A*8') and, when wired, fd serve's live control, which wins while it is non-zero.")
     inputs = (Port("script", TEXT, "the action script, one letter per frame: 'W*16 A*8 W*16'", optional=True),
-              Port("control", LIST, "live control [forward, right, yaw, pitch] in [-1, 1] (fd serve: WASD + arrows): "
+              Port("control", LIST, "live control (forward, right, yaw, pitch), each in -1..1 (fd serve: WASD + arrows): "
                    "forward -> W/S, right and yaw -> D/A (turn); both -> alternating letters", optional=True))
     outputs = (Port("action", TENSOR, "this block's action ids [1, frames_per_block] (int64)"),)
     params = (Param("frames_per_block", int, 4, "frames per block (= the sampler's)", min=1),
