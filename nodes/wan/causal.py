@@ -212,14 +212,14 @@ class WanCausalStream(CausalStream):
         with torch.no_grad():
             return self.denoiser(x, self._timestep(t, x), frame_start, y, camera)
 
-    def commit(self, x, t, frame_start, y=None, camera=None) -> None:
+    def commit(self, x, t, frame_start, **block) -> None:
         """The context pass. With ``context_pass: reuse`` nothing runs when the call before it denoised this very
-        block (its rows hold that step's K/V); an image prefix or a recache commit still runs its forward."""
-        last, self._denoised = self._denoised, None
-        if self.model.context_pass == "reuse" and last == (frame_start, tuple(x.shape)):
-            return
-        with torch.no_grad():
-            self.denoiser(x, self._timestep(t, x), frame_start, y, camera)
+        block (its rows hold that step's K/V); an image prefix or a recache commit still runs its forward. The
+        forward goes through ``denoise`` so a subclass's block conditions (the world model's ``action``) apply."""
+        last = self._denoised
+        if not (self.model.context_pass == "reuse" and last == (frame_start, tuple(x.shape))):
+            self.denoise(x, t, frame_start, **block)
+        self._denoised = None
 
     def prepare(self, x, first_frame: int = 0, y=None, camera=None) -> int:
         return self.denoiser.prepare(x, first_frame, y, camera)
