@@ -29,8 +29,8 @@ def test_weight_bytes_equal_tensors_built_from_the_config(spec):
             continue
         node = np_.build()
         with torch.device("meta"):
-            module = node.build_random()
-        want = _module_bytes(module, resolve_dtype(node.p.dtype, node.device))
+            modules = [node.build_random(), *node.companions_random()]
+        want = sum(_module_bytes(m, resolve_dtype(node.p.dtype, node.device)) for m in modules)
         assert mp[name].weights == want, (spec, name, mp[name].weights_source)
         checked += 1
     if not checked:   # a spec without model nodes (preview_cpu) holds no weights

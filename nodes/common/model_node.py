@@ -77,6 +77,11 @@ class ModelNode(Node):
         return "auto: torch SDPA (cuDNN first)" if picked == "auto" else f"auto: {picked}"
 
     # ------------------------------------------------------------------ hooks
+    def companions_random(self) -> list[nn.Module]:
+        """Modules this node loads next to its main one (FlashVSR's LQ projector), as random-weight modules of
+        the configured size; called under ``torch.device("meta")``, so the memory plan can count them."""
+        return []
+
     def build_random(self) -> nn.Module:
         """The module the size params describe; called under ``torch.device("meta")``."""
         raise NotImplementedError(f"{type(self).__name__}.build_random")

@@ -80,10 +80,14 @@ class FlashVSRDiTNode(ModelNode):
         return LQProjConfig(hidden1=int(self.p.lq_hidden[0]), hidden2=int(self.p.lq_hidden[1]), out_dim=dim)
 
     def estimate_bytes(self) -> int:
-        from nodes.common.params import dtype_bytes, meta_param_count
-        from .lq_proj import LQProjector
-        lq = meta_param_count(lambda: LQProjector(self._random_lq_config(self.p.dim)))
+        from nodes.common.params import dtype_bytes
+        with torch.device("meta"):
+            lq = sum(p.numel() for m in self.companions_random() for p in m.parameters())
         return super().estimate_bytes() + lq * dtype_bytes(self.p.dtype, self.device)
+
+    def companions_random(self):
+        from .lq_proj import LQProjector
+        return [LQProjector(self._random_lq_config(self.p.dim))]
 
     def preflight(self, upstream) -> None:
         if not self.random_weights and not self.p.prompt:
