@@ -31,9 +31,11 @@ def run_serve(args) -> int:
     from engine.errors import FdError
 
     try:
-        import aiohttp  # noqa: F401  (the server's only extra dependency)
-    except ImportError:
-        raise FdError("fd serve needs aiohttp: pip install 'fdreams[serve]'") from None
+        import prometheus_client  # noqa: F401  (the server's extra dependencies)
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise FdError(f"fd serve needs {e.name}: pip install 'fdreams[serve]'") from None
     from engine.runner import read_spec
     from .serve import ServeConfig, serve_forever
     from .serve.server import LOOPBACK

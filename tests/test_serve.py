@@ -262,7 +262,7 @@ def test_frames_arrive_in_order_and_no_file_sink_runs(tmp_path):
                 for b, imgs in by_block(frames).items():
                     assert max_diff(imgs, ref[b]) <= JPEG_TOL
                 async with aiohttp.ClientSession() as http:
-                    async with http.get(url + "/metrics") as r:
+                    async with http.get(url + "/metrics.json") as r:      # /metrics is Prometheus text
                         m = await r.json()
                     assert m["blocks_served"] >= 4 and m["active_session"] == started["session"]
                     assert m["first_frame_ms"]["count"] == 1 and m["block_ms"]["count"] >= 4
