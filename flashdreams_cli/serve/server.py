@@ -161,8 +161,7 @@ class Server:
 
     # ------------------------------------------------------------------ auth
     def _token_ok(self, given: str | None) -> bool:
-        want = self.config.token
-        return want is None or (given is not None and hmac.compare_digest(given.encode(), want.encode()))
+        return token_ok(self.config.token, given)
 
     def request_token(self, request) -> str | None:
         """A Bearer header (the OpenAI SDK's api_key) or ``?token=`` (the page's URL)."""
@@ -522,6 +521,11 @@ async def serve_forever(spec: Spec, config: ServeConfig, registry: Registry | No
         await server._serving          # until uvicorn stops (Ctrl-C / SIGTERM)
     finally:
         await server.stop()
+
+
+def token_ok(want: str | None, given: str | None) -> bool:
+    """No token configured, or the same one (constant-time compare)."""
+    return want is None or (given is not None and hmac.compare_digest(given.encode(), want.encode()))
 
 
 def prompt_switch_mode(spec) -> str | None:

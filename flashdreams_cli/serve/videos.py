@@ -251,6 +251,7 @@ class Job:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: str | None = None     # why, once DELETE or a shutdown asked it to stop
     seq: int = 0                     # creation order (created_at has 1 s resolution)
+    replica: str | None = None       # Ray mode: the replica running it (the last one, after a retry)
 
     def cancel(self, reason: str) -> None:
         """Stop the job: a queued one at once (it only holds a ticket), a running one at its next block
@@ -278,7 +279,7 @@ class Job:
                 "expires_at": None, "prompt": r.prompt, "remixed_from_video_id": None,
                 "seconds": _seconds(frames, r.fps), "size": f"{size[0]}x{size[1]}" if size else "",
                 "error": self.error, "num_frames": frames, "fps": r.fps, "seed": r.seed,
-                "queue_position": self.queue_position}
+                "queue_position": self.queue_position, "attempts": self.attempts, "replica": self.replica}
 
 
 def _seconds(frames: int | None, fps: int) -> str:
@@ -401,7 +402,8 @@ class VideoJobs:
 
 
 # --------------------------------------------------------------------------- HTTP
-def video_routes(server) -> list[Route]:
+def video_routes(server, prefix: str = "/v1") -> list[Route]:
+    """The job API's routes under ``prefix`` (``""`` where a proxy mounts the app at /v1, as Ray Serve does)."""
     jobs = server.videos
 
     def guarded(handler):
@@ -474,8 +476,8 @@ def video_routes(server) -> list[Route]:
     async def one(request: Request) -> Response:
         return await (remove(request) if request.method == "DELETE" else retrieve(request))
 
-    return [Route("/v1/videos", guarded(dispatch), methods=["GET", "POST"]),
-            Route("/v1/videos/sync", guarded(create_sync), methods=["POST"]),
-            Route("/v1/videos/{video_id}", guarded(one), methods=["GET", "DELETE"]),
-            Route("/v1/videos/{video_id}/content", guarded(content), methods=["GET"]),
-            Route("/v1/models", guarded(models), methods=["GET"])]
+    return [Route(f"{prefix}/videos", guarded(dispatch), methods=["GET", "POST"]),
+            Route(f"{prefix}/videos/sync", guarded(create_sync), methods=["POST"]),
+            Route(f"{prefix}/videos/{{video_id}}", guarded(one), methods=["GET", "DELETE"]),
+            Route(f"{prefix}/videos/{{video_id}}/content", guarded(content), methods=["GET"]),
+            Route(f"{prefix}/models", guarded(models), methods=["GET"])]
