@@ -56,7 +56,7 @@ def _config(config: dict | None) -> ServeConfig:
 class FdReplica:
     """One replica: one loaded pipeline and the server that streams it (the ingress app is that server's)."""
 
-    async def __init__(self, spec: str, overrides: list[str] | None = None, config: dict | None = None):
+    async def __init__(self, spec, overrides: list[str] | None = None, config: dict | None = None):
         context = serve.get_replica_context()
         cfg = _config(config)
         cfg.replicas, cfg.replica_name = 1, context.replica_tag
@@ -65,7 +65,7 @@ class FdReplica:
         await self.server.begin_warm_up(self.server.add_replicas())   # ready (and routed to) once warm
 
     def __serve_build_asgi_app__(self):
-        return self.server.app()
+        return self.server.app(videos=False)      # /v1 is the fd-jobs app's
 
     def check_health(self) -> None:
         if self.server.warmup_error:
@@ -137,9 +137,9 @@ class JobsHost:
 class FdJobs:
     """The /v1/videos job store; jobs run on ``FdReplica`` replicas through a handle, retried when one dies."""
 
-    def __init__(self, replicas: DeploymentHandle, spec: str, overrides: list[str] | None = None,
+    def __init__(self, streams_app: str, spec, overrides: list[str] | None = None,
                  config: dict | None = None):
-        self.replicas = replicas
+        self.replicas: DeploymentHandle = serve.get_deployment_handle("FdReplica", app_name=streams_app)
         self.host = JobsHost(read_spec(spec, list(overrides or [])), _config(config), self._render)
 
     def __serve_build_asgi_app__(self):
@@ -245,9 +245,8 @@ def deployment_options(replicas: int = 1, autoscale: tuple[int, int] | None = No
                                       "downscale_delay_s": 120}
     else:
         opts["num_replicas"] = replicas
-    if placement_bundles:
-        actor.pop("num_gpus")
-        actor.pop("num_cpus")
+    if placement_bundles:      # the replica actor takes the first bundle; the rest wait for its rank workers
+        actor["num_gpus"] = placement_bundles[0].get("GPU", 0)
         opts["placement_group_bundles"] = placement_bundles
         opts["placement_group_strategy"] = "STRICT_PACK"
     return opts
@@ -261,8 +260,8 @@ def streams_app(args: dict):
 
 def jobs_app(args: dict):
     """Serve application builder for ``fd-jobs`` (mounted at /v1; finds ``fd``'s replicas by name)."""
-    handle = serve.get_deployment_handle("FdReplica", app_name=args.get("streams_app", STREAMS_APP))
-    return FdJobs.bind(handle, args["spec"], list(args.get("overrides") or []), args.get("config"))
+    return FdJobs.bind(args.get("streams_app", STREAMS_APP), args["spec"], list(args.get("overrides") or []),
+                       args.get("config"))
 
 
 def _builder_options(args: dict) -> dict:
@@ -281,11 +280,12 @@ def _builder_options(args: dict) -> dict:
     return out
 
 
-def run(spec: str, overrides: list[str], config: ServeConfig, *, replicas: int = 1,
+def run(spec, overrides: list[str], config: ServeConfig, *, replicas: int = 1,
         autoscale: tuple[int, int] | None = None, num_gpus: float = 1.0, num_cpus: float = 1.0,
         placement_bundles: list[dict] | None = None, blocking: bool = False) -> None:
     """Deploy both applications on the connected Ray cluster (``ray.init`` first) and, with ``blocking``, wait.
-    The proxy listens on ``config.host:config.port``."""
+    ``spec`` is a reference (packaged name or a path every node can read) or a parsed ``Spec`` (pickled to the
+    replicas). The proxy listens on ``config.host:config.port``."""
     cfg = {k: getattr(config, k) for k in ("token", "max_queue", "idle_timeout", "quality", "outbox_frames",
                                            "auth_timeout", "transport_max_bytes", "messages_per_s",
                                            "message_burst", "video_dir", "max_video_jobs", "host")}
@@ -294,6 +294,5 @@ def run(spec: str, overrides: list[str], config: ServeConfig, *, replicas: int =
     opts = deployment_options(replicas, autoscale, num_gpus, num_cpus, placement_bundles)
     serve.run(FdReplica.options(**opts).bind(spec, list(overrides), cfg), name=STREAMS_APP, route_prefix="/",
               blocking=False)
-    handle = serve.get_deployment_handle("FdReplica", app_name=STREAMS_APP)
-    serve.run(FdJobs.bind(handle, spec, list(overrides), cfg), name=JOBS_APP, route_prefix="/v1",
+    serve.run(FdJobs.bind(STREAMS_APP, spec, list(overrides), cfg), name=JOBS_APP, route_prefix="/v1",
               blocking=blocking)

@@ -83,11 +83,12 @@ class Server:
         self.port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def app(self) -> Starlette:
+    def app(self, videos: bool = True) -> Starlette:
+        """The ASGI app; ``videos=False`` leaves /v1 out (under Ray a separate job-store app serves it)."""
         routes = [Route("/", self._page), Route("/app.js", self._page), Route("/style.css", self._page),
                   Route("/favicon.ico", self._no_icon), WebSocketRoute("/ws", self._ws),
                   Route("/healthz", self._healthz), Route("/metrics", self._metrics),
-                  Route("/metrics.json", self._metrics_json), *video_routes(self)]
+                  Route("/metrics.json", self._metrics_json), *(video_routes(self) if videos else [])]
         guard = Middleware(origin.OriginGuard, bound_host=self.config.host,
                            allowed_origins=tuple(self.config.allow_origins))
         return Starlette(routes=routes, middleware=[guard])
