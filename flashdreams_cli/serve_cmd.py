@@ -116,9 +116,10 @@ def run_ray(args, spec, config, console) -> int:
     gpus = args.num_gpus
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if gpus > 1:
+        raise FdError(f"--num-gpus {gpus:g}: a replica spanning several GPUs (a context-parallel spec) needs one "
+                      "rank per GPU, and fd serve drives one rank per replica today; see docs/deploy.md")
     bundles = None
-    if gpus > 1:     # a context-parallel replica: all its GPUs on one host (see docs/deploy.md)
-        bundles = [{"GPU": 1.0, "CPU": args.num_cpus}] + [{"GPU": 1.0}] * (int(gpus) - 1)
     # the parsed spec (overrides and --set files applied) travels to the replicas: no spec file needed on them
     ray_app.run(spec, [], config, replicas=args.replicas, autoscale=autoscale, num_gpus=gpus,
                 num_cpus=args.num_cpus, placement_bundles=bundles)

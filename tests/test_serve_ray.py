@@ -71,6 +71,7 @@ def cluster(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", None)
 
 
 def replica_actor(replica_tag: str):

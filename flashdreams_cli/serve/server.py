@@ -112,7 +112,7 @@ class Server:
                                 ws_max_size=self.config.transport_max_bytes, ws_ping_interval=20.0,
                                 ws_per_message_deflate=False,   # JPEGs do not deflate: it only costs CPU
                                 timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn = _Uvicorn(config)
         self._serving = asyncio.get_running_loop().create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
             if self._serving.done():
@@ -484,6 +484,22 @@ class Connection:
 
 
 # --------------------------------------------------------------------------- running it
+def _uvicorn_server_class():
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        """uvicorn without its signal handlers: Ctrl-C stays a KeyboardInterrupt for whoever runs the loop
+        (``fd serve`` then stops the server itself: clients get a ``stopped`` message with the reason)."""
+
+        def capture_signals(self):
+            return contextlib.nullcontext()
+    return Uvicorn
+
+
+def _Uvicorn(config):
+    return _uvicorn_server_class()(config)
+
+
 class BackgroundServer:
     """A server on its own event loop in a daemon thread: for synchronous callers (browser tests, notebooks).
 
@@ -519,7 +535,7 @@ async def serve_forever(spec: Spec, config: ServeConfig, registry: Registry | No
         on_listening(server)
     try:
         await server._warmup_task
-        await server._serving          # until uvicorn stops (Ctrl-C / SIGTERM)
+        await asyncio.shield(server._serving)    # until Ctrl-C (stop() below then ends uvicorn in order)
     finally:
         await server.stop()
 
