@@ -84,6 +84,7 @@ class Pacer:
         self.start: float | None = None
         self.frames = 0          # frames delivered since start
         self.lead = 0            # frames of the last block: how far ahead of playback generation may run
+        self.deliveries = 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
 
     def due(self) -> float:
@@ -97,11 +98,13 @@ class Pacer:
             self.start = now
         self.frames += frames
         self.lead = frames
-        self.recent.append((now, frames))
+        self.deliveries += 1
+        if self.deliveries > 1:      # block 0 starts playback; from block 1 on, blocks come at the paced rate
+            self.recent.append((now, frames))
 
     def restart(self) -> None:
         """A reset or branch: playback starts over."""
-        self.start, self.frames, self.lead = None, 0, 0
+        self.start, self.frames, self.lead, self.deliveries = None, 0, 0, 0
         self.recent.clear()
 
     def fps_measured(self, window_s: float = 5.0) -> float | None:
@@ -111,6 +114,13 @@ class Pacer:
         if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
             return None
         return sum(n for _, n in pts[1:]) / (pts[-1][0] - pts[0][0])
+
+
+def due_batch(rollouts, now: float, max_batch: int) -> list:
+    """The rollouts (each with ``pacer`` and ``seq``) whose next block is due at ``now``, most overdue first
+    (then oldest), at most ``max_batch``: what the replica steps together next."""
+    due = sorted((r.pacer.due(), r.seq, r) for r in rollouts if r.pacer.due() <= now)
+    return [r for _, _, r in due[:max_batch]]
 
 
 class Replica:
@@ -180,8 +190,8 @@ class Replica:
                 await self._wake.wait()
                 continue
             now = self.clock()
-            due = sorted((r.pacer.due(), r.seq, r) for r in self._requests if r.pacer.due() <= now)
-            if not due:
+            batch = due_batch(self._requests, now, self.max_batch)
+            if not batch:
                 wait = min(r.pacer.due() for r in self._requests) - now
                 self._wake.clear()
                 try:
@@ -189,7 +199,6 @@ class Replica:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            batch = [r for _, _, r in due[:self.max_batch]]
             futs = [self._requests.pop(r) for r in batch]
             self._running = set(batch)
             self.batches += 1
