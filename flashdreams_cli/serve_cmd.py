@@ -16,7 +16,12 @@ def add_parser(sub, spec_args) -> None:
     p.add_argument("--max-queue", type=int, default=8, help="clients that may wait for a replica (default 8)")
     p.add_argument("--idle-timeout", type=float, default=60.0,
                    help="seconds a paused or finished session may sit before it is freed (default 60)")
-    p.add_argument("--replicas", type=int, default=1, help="pipeline copies, one rollout each (default 1)")
+    p.add_argument("--replicas", type=int, default=1, help="pipeline copies (default 1)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sessions a replica steps together, one forward for all of them (default 8)")
+    p.add_argument("--pace", choices=("realtime", "asap"), default="realtime",
+                   help="generate each session at the spec's fps (realtime, default) or as fast as possible; "
+                        "a client may ask for either (start options.pace)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality 1-100 (default 85)")
     ray = p.add_argument_group("Ray Serve (pip install 'fdreams[ray]'; docs/deploy.md)")
     ray.add_argument("--ray", action="store_true",
@@ -60,6 +65,7 @@ def run_serve(args) -> int:
     console = Console(stderr=True)
     config = ServeConfig(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue,
                          idle_timeout=args.idle_timeout, replicas=args.replicas, quality=args.quality,
+                         max_batch=args.max_batch, pace=args.pace,
                          allow_origins=tuple(args.allow_origins))
     if args.host not in LOOPBACK and not args.token:
         console.print(f"[yellow]warning:[/] binding {args.host} without --token: anyone who can reach this "

@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 
 from flashdreams_cli.serve.client import Client
-from flashdreams_cli.serve.metrics_prom import FPS_WINDOW_S
 from test_serve import run, serving, toy_spec
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -25,7 +24,7 @@ def test_prometheus_metrics_parse_and_follow_the_sessions(tmp_path):
     spec = toy_spec(tmp_path, blocks=200, delay_ms=40)
 
     async def go():
-        async with serving(spec, max_queue=2, token="t0k") as (server, url):
+        async with serving(spec, max_queue=2, token="t0k", max_batch=1) as (server, url):   # b must wait
             auth = {"Authorization": "Bearer t0k"}
             async with Client.connect(url, token="t0k") as a, Client.connect(url, token="t0k") as b, \
                     aiohttp.ClientSession() as http:
@@ -35,12 +34,12 @@ def test_prometheus_metrics_parse_and_follow_the_sessions(tmp_path):
                 assert (await b.wait_for("queue"))["position"] == 1
                 t0 = time.monotonic()
                 arrivals = []
-                while time.monotonic() - t0 < FPS_WINDOW_S + 0.5:
+                while time.monotonic() - t0 < 3.0:
                     item = await a.recv()
                     if not isinstance(item, dict):
                         arrivals.append(time.monotonic())
                 got = len(arrivals)
-                recent = sum(1 for t in arrivals if time.monotonic() - t <= FPS_WINDOW_S)
+                recent = sum(1 for t in arrivals if time.monotonic() - t <= 2.0) / 2.0    # frames/s received
                 async with http.get(url + "/metrics") as r:
                     assert r.status == 401                       # the token guards metrics too
                 async with http.get(url + "/metrics", headers=auth) as r:
@@ -62,8 +61,9 @@ def test_prometheus_metrics_parse_and_follow_the_sessions(tmp_path):
     sid = str(started["session"])
     (fps,) = m["fd_serve_session_fps"]
     assert fps.labels["session"] == sid and fps.labels["replica"] == "0" and fps.labels["spec"] == "toy_stream"
-    # frames/s over the last window = what the client received in that window (it reads as fast as they come)
-    assert recent > 0 and abs(fps.value * FPS_WINDOW_S - recent) <= 2 + 0.2 * recent, (fps.value, recent)
+    assert fps.labels["pace"] == "realtime"
+    # paced at the spec's 8 fps (2 frames a block, a 40 ms block): the metric and what the client received agree
+    assert abs(fps.value - 8) <= 0.8 and abs(recent - 8) <= 2, (fps.value, recent)
     (sent,) = m["fd_serve_session_frames"]
     assert sent.value >= got > 0                              # everything the client got was counted
     (block_ms,) = m["fd_serve_session_block_ms"]
@@ -74,6 +74,9 @@ def test_prometheus_metrics_parse_and_follow_the_sessions(tmp_path):
     assert m["fd_serve_blocks"][0].value >= 1 and m["fd_serve_ready"][0].value == 1
     assert {s.labels["stat"] for s in m["fd_serve_block_ms"]} == {"last", "median", "p90", "max"}
     assert "fd_serve_gpu_memory_allocated_bytes" in m and "fd_serve_gpu_memory_reserved_bytes" in m
+    (rep,) = m["fd_serve_replica_sessions"]
+    assert rep.labels["replica"] == "0" and rep.value == 1 and m["fd_serve_replica_free_slots"][0].value == 0
+    assert m["fd_serve_replica_batches"][0].value >= 1 and m["fd_serve_max_batch"][0].value == 1
     assert {s.labels["status"] for s in m["fd_serve_video_jobs"]} == {"queued", "in_progress", "completed", "failed"}
     # the session's series go with the session
     assert after["fd_serve_session_fps"] == [] and after["fd_serve_queue_depth"][0].value == 0

@@ -137,7 +137,7 @@ def test_jobs_queue_with_live_sessions_and_cancel(tmp_path):
     """A job waits behind a live WebSocket session (one replica), DELETE drops it from the queue; a running job
     stops at its next block boundary and frees the replica long before its last block."""
     spec = tiny(tmp_path, blocks=400)
-    with BackgroundServer(spec, ServeConfig(port=0)) as bg:
+    with BackgroundServer(spec, ServeConfig(port=0, max_batch=1)) as bg:     # one session at a time
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
 
         ws = asyncio.run_coroutine_threadsafe(Client.open(bg.url), bg.loop).result(30)

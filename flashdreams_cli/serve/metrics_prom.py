@@ -4,52 +4,18 @@ The numbers are read from the live server at scrape time by a custom collector o
 own (no process-global registry: two servers in one process, as in the tests, never mix their numbers, and a
 session's series vanish with the session instead of piling up as stale label sets).
 
-Per session (label ``session``, the connection's current rollout id, and ``replica``): frames per second
-generated for the client over the last ``FPS_WINDOW_S`` seconds, the last block's compute time, frames sent and
-frames dropped for it (latest-wins outbox overflow). Server-wide: queue depth, live sessions, connections,
-totals, block/encode time quantiles, video jobs per status, and, on CUDA, GPU memory per device.
+Per session (labels ``session``, ``replica``, ``pace``; video jobs are sessions with pace ``asap``): frames per
+second generated recently, the last block's compute time (shared by its batch), frames sent and frames dropped
+for it (latest-wins outbox overflow), all from ``SessionManager.stats()``. Per replica: live sessions, free
+slots, batches run, the last batch's size, and GPU memory. Server-wide: queue depth, live sessions,
+connections, totals, block/encode time quantiles, video jobs per status.
 """
 from __future__ import annotations
-
-import collections
-import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .sessions import Outbox
-
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-FPS_WINDOW_S = 2.0
-
-
-class MeteredOutbox(Outbox):
-    """A connection's outbox that also keeps what ``/metrics`` reports per session: when frames were pushed
-    (fps over a sliding window), and the compute time of the last block (read from the ``block`` message the
-    rollout sends with each block)."""
-
-    def __init__(self, max_frames: int = 2, max_control: int = 256):
-        super().__init__(max_frames, max_control)
-        self.pushed: collections.deque[float] = collections.deque(maxlen=4096)
-        self.frames_pushed = 0
-        self.block_ms: float | None = None
-
-    def push_frame(self, data: bytes) -> bool:
-        if not self.closed:
-            self.pushed.append(time.monotonic())
-            self.frames_pushed += 1
-        return super().push_frame(data)
-
-    def push_json(self, msg: dict, droppable: bool = False) -> None:
-        if msg.get("type") == "block" and isinstance(msg.get("ms"), (int, float)):
-            self.block_ms = float(msg["ms"])
-        super().push_json(msg, droppable)
-
-    def fps(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        while self.pushed and now - self.pushed[0] > FPS_WINDOW_S:
-            self.pushed.popleft()
-        return len(self.pushed) / FPS_WINDOW_S
 
 
 class ServeCollector:
@@ -76,16 +42,19 @@ class ServeCollector:
             c.add_metric(values, value)
             return c
 
+        stats = s.manager.stats()
         yield gauge("fd_serve_ready", "1 once a replica has warmed up", 1.0 if s.ready else 0.0)
-        yield gauge("fd_serve_queue_depth", "clients and video jobs waiting for a replica", len(s.manager.waiting))
+        yield gauge("fd_serve_queue_depth", "clients and video jobs waiting for a slot", stats["queue_depth"])
         yield gauge("fd_serve_replicas", "pipeline replicas in this server", len(s.manager.replicas))
+        yield gauge("fd_serve_max_batch", "sessions a replica steps together at most", stats["max_batch"])
         yield gauge("fd_serve_connections", "open WebSocket connections", len(s.connections))
-        yield gauge("fd_serve_sessions_active", "live streaming sessions", len(s.manager.active))
-        yield counter("fd_serve_blocks", "blocks generated for live sessions", m.blocks_served)
-        yield counter("fd_serve_frames_sent", "frames generated for live sessions", m.frames_sent)
+        yield gauge("fd_serve_sessions_active", "live sessions (streams and running video jobs)",
+                    len(stats["sessions"]))
+        yield counter("fd_serve_blocks", "blocks generated", m.blocks_served)
+        yield counter("fd_serve_frames_sent", "frames generated for live streams", m.frames_sent)
         yield counter("fd_serve_frames_dropped", "frames a client never got (its outbox overflowed)",
                       m.frames_dropped)
-        yield counter("fd_serve_sessions_started", "live sessions started", m.sessions_started)
+        yield counter("fd_serve_sessions_started", "sessions started", m.sessions_started)
         for name, series, doc in (("fd_serve_block_ms", m.block_ms, "block compute time (ms), recent blocks"),
                                   ("fd_serve_encode_ms", m.encode_ms, "JPEG encode time per block (ms)"),
                                   ("fd_serve_first_frame_ms", m.first_frame_ms, "start to first frame (ms)")):
@@ -96,50 +65,50 @@ class ServeCollector:
                     g.add_metric(values + [stat], summary[stat])
             yield g
 
-        fps = GaugeMetricFamily("fd_serve_session_fps", f"frames/s generated for a session (last {FPS_WINDOW_S:g} s)",
-                                labels=names + ["session", "replica"])
+        per = names + ["session", "replica", "pace"]
+        fps = GaugeMetricFamily("fd_serve_session_fps", "frames/s generated for a session (recent)", labels=per)
         block = GaugeMetricFamily("fd_serve_session_block_ms", "a session's last block compute time (ms)",
-                                  labels=names + ["session", "replica"])
-        position = GaugeMetricFamily("fd_serve_session_block", "a session's current block",
-                                     labels=names + ["session", "replica"])
-        sent = CounterMetricFamily("fd_serve_session_frames", "frames generated for a session's connection",
-                                   labels=names + ["session", "replica"])
+                                  labels=per)
+        position = GaugeMetricFamily("fd_serve_session_block", "a session's current block", labels=per)
+        sent = CounterMetricFamily("fd_serve_session_frames", "frames generated for a session's client",
+                                   labels=per)
         dropped = CounterMetricFamily("fd_serve_session_frames_dropped", "frames a session's client never got",
-                                      labels=names + ["session", "replica"])
-        for c in list(s.connections):
-            r = c.rollout
-            if r is None:
-                continue
-            key = values + [str(r.session_id), str(r.replica.index)]
-            fps.add_metric(key, c.outbox.fps())
-            if c.outbox.block_ms is not None:
-                block.add_metric(key, c.outbox.block_ms)
-            position.add_metric(key, r.session.block if r.session is not None else 0)
-            sent.add_metric(key, c.outbox.frames_pushed)
-            dropped.add_metric(key, c.outbox.dropped)
+                                      labels=per)
+        for st in stats["sessions"]:
+            key = values + [str(st["session"]), str(st["replica"]), st["pace"]]
+            if st["fps"] is not None:
+                fps.add_metric(key, st["fps"])
+            if st["block_ms"] is not None:
+                block.add_metric(key, st["block_ms"])
+            position.add_metric(key, st["block"])
+            sent.add_metric(key, st["frames_sent"])
+            dropped.add_metric(key, st["frames_dropped"])
         yield from (fps, block, position, sent, dropped)
+
+        rep = names + ["replica"]
+        families = {k: GaugeMetricFamily(f"fd_serve_replica_{k}", doc, labels=rep) for k, doc in (
+            ("sessions", "sessions on a replica"), ("free_slots", "sessions a replica can still take"),
+            ("batch_size_last", "sessions in a replica's last batch"))}
+        batches = CounterMetricFamily("fd_serve_replica_batches", "batches a replica has run", labels=rep)
+        alloc = GaugeMetricFamily("fd_serve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per replica",
+                                  labels=rep)
+        reserved = GaugeMetricFamily("fd_serve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per replica",
+                                     labels=rep)
+        for r in stats["replicas"]:
+            key = values + [str(r["index"])]
+            for k, fam in families.items():
+                fam.add_metric(key, r[k])
+            batches.add_metric(key, r["batches"])
+            if r.get("gpu_memory_allocated_bytes") is not None:      # None on a CPU replica
+                alloc.add_metric(key, r["gpu_memory_allocated_bytes"])
+            if r.get("gpu_memory_reserved_bytes") is not None:
+                reserved.add_metric(key, r["gpu_memory_reserved_bytes"])
+        yield from (*families.values(), batches, alloc, reserved)
 
         jobs = GaugeMetricFamily("fd_serve_video_jobs", "/v1/videos jobs by status", labels=names + ["status"])
         for status, n in s.videos.counts().items():
             jobs.add_metric(values + [status], n)
         yield jobs
-        yield from gpu_memory(names, values)
-
-
-def gpu_memory(names, values):
-    """Allocated and reserved CUDA memory per device (no samples on a CPU-only host)."""
-    alloc = GaugeMetricFamily("fd_serve_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated per device",
-                              labels=names + ["device"])
-    reserved = GaugeMetricFamily("fd_serve_gpu_memory_reserved_bytes", "torch.cuda.memory_reserved per device",
-                                 labels=names + ["device"])
-    import torch
-
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            alloc.add_metric(values + [f"cuda:{i}"], torch.cuda.memory_allocated(i))
-            reserved.add_metric(values + [f"cuda:{i}"], torch.cuda.memory_reserved(i))
-    yield alloc
-    yield reserved
 
 
 def prometheus_text(server) -> bytes:

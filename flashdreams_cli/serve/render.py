@@ -1,24 +1,34 @@
 """A video job on a local replica: wait in the shared queue, run the blocks it needs, encode an MP4 in memory.
 
-The job takes a replica through the same FIFO as the live WebSocket sessions (``SessionManager.enqueue``),
-runs its session on the replica's own thread (blocks never overlap with another client's), checks between
-blocks whether it was cancelled, and gives the replica back however it ends. Frames past the requested count
-are trimmed (a spec makes whole blocks).
+The job takes a slot through the same FIFO as the live WebSocket sessions (``SessionManager.enqueue``) and runs
+as a headless ``Rollout`` (no outbox, ``pace="asap"``): it is batched with the live sessions of its replica and
+gets the GPU time their real-time pacing leaves over. Cancelling stops it at the next block boundary; frames
+past the requested count are trimmed (a spec makes whole blocks).
 """
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 from fractions import Fraction
 
 import numpy as np
 
-from .sessions import QueueFull
+from .sessions import QueueFull, Rollout
 from .videos import ApiError, Job, JobCancelled
 
 
+def blocks_needed(want: int | None, block_frames: list[int], max_blocks: int) -> int:
+    """Blocks that make ``want`` frames, when the frames per block are known (block 0 may differ); else all."""
+    if want is None or len(block_frames) < 2:
+        return max_blocks
+    if want <= block_frames[0]:
+        return 1
+    return min(max_blocks, 1 + -(-(want - block_frames[0]) // block_frames[1]))
+
+
 async def render_on_replica(server, job: Job) -> tuple[bytes, int, tuple[int, int]]:
-    manager, source, model = server.manager, server.source, server.videos.model
+    manager, model = server.manager, server.videos.model
     try:
         ticket = manager.enqueue(lambda position: setattr(job, "queue_position", position))
     except QueueFull as e:
@@ -28,45 +38,42 @@ async def render_on_replica(server, job: Job) -> tuple[bytes, int, tuple[int, in
     except BaseException:
         manager.cancel(ticket)
         raise
-    loop = asyncio.get_running_loop()
-    session = None
+    request = job.request
+    want = request.num_frames
+    blocks = blocks_needed(want, model.block_frames, model.max_blocks)
+    frames: list[np.ndarray] = []
+    enough = asyncio.Event()
+
+    def on_block(out) -> None:
+        model.learn(out.block, len(out.frames))
+        frames.extend(out.frames)
+        job.set_progress(len(frames), want) if want else job.set_progress(out.block + 1, blocks)
+        if want is not None and len(frames) >= want:
+            enough.set()
+
+    rollout = Rollout(manager, replica, None, server.metrics, inputs=request.inputs(), blocks=blocks,
+                      quality=server.config.quality, requested_at=time.monotonic(), pace="asap", on_block=on_block)
+    job.set_progress(0, 1)
+    rollout.start()
+    waiter = asyncio.ensure_future(enough.wait())
     try:
-        request = job.request
-        session = await loop.run_in_executor(replica.executor,
-                                             lambda: replica.pipeline.open_session(**request.inputs()))
-        frames: list[np.ndarray] = []
-        want = request.num_frames
-        job.set_progress(0, 1)
-        while session.block < model.max_blocks and (want is None or len(frames) < want):
+        while not rollout.task.done() and not enough.is_set():
             if job.cancelled:
                 raise JobCancelled(job.cancelled)
-            block = await loop.run_in_executor(replica.executor, lambda: _step(session, source))
-            model.learn(session.block - 1, len(block))
-            frames.extend(block)
-            if want is not None:
-                job.set_progress(len(frames), want)
-            else:
-                job.set_progress(session.block, model.max_blocks)
-        if want is not None and len(frames) < want:
-            raise ApiError(400, f"{want} frames asked for, but the spec {model.name!r} made {len(frames)} in its "
-                           f"{model.max_blocks} blocks; ask for fewer or restart fd serve with inputs.num_blocks=N",
-                           "seconds", "too_long")
-        frames = frames[:want] if want else frames
-        if job.cancelled:
-            raise JobCancelled(job.cancelled)
-        data = await loop.run_in_executor(None, mp4_bytes, frames, request.fps)
-        h, w = frames[0].shape[:2]
-        return data, len(frames), (int(w), int(h))
+            await asyncio.wait({rollout.task, waiter}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if session is not None:
-            await loop.run_in_executor(replica.executor, session.close)
-        manager.release(replica)
-
-
-def _step(session, source) -> list[np.ndarray]:
-    from engine.frames import to_uint8_frames
-    result = session.step()
-    return list(to_uint8_frames(result.outputs[source.frames.node][source.frames.port]))
+        waiter.cancel()
+        await rollout.stop("cancelled" if job.cancelled else "done")
+    if rollout.stop_reason == "error":
+        raise RuntimeError("a block failed while rendering the video (see the server log)")
+    if want is not None and len(frames) < want:
+        raise ApiError(400, f"{want} frames asked for, but the spec {model.name!r} made {len(frames)} in its "
+                       f"{model.max_blocks} blocks; ask for fewer or restart fd serve with inputs.num_blocks=N",
+                       "seconds", "too_long")
+    frames = frames[:want] if want else frames
+    data = await asyncio.get_running_loop().run_in_executor(None, mp4_bytes, frames, request.fps)
+    h, w = frames[0].shape[:2]
+    return data, len(frames), (int(w), int(h))
 
 
 def mp4_bytes(frames: list[np.ndarray], fps: int, crf: int = 18) -> bytes:

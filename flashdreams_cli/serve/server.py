@@ -32,10 +32,10 @@ from engine.registry import Registry
 from engine.spec import Spec
 
 from . import origin, protocol
-from .metrics_prom import PROMETHEUS_TEXT, MeteredOutbox, prometheus_text
+from .metrics_prom import PROMETHEUS_TEXT, prometheus_text
 from .protocol import ProtocolError
 from .render import render_on_replica
-from .sessions import Metrics, QueueFull, Replica, Rollout, SessionManager, Ticket, stream_source
+from .sessions import Metrics, Outbox, QueueFull, Replica, Rollout, SessionManager, Ticket, stream_source
 from .videos import VideoJobs, video_routes
 
 log = logging.getLogger("fd.serve")
@@ -54,6 +54,8 @@ class ServeConfig:
     max_queue: int = 8
     idle_timeout: float = 60.0       # seconds a paused/finished session or a session-less connection may sit
     replicas: int = 1
+    max_batch: int = 8               # sessions a replica steps together (one forward per denoising step)
+    pace: str = "realtime"           # default pace of a session: realtime (the spec's fps) or asap
     quality: int = 85                # default JPEG quality (a client may ask for another)
     outbox_frames: int = 2           # frames buffered per client before the oldest is dropped
     auth_timeout: float = 10.0       # seconds to send {type: auth} when the URL carried no token
@@ -71,7 +73,7 @@ class Server:
         self.config = config or ServeConfig()
         self.registry = registry or Registry.default()
         self.source = stream_source(spec, self.registry)
-        self.manager = SessionManager(self.config.max_queue)
+        self.manager = SessionManager(self.config.max_queue, max_batch=self.config.max_batch, pace=self.config.pace)
         self.metrics = Metrics()
         self.connections: set[Connection] = set()
         self.videos = VideoJobs(self, render=lambda job: render_on_replica(self, job))
@@ -214,11 +216,10 @@ class Server:
 
     def metrics_snapshot(self) -> dict:
         snap = self.metrics.snapshot()
+        stats = self.manager.stats()
         snap.update(ready=self.ready, spec=self.source.spec.name, replicas=len(self.manager.replicas),
-                    connections=len(self.connections), queue_length=len(self.manager.waiting),
-                    active_sessions=[{"session": r.session_id, "replica": i, "paused": r.paused, "done": r.done,
-                                      "block": r.session.block if r.session is not None else 0,
-                                      "blocks": r.blocks} for i, r in sorted(self.manager.active.items())],
+                    connections=len(self.connections), queue_length=stats["queue_depth"],
+                    active_sessions=stats["sessions"], replica_stats=stats["replicas"],
                     video_jobs=self.videos.counts())
         snap["active_session"] = snap["active_sessions"][0]["session"] if snap["active_sessions"] else None
         return snap
@@ -264,7 +265,7 @@ class Connection:
     def __init__(self, server: Server, ws: WebSocket, authorized: bool):
         self.server, self.ws, self.authorized = server, ws, authorized
         self.config = server.config
-        self.outbox = MeteredOutbox(self.config.outbox_frames)
+        self.outbox = Outbox(self.config.outbox_frames)
         self.closed = False
         self.ticket: Ticket | None = None
         self.rollout: Rollout | None = None
@@ -447,12 +448,12 @@ class Connection:
             self.send(protocol.error(str(e)))
             return
         self._starting = asyncio.create_task(self._await_replica(
-            self.ticket, inputs, blocks, opts.get("quality", self.config.quality), requested_at))
+            self.ticket, inputs, blocks, opts.get("quality", self.config.quality), requested_at, opts.get("pace")))
 
     def _on_position(self, position: int) -> None:
         self.send({"type": "queue", "position": position})
 
-    async def _await_replica(self, ticket: Ticket, inputs, blocks, quality, requested_at) -> None:
+    async def _await_replica(self, ticket: Ticket, inputs, blocks, quality, requested_at, pace=None) -> None:
         try:
             replica = await ticket.granted
         except asyncio.CancelledError:
@@ -461,7 +462,7 @@ class Connection:
             self._starting = None
             self.ticket = None
         rollout = Rollout(self.server.manager, replica, self.outbox, self.server.metrics, inputs=inputs,
-                          blocks=blocks, quality=quality, requested_at=requested_at)
+                          blocks=blocks, quality=quality, requested_at=requested_at, pace=pace)
         rollout.on_end = self._on_rollout_end
         self.rollout = rollout
         rollout.start()
