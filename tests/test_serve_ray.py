@@ -208,3 +208,28 @@ def test_page_through_the_ray_proxy(cluster):
             assert errors == []
         finally:
             browser.close()
+
+
+def test_autoscaling_policy_follows_sessions_not_cpu():
+    """The policy Ray calls: replicas = ceil((live + waiting sessions, + requests queued in Ray's router) /
+    sessions one replica runs at once); no reports yet keeps the current target. Ray accepts and loads it."""
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+
+    from flashdreams_cli.serve.ray_app import deployment_options, session_demand_policy
+
+    def ctx(sessions, waiting, capacity, queued=0, target=1):
+        return SimpleNamespace(aggregated_metrics={"fd_sessions": sessions, "fd_waiting": waiting,
+                                                   "fd_capacity": capacity} if sessions else {},
+                               total_queued_requests=queued, target_num_replicas=target)
+
+    assert session_demand_policy(ctx({"a": 8}, {"a": 3}, {"a": 8}))[0] == 2        # 11 sessions, 8 per replica
+    assert session_demand_policy(ctx({"a": 1, "b": 0}, {"a": 0, "b": 0}, {"a": 8, "b": 8}))[0] == 1
+    assert session_demand_policy(ctx({"a": 1}, {"a": 0}, {"a": 1}, queued=2))[0] == 3
+    assert session_demand_policy(ctx({"a": 0, "b": 0}, {"a": 0, "b": 0}, {"a": 1, "b": 1}))[0] == 0  # Ray clamps
+    assert session_demand_policy(ctx({}, {}, {}, target=3))[0] == 3
+    config = AutoscalingConfig(**deployment_options(autoscale=(1, 4), num_gpus=0)["autoscaling_config"])
+    assert config.min_replicas == 1 and config.max_replicas == 4
+    loaded = config.policy.get_policy()                  # Ray's own loader (a cloudpickled copy)
+    assert loaded.__name__ == "session_demand_policy" and loaded(ctx({"a": 8}, {"a": 3}, {"a": 8}))[0] == 2

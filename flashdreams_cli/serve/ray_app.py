@@ -7,8 +7,8 @@ Two Serve applications, so that Ray's proxy (longest route-prefix match) does al
   plain ``fd serve`` runs, and hands Ray its Starlette app as the ingress. A WebSocket is one ASGI call, so a
   live stream stays on the replica that accepted it for its whole life (its KV cache is there). New connections
   go where Ray's router sends them: power-of-two-choices on ongoing requests, i.e. the less loaded replica.
-  Autoscaling (``--autoscale MIN:MAX``) follows ongoing + queued requests per replica (``target_ongoing_requests``
-  = 1 stream per replica): live and waiting sessions, not CPU.
+  Autoscaling (``--autoscale MIN:MAX``) follows live and waiting sessions (``session_demand_policy``, fed by
+  each replica's ``record_autoscaling_stats``), not CPU.
 * ``fd-jobs`` at ``/v1`` — deployment ``FdJobs`` (one small CPU replica): the ``/v1/videos`` job store. It runs
   each job on the least-loaded ``FdReplica`` through a streaming handle call (progress, then the MP4 bytes), and
   when that replica dies mid-job it retries on another (``MAX_ATTEMPTS``). Jobs live here, not on a model
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -66,6 +67,14 @@ class FdReplica:
 
     def __serve_build_asgi_app__(self):
         return self.server.app(videos=False)      # /v1 is the fd-jobs app's
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What ``session_demand_policy`` scales on: this replica's live sessions (streams and running jobs),
+        the sessions waiting in its queue, and how many sessions it runs at once."""
+        m = self.server.manager
+        per_pipeline = getattr(m, "max_batch", 1)      # sessions a pipeline steps together (1 without batching)
+        return {"fd_sessions": float(len(m.active)), "fd_waiting": float(len(m.waiting)),
+                "fd_capacity": float(len(m.replicas) * per_pipeline)}
 
     def check_health(self) -> None:
         if self.server.warmup_error:
@@ -231,6 +240,20 @@ def proxy_middlewares() -> list:
     return [Middleware(ReplicaLostMiddleware)]
 
 
+# --------------------------------------------------------------------------- autoscaling
+def session_demand_policy(ctx) -> tuple[int, dict]:
+    """Ray Serve autoscaling policy: enough replicas for the live and waiting sessions (each replica reports
+    them with ``record_autoscaling_stats``), plus requests queued in Ray's router before reaching any replica.
+    CPU load plays no part. Ray applies the min/max bounds and the up/down-scale delays around it."""
+    metrics = ctx.aggregated_metrics or {}
+    live = sum((metrics.get("fd_sessions") or {}).values())
+    waiting = sum((metrics.get("fd_waiting") or {}).values()) + float(ctx.total_queued_requests or 0)
+    capacity = max((metrics.get("fd_capacity") or {}).values(), default=1.0) or 1.0
+    if not metrics.get("fd_sessions"):        # no replica has reported yet: keep what there is
+        return ctx.target_num_replicas, {}
+    return math.ceil((live + waiting) / capacity), {}
+
+
 # --------------------------------------------------------------------------- building and running
 def deployment_options(replicas: int = 1, autoscale: tuple[int, int] | None = None, num_gpus: float = 1.0,
                        num_cpus: float = 1.0, placement_bundles: list[dict] | None = None) -> dict:
@@ -240,9 +263,9 @@ def deployment_options(replicas: int = 1, autoscale: tuple[int, int] | None = No
     opts: dict[str, Any] = {"ray_actor_options": actor}
     if autoscale is not None:
         lo, hi = autoscale
-        opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": lo,
-                                      "target_ongoing_requests": 1, "upscale_delay_s": 5,
-                                      "downscale_delay_s": 120}
+        opts["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
+                                      "upscale_delay_s": 5, "downscale_delay_s": 120,
+                                      "policy": {"policy_function": f"{__name__}:session_demand_policy"}}
     else:
         opts["num_replicas"] = replicas
     if placement_bundles:      # the replica actor takes the first bundle; the rest wait for its rank workers
