@@ -19,6 +19,7 @@ denoising steps) apart from the KV (context) pass - what ``fd bench`` reports.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,12 +222,15 @@ class ARSamplerNode(Node):
         self._check_boundary(model)
         dev = model.device
         session_conds, block_conds = self._conditions(model, inputs)
-        graphs = bool(graphs and self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        capture = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        graphs = graphs and capture
         spec = StreamSpec(frame_shape=(self.p.latent_channels, lh, lw), frames_per_block=nfpb, batch=self.p.batch,
                           sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
                           max_frames=prefix + self._frames(self.p.num_blocks), rope_mode=self.p.rope_mode, graphs=graphs)
         key = (id(model), spec)
         spare, self._spare = self._spare, None
+        if capture and not graphs and spare is not None and spare[0] == (id(model), dataclasses.replace(spec, graphs=True)):
+            key = spare[0]                      # a spare with graphs already captured serves a batched session too
         fresh = spare is None or spare[0] != key
         if not fresh:
             state.stream = spare[1]             # a previous session's cache and captured graphs
