@@ -287,10 +287,10 @@ def step_together(sessions: list[Session]) -> list[BlockResult]:
     run per session; every block node gets all sessions at once through ``Node.run_batch`` (a batching node
     runs one forward for all of them). Each session's outputs equal what its own ``step()`` would give.
     A failure aborts every session of the batch (the error cannot be pinned on one of them)."""
+    if not sessions:
+        return []
     if len({id(s.pipeline) for s in sessions}) > 1:
         raise FdError("step_together: the sessions belong to different pipelines")
-    if len(sessions) == 1:
-        return [sessions[0].step()]
     for s in sessions:
         if s.closed:
             raise FdError("step_together: a session is closed")

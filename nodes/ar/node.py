@@ -19,6 +19,7 @@ denoising steps) apart from the KV (context) pass - what ``fd bench`` reports.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +205,7 @@ class ARSamplerNode(Node):
                               f"(it takes {', '.join(model.session_conditions + model.block_conditions)})")
         return session, block
 
-    def _start(self, state: ARState, inputs: dict) -> None:
+    def _start(self, state: ARState, inputs: dict, graphs: bool = True) -> None:
         model = self._model(inputs)
         ph, pw = model.patch_grid()
         lh, lw, nfpb = self.p.latent_height, self.p.latent_width, self.p.frames_per_block
@@ -221,12 +222,15 @@ class ARSamplerNode(Node):
         self._check_boundary(model)
         dev = model.device
         session_conds, block_conds = self._conditions(model, inputs)
-        graphs = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        capture = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        graphs = graphs and capture
         spec = StreamSpec(frame_shape=(self.p.latent_channels, lh, lw), frames_per_block=nfpb, batch=self.p.batch,
                           sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
                           max_frames=prefix + self._frames(self.p.num_blocks), rope_mode=self.p.rope_mode, graphs=graphs)
         key = (id(model), spec)
         spare, self._spare = self._spare, None
+        if capture and not graphs and spare is not None and spare[0] == (id(model), dataclasses.replace(spec, graphs=True)):
+            key = spare[0]                      # a spare with graphs already captured serves a batched session too
         fresh = spare is None or spare[0] != key
         if not fresh:
             state.stream = spare[1]             # a previous session's cache and captured graphs
@@ -279,9 +283,10 @@ class ARSamplerNode(Node):
         if mode == "reset":
             switches = state.prompt_switches + 1
             self._spare = (state.key, state.stream)   # _start takes it back: same buffers, cleared
+            graphs = state.key[1].graphs if state.key is not None else True
             state.stream = state.rollout = None
             state.history = []
-            self._start(state, inputs)
+            self._start(state, inputs, graphs=graphs)
             state.prompt_switches = switches
             return
         state.conditions = self._conditions(state.model, inputs)[0]
@@ -315,10 +320,12 @@ class ARSamplerNode(Node):
         state.history.append(switch.ContextRecord(x.detach().clone(), float(t), int(frame_start), dict(conditions)))
         state.history = switch.retained(state.history, self.p.sink_frames, self.p.window_frames)
 
-    def _next_block(self, inputs, state: ARState, step):
-        """Open or switch the session as needed; (rollout, block index, the block's noise, block conditions)."""
+    def _next_block(self, inputs, state: ARState, step, batched: bool = False):
+        """Open or switch the session as needed; (rollout, block index, the block's noise, block conditions).
+        A session that starts inside a batch opens its stream without CUDA graphs: capturing them costs a few
+        forwards per attended length, and batched calls run eager, so they would only serve it once alone."""
         if state.rollout is None:
-            self._start(state, inputs)
+            self._start(state, inputs, graphs=not batched)
             if state.restore is not None:
                 self._restore(state, inputs)
         elif step.changed & set(SESSION_CONDITIONS):
@@ -353,7 +360,7 @@ class ARSamplerNode(Node):
         """Several sessions' next blocks at once (``fd serve``): the rollouts run in lockstep and every round of
         model calls is one ``model.run_together`` (one batched forward where the model supports it). Each session
         keeps its own noise generator, conditions, position and cache, so its latents equal a lone ``run``."""
-        prepared = [self._next_block(i, s, st) for i, s, st in zip(inputs, states, steps)]
+        prepared = [self._next_block(i, s, st, batched=True) for i, s, st in zip(inputs, states, steps)]
         model = states[0].model
         if any(s.model is not model for s in states):
             return [self._output(r, b, r.step(n, **c)) for (r, b, n, c) in prepared]
