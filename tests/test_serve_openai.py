@@ -137,7 +137,7 @@ def test_jobs_queue_with_live_sessions_and_cancel(tmp_path):
     """A job waits behind a live WebSocket session (one replica), DELETE drops it from the queue; a running job
     stops at its next block boundary and frees the replica long before its last block."""
     spec = tiny(tmp_path, blocks=400)
-    with BackgroundServer(spec, ServeConfig(port=0, max_batch=1)) as bg:     # one session at a time
+    with BackgroundServer(spec, ServeConfig(port=0, max_queue=1, max_batch=1)) as bg:   # one session at a time
         client = openai.OpenAI(base_url=bg.url + "/v1", api_key="x", max_retries=0)
 
         ws = asyncio.run_coroutine_threadsafe(Client.open(bg.url), bg.loop).result(30)
@@ -148,6 +148,8 @@ def test_jobs_queue_with_live_sessions_and_cancel(tmp_path):
         v = client.videos.retrieve(queued.id)
         assert v.status == "queued" and v.model_extra["queue_position"] == 1
         assert len(bg.server.manager.waiting) == 1
+        with pytest.raises(openai.RateLimitError, match="busy"):      # max_queue=1: the next one is refused
+            client.videos.create(model=SPEC, prompt="no room", extra_body={"num_frames": 9})
         client.videos.delete(queued.id)
         assert not bg.server.manager.waiting                         # it left the queue at once
         asyncio.run_coroutine_threadsafe(ws.close(), bg.loop).result(30)

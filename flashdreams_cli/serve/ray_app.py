@@ -125,6 +125,9 @@ class JobsHost:
     def frame_size(self):
         return self._frame_size
 
+    def queue_full(self) -> str | None:
+        return None      # Ray's router queues requests for the replicas; each replica's own queue is bounded
+
     def authorized(self, request) -> bool:
         from .server import token_ok
         auth = request.headers.get("authorization", "")

@@ -242,6 +242,13 @@ class Server:
             hello["replica_id"] = self.config.replica_name
         return hello
 
+    def queue_full(self) -> str | None:
+        """Why a new session or job would be refused now (no free replica and the wait queue full), else None."""
+        m = self.manager
+        if not m.free and len(m.waiting) >= m.max_queue:
+            return f"server busy: {len(m.waiting)} client(s) already waiting (max {m.max_queue})"
+        return None
+
     def frame_size(self) -> tuple[int, int] | None:
         return next((r.frame_size for r in self.manager.replicas if r.frame_size), None)
 

@@ -337,6 +337,9 @@ class VideoJobs:
     def submit(self, request: VideoRequest) -> Job:
         if self.server.warmup_error:
             raise ApiError(503, self.server.warmup_error)
+        busy = self.server.queue_full()
+        if busy:                       # refused now, not accepted and failed later
+            raise ApiError(429, busy, code="queue_full")
         self._make_room()
         job = Job(f"video_{secrets.token_hex(12)}", request, int(time.time()), seq=next(self._seq))
         self.jobs[job.id] = job
@@ -425,8 +428,9 @@ def video_routes(server, prefix: str = "/v1") -> list[Route]:
         job = jobs.submit(parse_request(await read_fields(request), jobs.model))
         await job.done.wait()
         if job.status != "completed":
-            raise ApiError(500 if job.error["code"] == "generation_failed" else 409, job.error["message"],
-                           code=job.error["code"])
+            code = job.error["code"]
+            status = {"generation_failed": 500, "cancelled": 409, "queue_full": 429}.get(code, 400)
+            raise ApiError(status, job.error["message"], code=code)
         return FileResponse(job.path, media_type="video/mp4", headers={"X-Video-Id": job.id})
 
     async def retrieve(request: Request) -> Response:
