@@ -5,9 +5,9 @@ set -u
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TAE="nodes.decoder.type=taehv.decode nodes.sampler.params.window_frames=21"
-python3 -m benchmarks.serve_bench bench_self_forcing $TAE --blocks 12 > "$OUT/serve_taehv.json" 2> "$OUT/serve.err" \
+python3 -m benchmarks.serve_bench bench_self_forcing $TAE --blocks 12 --sessions 1 --no-engine > "$OUT/serve_taehv.json" 2> "$OUT/serve.err" \
   || tail -20 "$OUT/serve.err"
-python3 -m benchmarks.serve_bench bench_self_forcing nodes.sampler.params.window_frames=21 --blocks 12 \
+python3 -m benchmarks.serve_bench bench_self_forcing nodes.sampler.params.window_frames=21 --blocks 12 --sessions 1 --no-engine \
   > "$OUT/serve_wan.json" 2>> "$OUT/serve.err" || tail -20 "$OUT/serve.err"
 B="inputs.num_blocks=12 --warmup 2 --blocks 10 --report-block 5 --json"
 python3 -m flashdreams_cli.main bench bench_self_forcing $TAE $B > "$OUT/fd_plain.json" 2> "$OUT/b.err" || tail "$OUT/b.err"

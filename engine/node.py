@@ -209,6 +209,12 @@ class Node:
     def run(self, inputs: dict[str, Any], state: Any, step: Step) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__}.run")
 
+    def run_batch(self, inputs: list[dict[str, Any]], states: list[Any], steps: list[Step]) -> list[dict[str, Any]]:
+        """The same block of several sessions (``engine.session.step_together``): one output dict per session.
+        Default: one ``run`` after the other. A node that batches them (one forward for all) must return what
+        the lone runs return, bit for bit: a session's output may not depend on its batch."""
+        return [self.run(i, s, st) for i, s, st in zip(inputs, states, steps)]
+
     def close(self, state: Any) -> None:
         """End of session: flush and finalise (sinks commit their files here)."""
 

@@ -203,9 +203,7 @@ class Session:
         node = self.nodes[name]
         if node.is_sink and self.pipeline.rank != 0:
             return
-        vals, changed = self._gather(name)
-        step = Step(block=block, inputs=self.inputs, first_in_session=(self.block == 0),
-                    changed=frozenset(changed))
+        vals, step = self._node_inputs(name, block)
         timer = NodeTimer(node.device)
         timer.start()
         try:
@@ -218,6 +216,11 @@ class Session:
         timer.stop()
         timers[name] = timer
         self.values[name] = out
+
+    def _node_inputs(self, name: str, block: int | None) -> tuple[dict[str, Any], Step]:
+        vals, changed = self._gather(name)
+        return vals, Step(block=block, inputs=self.inputs, first_in_session=(self.block == 0),
+                          changed=frozenset(changed))
 
     def _run_session_phase(self, timings, timers) -> None:
         if not self._dirty:
@@ -246,6 +249,9 @@ class Session:
         except BaseException:
             self.abort()
             raise
+        return self._finish_block(timings, timers)
+
+    def _finish_block(self, timings: dict, timers: dict) -> BlockResult:
         for n, t in timers.items():
             timings[n] = t.ms()
             self.pipeline.timings_ms[n].append(timings[n])
@@ -294,6 +300,47 @@ class Session:
             self.close()
         else:
             self.abort()
+
+
+def step_together(sessions: list[Session]) -> list[BlockResult]:
+    """One block of each of several sessions of ONE pipeline (``fd serve`` batching users): session phases
+    run per session; every block node gets all sessions at once through ``Node.run_batch`` (a batching node
+    runs one forward for all of them). Each session's outputs equal what its own ``step()`` would give.
+    A failure aborts every session of the batch (the error cannot be pinned on one of them)."""
+    if not sessions:
+        return []
+    if len({id(s.pipeline) for s in sessions}) > 1:
+        raise FdError("step_together: the sessions belong to different pipelines")
+    for s in sessions:
+        if s.closed:
+            raise FdError("step_together: a session is closed")
+    first = sessions[0]
+    per = [({}, {}) for _ in sessions]          # (timings, timers) per session
+    try:
+        for s, (timings, timers) in zip(sessions, per):
+            s._run_session_phase(timings, timers)
+        for n in first.plan.block_nodes:
+            node = first.nodes[n]
+            if node.is_sink and first.pipeline.rank != 0:
+                continue
+            args = [s._node_inputs(n, s.block) for s in sessions]
+            timer = NodeTimer(node.device)
+            timer.start()
+            try:
+                outs = node.run_batch([a[0] for a in args], [s.states[n] for s in sessions], [a[1] for a in args])
+            except FdError:
+                raise
+            except Exception as e:
+                raise NodeRuntimeError(n, first.plan.spec.node_where(n), "running a batch of blocks", e) from e
+            timer.stop()
+            for s, out, (_, timers) in zip(sessions, outs, per):
+                s.values[n] = out or {}
+                timers[n] = timer
+    except BaseException:
+        for s in sessions:
+            s.abort()
+        raise
+    return [s._finish_block(timings, timers) for s, (timings, timers) in zip(sessions, per)]
 
 
 def _descendants(graph, n):

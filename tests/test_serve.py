@@ -262,7 +262,7 @@ def test_frames_arrive_in_order_and_no_file_sink_runs(tmp_path):
                 for b, imgs in by_block(frames).items():
                     assert max_diff(imgs, ref[b]) <= JPEG_TOL
                 async with aiohttp.ClientSession() as http:
-                    async with http.get(url + "/metrics") as r:
+                    async with http.get(url + "/metrics.json") as r:      # /metrics is Prometheus text
                         m = await r.json()
                     assert m["blocks_served"] >= 4 and m["active_session"] == started["session"]
                     assert m["first_frame_ms"]["count"] == 1 and m["block_ms"]["count"] >= 4
@@ -387,7 +387,7 @@ def test_camera_input_reaches_the_session(tmp_path):
                 await c.control("camera", [0.5, 0.0, 0.0, 0.0])
                 await c.resume()
                 done, frames = await c.collect_until("done")
-                assert server.manager.active[0].inputs["camera"] == [0.5, 0.0, 0.0, 0.0]
+                assert server.manager.rollouts()[0].inputs["camera"] == [0.5, 0.0, 0.0, 0.0]
                 return paused["block"], frames
 
     k, frames = run(go())
@@ -400,13 +400,13 @@ def test_disconnect_mid_block_frees_the_replica(tmp_path):
     spec = toy_spec(tmp_path, blocks=3, delay_ms=400)
 
     async def go():
-        async with serving(spec) as (server, url):
+        async with serving(spec, max_batch=1) as (server, url):     # one slot: b waits in the queue
             b = await Client.open(url)
             async with Client.connect(url) as a:
                 await a.start(prompt="hello")
                 await a.wait_for("started")
                 await asyncio.sleep(0.1)            # block 0 is running in the replica thread now
-                assert server.manager.active[0]._inflight is not None
+                assert server.manager.rollouts()[0].in_block
                 await b.start(prompt="world")
                 assert (await b.wait_for("queue"))["position"] == 1
             t0 = time.monotonic()                   # a is gone, mid-block
@@ -427,7 +427,7 @@ def test_queue_positions_and_queue_full(tmp_path):
     spec = toy_spec(tmp_path, blocks=2, delay_ms=150)
 
     async def go():
-        async with serving(spec, max_queue=1) as (server, url):
+        async with serving(spec, max_queue=1, max_batch=1) as (server, url):   # one slot, one waiting
             async with Client.connect(url) as a, Client.connect(url) as b, Client.connect(url) as c:
                 await a.start()
                 await a.wait_for("started")

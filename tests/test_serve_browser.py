@@ -119,3 +119,35 @@ def test_page_from_another_origin_cannot_open_the_websocket(tmp_path):
         finally:
             browser.close()
             evil.shutdown()
+
+
+def test_page_counts_drops_as_the_server_does(tmp_path):
+    """The overlay's "dropped" and /metrics count the same thing: frames the server generated for the session
+    that never reached the page. The page's tab is frozen for a while (a busy loop) so its socket fills and the
+    server's outbox drops frames; afterwards both counts must agree, and be > 0."""
+    blocks = 40
+    spec = rings_spec(tmp_path, blocks=blocks, delay_ms=0, size=(640, 360), grain=0.5)
+    with BackgroundServer(spec, ServeConfig(port=0, pace="asap", quality=100), registry=registry()) as bg, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(bg.url + "/")
+            page.wait_for_function("window.fdDebug.phase === 'ready'", timeout=10_000)
+            page.click("#start")
+            page.wait_for_function("window.fdDebug.framesReceived >= 1", timeout=20_000)
+            for _ in range(20):                     # freeze the tab until the server has dropped frames
+                page.evaluate("() => { const t = Date.now(); while (Date.now() - t < 1000); }")
+                if bg.server.metrics.frames_dropped > 0:
+                    break
+            page.wait_for_function(f"window.fdDebug.nextIndex >= {blocks * 4}", timeout=60_000)  # the last frame
+            rollout = bg.server.manager.rollouts()[0]
+            server_dropped = rollout.stats()["frames_dropped"]
+            page_dropped = page.evaluate("window.fdDebug.dropped")
+            overlay = int(page.inner_text("#dropped"))
+            snap = bg.server.metrics_snapshot()
+        finally:
+            browser.close()
+    assert server_dropped > 0, "the frozen tab should have made the server drop frames"
+    assert page_dropped == overlay == server_dropped == snap["frames_dropped"], \
+        (page_dropped, overlay, server_dropped, snap["frames_dropped"])

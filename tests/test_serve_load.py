@@ -1,4 +1,4 @@
-"""fd serve under load: 8 clients at once on one replica, and a client that stops reading."""
+"""fd serve under load: 8 clients at once on one replica batching 2 of them, and a client that stops reading."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ from test_serve import rings_spec, run, serving, toy_spec
 
 CLIENTS = 8
 BLOCKS = 2
+BATCH = 2          # sessions the replica steps together; the others wait in the queue
 
 
 def rss_mib() -> float:
@@ -56,7 +57,7 @@ def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
     spec = toy_spec(tmp_path, blocks=BLOCKS, delay_ms=60)
 
     async def go():
-        async with serving(spec, max_queue=CLIENTS) as (server, url):
+        async with serving(spec, max_queue=CLIENTS, max_batch=BATCH) as (server, url):
             await round_of_clients(url)                       # warm imports, allocator pools
             base = rss_mib()
             results = []
@@ -64,6 +65,7 @@ def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
                 results.append(await round_of_clients(url))
             growth = rss_mib() - base
             snap = server.metrics_snapshot()
+            snap["batch_sizes"] = server.manager.replicas[0].batch_sizes
             async with aiohttp.ClientSession() as http:
                 async with http.get(url + "/healthz") as r:
                     assert r.status == 200
@@ -72,7 +74,7 @@ def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
     rounds, growth, snap = run(go(), timeout=60)
     for results in rounds:
         firsts = sorted(r["positions"][0] for r in results if r["positions"])
-        assert firsts == list(range(1, CLIENTS)), f"queue positions {firsts}"   # one served at once, 7 waiting
+        assert firsts == list(range(1, CLIENTS - BATCH + 1)), f"queue positions {firsts}"   # 2 served, 6 waiting
         for r in results:
             assert r["positions"] == sorted(r["positions"], reverse=True)        # only ever moves forward
             assert len(set(r["positions"])) == len(r["positions"])
@@ -81,6 +83,7 @@ def test_eight_clients_served_in_queue_order_with_bounded_memory(tmp_path):
         assert len({r["session"] for r in results}) == CLIENTS
     assert growth < 60, f"server RSS grew {growth:.1f} MiB over 16 sessions"
     assert snap["queue_length"] == 0 and snap["active_session"] is None and snap["frames_dropped"] == 0
+    assert set(snap["batch_sizes"]) <= {1, BATCH} and snap["batch_sizes"][BATCH] > 0, snap["batch_sizes"]
 
 
 def test_client_that_stops_reading_gets_frames_dropped_not_buffered(tmp_path):
@@ -94,7 +97,7 @@ def test_client_that_stops_reading_gets_frames_dropped_not_buffered(tmp_path):
         raise AssertionError(f"only {server.metrics.frames_dropped} frames dropped, wanted {n}")
 
     async def go():
-        async with serving(spec, quality=100) as (server, url):
+        async with serving(spec, quality=100, pace="asap") as (server, url):
             async with aiohttp.ClientSession() as http:
                 ws = await http.ws_connect(url.replace("http", "ws") + "/ws")
                 await ws.send_str('{"type": "start", "prompt": "never read"}')

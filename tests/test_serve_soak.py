@@ -1,9 +1,11 @@
-"""Loopback soak of fd serve (bounded: 50 clients, well under 60 s): clients that stream and switch prompts,
-send garbage, flood messages, or drop mid-stream, all at once. The server stays up, RSS growth stays under
+"""Loopback soak of fd serve (bounded: 50 clients, well under 60 s): clients that stream and switch prompts
+(paced in real time or as fast as possible), send garbage, flood messages, or drop mid-stream, all at once,
+on two replicas that batch up to 8 sessions each. The server stays up, RSS growth stays under
 RSS_BOUND_MIB after a warm-up round, every frame a client sees belongs to one of its own sessions, and every replica comes back."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 
@@ -23,9 +25,10 @@ GARBAGE = [b"\x00\xff" * 50, "not json", '{"type": "warp"}', '{"type": "start", 
 
 
 async def streamer(url, i):
-    """Start, switch the prompt once, read to the end: frames must carry only this client's session ids."""
+    """Start, switch the prompt once, read to the end: frames must carry only this client's session ids, in
+    order, with every gap in the frame index counted by the server as a drop of this session."""
     async with Client.connect(url) as c:
-        await c.start(prompt=f"client {i}")
+        await c.start(prompt=f"client {i}", pace="asap" if i % 2 else "realtime")
         mine, frames, switched = set(), [], False
         while True:
             item = await c.recv(timeout=40)
@@ -41,7 +44,9 @@ async def streamer(url, i):
                 if not switched:
                     await c.prompt(f"client {i}, switched")
                     switched = True
-        return {"kind": "stream", "mine": mine, "sessions": {f.header.session for f in frames}, "n": len(frames)}
+        idx = [f.header.index for f in frames]
+        return {"kind": "stream", "mine": mine, "sessions": {f.header.session for f in frames}, "n": len(frames),
+                "ordered": idx == sorted(set(idx)), "gaps": idx[-1] + 1 - len(idx) if idx else 0}
 
 
 async def garbler(url, i):
@@ -101,17 +106,21 @@ def test_fifty_clients_streaming_garbage_flooding_and_dropping(tmp_path):
                 async with http.get(url + "/healthz") as r:
                     healthy = r.status
             state = (len(server.manager.active), len(server.manager.free), len(server.connections))
-            return results, elapsed, growth, healthy, state
+            sizes = sum((r.batch_sizes for r in server.manager.replicas), collections.Counter())
+            return results, elapsed, growth, healthy, state, sizes, server.metrics.frames_dropped
 
-    results, elapsed, growth, healthy, state = run(go(), timeout=60)
+    results, elapsed, growth, healthy, state, sizes, dropped = run(go(), timeout=60)
     kinds = {}
     for r in results:
         kinds.setdefault(r["kind"], []).append(r)
     for r in kinds["stream"]:
         assert r["n"] > 0 and r["sessions"] <= r["mine"], r          # no frame from another session
+        assert r["ordered"], r
     assert all(r["errors"] == len(GARBAGE) and r["pong"] == "pong" for r in kinds["garbage"])
     assert all(r["limited"] and r["pong"] == "pong" for r in kinds["flood"])
     assert len(kinds["drop"]) == ROUNDS * CLIENTS // len(ROLES)
     assert healthy == 200 and state == (0, 2, 0), state
     assert growth < RSS_BOUND_MIB, f"RSS grew {growth:.1f} MiB"
+    assert max(sizes) > 1, dict(sizes)                               # concurrent sessions shared forwards
+    assert sum(r["gaps"] for r in kinds["stream"]) <= dropped         # a gap a client saw is a counted drop
     print(f"soak: {ROUNDS} rounds of {CLIENTS} clients in {elapsed:.1f} s, RSS growth {growth:.1f} MiB (bound {RSS_BOUND_MIB})")

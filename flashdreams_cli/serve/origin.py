@@ -12,9 +12,8 @@ it. Two checks close that, as Jupyter and the Chrome DevTools port do:
 """
 from __future__ import annotations
 
+import json
 from urllib.parse import urlsplit
-
-from aiohttp import web
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -63,19 +62,41 @@ def _default_port(parts) -> tuple[str, int | None]:
     return host, port if port is not None else {"http": 80, "https": 443}[parts.scheme]
 
 
-def middleware(bound_host: str, allowed_origins: tuple[str, ...]):
-    allowed = tuple(normalize_origin(o) for o in allowed_origins)
+class OriginGuard:
+    """ASGI middleware: HTTP requests and WebSocket upgrades that fail the Host or Origin rule get 403 before
+    any route runs (a WebSocket is refused at the handshake, so a hostile page never sees ``hello``)."""
 
-    @web.middleware
-    async def check(request: web.Request, handler):
-        host = request.headers.get("Host")
-        if not host_ok(host, bound_host):
-            return web.json_response({"error": f"forbidden: Host {host!r} is not this server (DNS rebinding?)"},
-                                     status=403)
-        origin = request.headers.get("Origin")
-        if not origin_ok(origin, host, allowed):
-            return web.json_response({"error": f"forbidden: origin {origin!r} is not allowed (start fd serve "
-                                      "with --allow-origin to allow a page)"}, status=403)
-        return await handler(request)
+    def __init__(self, app, bound_host: str, allowed_origins: tuple[str, ...]):
+        self.app = app
+        self.bound_host = bound_host
+        self.allowed = tuple(normalize_origin(o) for o in allowed_origins)
 
-    return check
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host, origin = headers.get("host"), headers.get("origin")
+        why = None
+        if not host_ok(host, self.bound_host):
+            why = f"forbidden: Host {host!r} is not this server (DNS rebinding?)"
+        elif not origin_ok(origin, host, self.allowed):
+            why = (f"forbidden: origin {origin!r} is not allowed (start fd serve with --allow-origin to allow "
+                   "a page)")
+        if why is None:
+            return await self.app(scope, receive, send)
+        await refuse(scope, send, 403, {"error": why})
+
+
+async def refuse(scope, send, status: int, body: dict) -> None:
+    """Answer an HTTP request, or refuse a WebSocket upgrade, with ``status`` and a JSON body. Servers without the
+    ASGI WebSocket denial-response extension can only refuse an upgrade with 403."""
+    data = json.dumps(body).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": data})
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": head})
+        await send({"type": "websocket.http.response.body", "body": data})
+    else:
+        await send({"type": "websocket.close", "code": 1008})

@@ -3,7 +3,8 @@
 Client -> server (text, one JSON object each, at most ``MAX_MESSAGE_BYTES``):
 
     {"type": "auth",   "token": "..."}                      first message when a token is required
-    {"type": "start",  "prompt": "...", "seed": 7, "options": {"quality": 85, "blocks": 4}}
+    {"type": "start",  "prompt": "...", "seed": 7, "options": {"quality": 85, "blocks": 4, "pace": "asap"}}
+                                                             pace: realtime (the spec's fps, default) or asap
     {"type": "prompt", "prompt": "..."}                      switch mid-stream (KV cache kept)
     {"type": "camera" | "action", "value": [f, ...] | {"k": f}}   only when the spec has that run input
     {"type": "pause" | "resume" | "reset" | "stop"}
@@ -40,6 +41,7 @@ MAX_CONTROL_VALUES = 64
 MAX_SEED = 2**63 - 1
 QUALITY_RANGE = (1, 100)
 CONTROL_TYPES = ("camera", "action")
+PACES = ("realtime", "asap")     # how fast a session is generated: at the spec's fps, or as fast as possible
 
 
 class ProtocolError(ValueError):
@@ -86,9 +88,11 @@ def _check_start(msg: dict) -> None:
     opts = msg.get("options", {})
     if not isinstance(opts, dict):
         raise ProtocolError("options must be an object")
-    extra = sorted(set(opts) - {"quality", "blocks"})
+    extra = sorted(set(opts) - {"quality", "blocks", "pace"})
     if extra:
-        raise ProtocolError(f"options: unknown option(s) {', '.join(extra)} (allowed: quality, blocks)")
+        raise ProtocolError(f"options: unknown option(s) {', '.join(extra)} (allowed: quality, blocks, pace)")
+    if "pace" in opts and opts["pace"] not in PACES:
+        raise ProtocolError(f"options.pace must be one of {', '.join(PACES)}, got {opts['pace']!r}")
     if "quality" in opts:
         _int(opts, "quality", *QUALITY_RANGE)
     if "blocks" in opts:

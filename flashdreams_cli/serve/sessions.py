@@ -1,21 +1,27 @@
-"""Replicas, the wait queue, and the rollout a client drives on a replica.
+"""Replicas, the wait queue, pacing, and the rollouts clients drive on a replica.
 
-A replica is one loaded Pipeline plus one worker thread. It runs one rollout at a
-time: model state (KV caches) is per session and the GPU is saturated by one
-stream, so concurrent clients wait in a bounded FIFO queue and are told their
-position whenever it changes. ``Session.step()`` blocks for a whole block, so it
-runs in the replica's thread and the event loop keeps answering pings, queue
-updates and other clients meanwhile.
+A replica is one loaded Pipeline plus one worker thread. It serves up to ``max_batch``
+rollouts at once: a scheduler (``Replica._pump``, on the event loop) takes the rollouts whose
+next block is due and steps them TOGETHER in the worker thread (``engine.session.step_together``:
+one DiT forward per denoising step for all of them; each session keeps its own KV cache, prompt,
+seed, controls and position, and its frames are bit-identical to running alone). Sessions join
+and leave between blocks. More clients than slots wait in a bounded FIFO and are told their
+position whenever it changes.
 
-Control messages never touch the session while a block is running: they are
-queued on the rollout and applied between blocks, in the loop thread, which is
-what makes a prompt switch (``Session.set_input``) safe without locks.
+Pacing: a ``realtime`` rollout is due one block ahead of real time at the spec's fps
+(``Pacer``), so a client playing at that fps neither starves nor has to drop; the time a paced
+session does not need goes to the others (``asap`` rollouts - jobs, benchmarks - are always due).
+
+Control messages never touch a session while its block is running: they are queued on the
+rollout and applied between blocks, in the loop thread, which is what makes a prompt switch
+(``Session.set_input``) safe without locks.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import itertools
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,15 +69,81 @@ def stream_source(spec: Spec, registry: Registry) -> StreamSource:
     return StreamSource(spec, ancestors(spec, ref.node), ref, main, int(fps) if isinstance(fps, int) else 16)
 
 
-class Replica:
-    """One loaded pipeline and the single thread that runs its blocks."""
+PACES = ("realtime", "asap")
 
-    def __init__(self, index: int, source: StreamSource, registry: Registry):
+
+class Pacer:
+    """When a rollout's next block is due. ``realtime``: one block ahead of playback at ``fps`` - block k may
+    start once the frames before the previous block have played, counted from the first block's delivery;
+    ``asap``: always. ``clock`` is injectable (tests run it on a fake clock)."""
+
+    def __init__(self, fps: float, pace: str = "realtime", clock: Callable[[], float] = time.monotonic):
+        if pace not in PACES:
+            raise ValueError(f"pace must be one of {PACES}, got {pace!r}")
+        self.fps, self.pace, self.clock = float(fps), pace, clock
+        self.start: float | None = None
+        self.frames = 0          # frames delivered since start
+        self.lead = 0            # frames of the last block: how far ahead of playback generation may run
+        self.deliveries = 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+
+    def due(self) -> float:
+        if self.pace == "asap" or self.start is None:
+            return -math.inf
+        return self.start + max(0, self.frames - self.lead) / self.fps
+
+    def delivered(self, frames: int) -> None:
+        now = self.clock()
+        if self.start is None:
+            self.start = now
+        self.frames += frames
+        self.lead = frames
+        self.deliveries += 1
+        if self.deliveries > 1:      # block 0 starts playback; from block 1 on, blocks come at the paced rate
+            self.recent.append((now, frames))
+
+    def restart(self) -> None:
+        """A reset or branch: playback starts over."""
+        self.start, self.frames, self.lead, self.deliveries = None, 0, 0, 0
+        self.recent.clear()
+
+    def fps_measured(self, window_s: float = 5.0) -> float | None:
+        """Frames generated per second over the last ``window_s`` (deliveries after the first in the window)."""
+        now = self.clock()
+        pts = [(t, n) for t, n in self.recent if now - t <= window_s]
+        if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+            return None
+        return sum(n for _, n in pts[1:]) / (pts[-1][0] - pts[0][0])
+
+
+def due_batch(rollouts, now: float, max_batch: int) -> list:
+    """The rollouts (each with ``pacer`` and ``seq``) whose next block is due at ``now``, most overdue first
+    (then oldest), at most ``max_batch``: what the replica steps together next."""
+    due = sorted((r.pacer.due(), r.seq, r) for r in rollouts if r.pacer.due() <= now)
+    return [r for _, _, r in due[:max_batch]]
+
+
+class Replica:
+    """One loaded pipeline, the single thread that runs its (batched) blocks, and its scheduler."""
+
+    def __init__(self, index: int, source: StreamSource, registry: Registry, max_batch: int = 8,
+                 clock: Callable[[], float] = time.monotonic):
         self.index = index
         self.source = source
+        self.max_batch = max(1, max_batch)
+        self.clock = clock
         self.pipeline = open_pipeline(source.served, registry=registry, world=World())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fd-replica-{index}")
+        self.encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"fd-encode-{index}")
         self.frame_size: tuple[int, int] | None = None
+        self.reserved = 0                       # granted slots (rollouts running or about to start)
+        self.batches = 0
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self.batch_size_last = 0
+        self._requests: dict[Rollout, asyncio.Future] = {}
+        self._running: set[Rollout] = set()
+        self._wake: asyncio.Event | None = None
+        self._pump_task: asyncio.Task | None = None
 
     def warm_up(self) -> None:
         """Load weights and run one block (first-call allocations, kernel selection), then drop that session."""
@@ -85,8 +157,98 @@ class Replica:
         finally:
             session.close()
 
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - self.reserved
+
+    # ---- the scheduler
+    async def run_block(self, rollout: "Rollout") -> list:
+        """The rollout's next block (its BlockResult-derived frames), stepped with whichever other rollouts are
+        due at the same time. Raises what the block raised."""
+        loop = asyncio.get_running_loop()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = loop.create_task(self._pump(), name=f"fd-replica-{self.index}-pump")
+        fut = loop.create_future()
+        self._requests[rollout] = fut
+        self._wake.set()
+        return await fut
+
+    def withdraw(self, rollout: "Rollout") -> bool:
+        """Take back a request not picked up yet (the rollout is stopping); False when its block already runs."""
+        fut = self._requests.pop(rollout, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+        return rollout not in self._running
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._requests:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = self.clock()
+            batch = due_batch(self._requests, now, self.max_batch)
+            if not batch:
+                wait = min(r.pacer.due() for r in self._requests) - now
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, wait))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            futs = [self._requests.pop(r) for r in batch]
+            self._running = set(batch)
+            self.batches += 1
+            self.batch_size_last = len(batch)
+            self.batch_sizes[len(batch)] += 1
+            try:
+                outs = await loop.run_in_executor(self.executor, self._step, [r.session for r in batch])
+            except Exception as e:        # the whole batch failed (step_together aborts all its sessions)
+                outs = [e] * len(batch)
+            finally:
+                self._running = set()
+            for fut, out in zip(futs, outs):
+                if fut.done():
+                    continue
+                if isinstance(out, Exception):
+                    fut.set_exception(out)
+                else:
+                    fut.set_result(out)
+
+    def _step(self, sessions) -> list:
+        """Worker thread: one block of every session (together), as (block, uint8 frames [T, H, W, 3], ms)."""
+        from engine.session import step_together
+        t0 = time.perf_counter()
+        results = step_together(sessions)
+        frames = [_to_frames(r.outputs[self.source.frames.node][self.source.frames.port]) for r in results]
+        ms = (time.perf_counter() - t0) * 1e3
+        return [(r.block, f, ms) for r, f in zip(results, frames)]
+
+    def stats(self) -> dict:
+        mem = _gpu_memory(self.pipeline)
+        return {"index": self.index, "sessions": self.reserved, "free_slots": self.free_slots,
+                "batches": self.batches, "batch_size_last": self.batch_size_last,
+                "batch_sizes": dict(sorted(self.batch_sizes.items())), **mem}
+
     def shutdown(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.get_loop().call_soon_threadsafe(self._pump_task.cancel)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.encoders.shutdown(wait=True, cancel_futures=True)
+
+
+def _gpu_memory(pipeline) -> dict:
+    """CUDA memory of the device the pipeline's nodes run on (None on CPU)."""
+    devs = {str(n.device) for n in pipeline.nodes.values()} if pipeline.nodes else set()
+    cuda = sorted(d for d in devs if d.startswith("cuda"))
+    if not cuda:
+        return {"gpu_memory_allocated_bytes": None, "gpu_memory_reserved_bytes": None}
+    import torch
+    return {"gpu_memory_allocated_bytes": int(torch.cuda.memory_allocated(cuda[0])),
+            "gpu_memory_reserved_bytes": int(torch.cuda.memory_reserved(cuda[0]))}
 
 
 def _to_frames(pixels):
@@ -207,26 +369,49 @@ class Ticket:
 
 
 class SessionManager:
-    """Free replicas, the FIFO of waiting tickets, and the session-id counter."""
+    """Replicas and their free slots, the FIFO of waiting tickets, the live rollouts, the session-id counter."""
 
-    def __init__(self, max_queue: int = 8):
+    def __init__(self, max_queue: int = 8, max_batch: int = 8, pace: str = "realtime",
+                 clock: Callable[[], float] = time.monotonic):
+        if pace not in PACES:
+            raise ValueError(f"pace must be one of {PACES}, got {pace!r}")
         self.max_queue = max_queue
+        self.max_batch = max(1, max_batch)
+        self.pace = pace
+        self.clock = clock
         self.replicas: list[Replica] = []
-        self.free: collections.deque[Replica] = collections.deque()
+        self.ready: list[Replica] = []
         self.waiting: collections.deque[Ticket] = collections.deque()
-        self.active: dict[int, "Rollout"] = {}     # replica index -> rollout
+        self.live: set["Rollout"] = set()
         self._ids = itertools.count(1)
+        self._seq = itertools.count()
 
     def new_session_id(self) -> int:
         return next(self._ids)
 
+    def rollouts(self) -> list["Rollout"]:
+        """The live rollouts, oldest first."""
+        return sorted(self.live, key=lambda r: r.seq)
+
+    @property
+    def active(self) -> dict[int, "Rollout"]:
+        """Live rollouts by session id."""
+        return {r.session_id: r for r in self.rollouts()}
+
+    @property
+    def free(self) -> list[Replica]:
+        """Ready replicas with a free slot."""
+        return [r for r in self.ready if r.free_slots > 0]
+
     def add_replica(self, replica: Replica, ready: bool = True) -> None:
         self.replicas.append(replica)
+        replica.max_batch = min(replica.max_batch, self.max_batch)
         if ready:
             self.make_ready(replica)
 
     def make_ready(self, replica: Replica) -> None:
-        self.free.append(replica)
+        if replica not in self.ready:
+            self.ready.append(replica)
         self._dispatch()
 
     def enqueue(self, on_position: Callable[[int], None]) -> Ticket:
@@ -246,18 +431,29 @@ class SessionManager:
         ticket.granted.cancel()
 
     def release(self, replica: Replica) -> None:
-        self.active.pop(replica.index, None)
-        self.free.append(replica)
+        """A granted slot is free again."""
+        replica.reserved = max(0, replica.reserved - 1)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self.free and self.waiting:
+        while self.waiting:
+            free = self.free
+            if not free:
+                break
+            replica = max(free, key=lambda r: r.free_slots)   # the least loaded replica
             ticket = self.waiting.popleft()
-            ticket.granted.set_result(self.free.popleft())
+            replica.reserved += 1
+            ticket.granted.set_result(replica)
         for i, t in enumerate(self.waiting, start=1):
             if t.position != i:
                 t.position = i
                 t.on_position(i)
+
+    def stats(self) -> dict:
+        """Queue depth, per replica (sessions, batches, GPU memory) and per session (fps, block ms, drops)."""
+        return {"queue_depth": len(self.waiting), "max_batch": self.max_batch,
+                "replicas": [r.stats() for r in self.replicas],
+                "sessions": [r.stats() for r in self.rollouts()]}
 
 
 # --------------------------------------------------------------------------- a rollout
@@ -267,15 +463,21 @@ class StepOutput:
     jpegs: list[bytes]
     width: int
     height: int
-    step_ms: float
+    step_ms: float          # the block's compute (shared by every session of its batch)
     encode_ms: float
+    frames: Any = None      # uint8 numpy [T, H, W, 3]
 
 
 class Rollout:
-    """One client's session on one replica: a loop that steps blocks and applies queued controls between them."""
+    """One client's session on one replica: a loop that asks the replica for its blocks (paced, batched with
+    the other rollouts due at the same time) and applies queued controls between them.
 
-    def __init__(self, manager: SessionManager, replica: Replica, outbox: Outbox, metrics: Metrics, *,
-                 inputs: dict[str, Any], blocks: int, quality: int, requested_at: float):
+    ``outbox=None`` makes a headless rollout (a job): no JPEG encoding, ``on_block(StepOutput)`` gets each
+    block's frames, and the rollout ends by itself after ``blocks`` blocks (stop_reason "done")."""
+
+    def __init__(self, manager: SessionManager, replica: Replica, outbox: Outbox | None, metrics: Metrics, *,
+                 inputs: dict[str, Any], blocks: int, quality: int, requested_at: float,
+                 pace: str | None = None, on_block: Callable[[StepOutput], None] | None = None):
         self.manager, self.replica, self.outbox, self.metrics = manager, replica, outbox, metrics
         self.source = replica.source
         self.inputs = inputs
@@ -283,8 +485,14 @@ class Rollout:
         self.encoder = JpegEncoder(quality)
         self.requested_at = requested_at
         self.session_id = manager.new_session_id()
+        self.seq = next(manager._seq)
+        self.pacer = Pacer(self.source.fps, pace or manager.pace, manager.clock)
+        self.on_block = on_block
         self.session = None
         self.frame_index = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.last_block_ms: float | None = None
         self.paused = False
         self.done = False
         self.idle_since: float | None = None
@@ -295,28 +503,50 @@ class Rollout:
         self._inflight: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
         self.on_end: Callable[["Rollout"], None] | None = None
-        manager.active[replica.index] = self
+        manager.live.add(self)
+
+    @property
+    def pace(self) -> str:
+        return self.pacer.pace
+
+    @property
+    def in_block(self) -> bool:
+        """A call of this rollout runs in the replica's thread now (a block, or opening the session)."""
+        return self in self.replica._running or self._inflight is not None
+
+    def _send(self, msg: dict, droppable: bool = False) -> None:
+        if self.outbox is not None:
+            self.outbox.push_json(msg, droppable)
 
     # ---- what the connection calls
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"rollout-{self.session_id}")
 
     def post(self, op: str, value: Any = None) -> None:
-        """Queue a control (prompt, camera, action, pause, resume, reset) for the next block boundary."""
+        """Queue a control (prompt, camera, action, pause, resume, reset, pace) for the next block boundary."""
         self._ops.append((op, value))
         self._wake.set()
 
     async def stop(self, reason: str) -> None:
-        """End the rollout; waits for a block in flight to finish, then frees the replica."""
+        """End the rollout: a block not started yet is withdrawn, one in flight finishes first; frees the slot."""
         if self.stop_reason is None:
             self.stop_reason = reason
         self._wake.set()
+        self.replica.withdraw(self)
         if self.task is not None and not self.task.done():
             await asyncio.shield(self.task)
 
+    def stats(self) -> dict:
+        fps = self.pacer.fps_measured()
+        return {"session": self.session_id, "replica": self.replica.index, "pace": self.pace,
+                "block": self.session.block if self.session is not None else 0, "blocks": self.blocks,
+                "paused": self.paused, "done": self.done, "fps": round(fps, 3) if fps else None,
+                "block_ms": round(self.last_block_ms, 3) if self.last_block_ms is not None else None,
+                "frames_sent": self.frames_sent, "frames_dropped": self.frames_dropped}
+
     # ---- the loop
     async def _in_thread(self, fn):
-        """Run ``fn`` on the replica's thread; a cancelled caller does not abandon a running block."""
+        """Run ``fn`` on the replica's thread; a cancelled caller does not abandon a running call."""
         self._inflight = asyncio.wrap_future(self.replica.executor.submit(fn))
         try:
             return await asyncio.shield(self._inflight)
@@ -328,11 +558,11 @@ class Rollout:
         try:
             self.session = await self._in_thread(lambda: self.replica.pipeline.open_session(**self.inputs))
             self.metrics.sessions_started += 1
-            self.outbox.push_json({"type": "started", "session": self.session_id, "blocks": self.blocks,
-                                   "replica": self.replica.index, "prompt": self.inputs.get("prompt"),
-                                   "seed": self.inputs.get("seed")})
+            self._send({"type": "started", "session": self.session_id, "blocks": self.blocks,
+                        "replica": self.replica.index, "prompt": self.inputs.get("prompt"),
+                        "seed": self.inputs.get("seed"), "pace": self.pace})
             while self.stop_reason is None:
-                if self.outbox.closed:
+                if self.outbox is not None and self.outbox.closed:
                     self.stop_reason = "disconnected"
                     break
                 self._apply_ops()
@@ -341,18 +571,21 @@ class Rollout:
                 if not self.done and self.session.block >= self.blocks:
                     self.done = True
                     self.idle_since = time.monotonic()
-                    self.outbox.push_json({"type": "done", "session": self.session_id, "blocks": self.session.block})
+                    self._send({"type": "done", "session": self.session_id, "blocks": self.session.block})
+                    if self.outbox is None:
+                        self.stop_reason = "done"
+                        break
                 if self.paused or self.done:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                out = await self._in_thread(self._step_and_encode)
-                await self._deliver(out)
+                block, frames, ms = await self.replica.run_block(self)
+                await self._deliver(block, frames, ms)
         except asyncio.CancelledError:
             self.stop_reason = self.stop_reason or "cancelled"
         except Exception as e:  # a failing node ends this rollout, not the server
             self.stop_reason = "error"
-            self.outbox.push_json({"type": "error", "message": f"block failed: {e}"})
+            self._send({"type": "error", "message": f"block failed: {e}"})
         finally:
             await self._cleanup()
 
@@ -362,87 +595,108 @@ class Rollout:
             if op == "pause" and not self.paused:
                 self.paused = True
                 self.idle_since = time.monotonic()
-                self.outbox.push_json({"type": "paused", "session": self.session_id, "block": self.session.block})
+                self._send({"type": "paused", "session": self.session_id, "block": self.session.block})
             elif op == "resume" and self.paused:
                 self.paused = False
                 self.idle_since = time.monotonic() if self.done else None
-                self.outbox.push_json({"type": "resumed", "session": self.session_id, "block": self.session.block})
+                self.pacer.restart()       # playback resumes now, not where the pause interrupted it
+                self._send({"type": "resumed", "session": self.session_id, "block": self.session.block})
             elif op == "reset":
                 self.session.reset()
                 old, self.session_id = self.session_id, self.manager.new_session_id()
                 self.frame_index, self.done = 0, False
+                self.pacer.restart()
                 self.idle_since = time.monotonic() if self.paused else None
-                self.outbox.clear_frames()
-                self.outbox.push_json({"type": "reset", "session": self.session_id, "previous": old})
+                if self.outbox is not None:
+                    self.outbox.clear_frames()
+                self._send({"type": "reset", "session": self.session_id, "previous": old})
             elif op == "save":
                 number, block = self.saves.save(self.session)
-                self.outbox.push_json({"type": "saved", "session": self.session_id, "save": number, "block": block})
+                self._send({"type": "saved", "session": self.session_id, "save": number, "block": block})
             elif op == "branch":
                 self._branch(value)
+            elif op == "pace":
+                self.pacer.pace = value if value in PACES else self.pacer.pace
+                self.pacer.restart()
             elif op in ("prompt", "camera", "action"):
                 self.session.set_input(op, value)
                 self.inputs[op] = value
                 if op == "prompt":
-                    self.outbox.push_json({"type": "prompt", "session": self.session_id, "prompt": value,
-                                           "block": self.session.block})
+                    self._send({"type": "prompt", "session": self.session_id, "prompt": value,
+                                "block": self.session.block})
 
     def _branch(self, msg: dict) -> None:
         """Back to a saved point (engine snapshot), as a new session id so the page drops the old branch's frames."""
         try:
             block = self.saves.branch(self.session, msg["save"], msg.get("prompt"))
         except (ProtocolError, FdError) as e:
-            self.outbox.push_json({"type": "error", "message": str(e)})
+            self._send({"type": "error", "message": str(e)})
             return
         if "prompt" in msg:
             self.inputs["prompt"] = msg["prompt"]
         old, self.session_id = self.session_id, self.manager.new_session_id()
         self.done = False
+        self.pacer.restart()
         self.idle_since = time.monotonic() if self.paused else None
-        self.outbox.clear_frames()
-        self.outbox.push_json({"type": "branched", "session": self.session_id, "previous": old,
-                               "save": msg["save"], "block": block})
+        if self.outbox is not None:
+            self.outbox.clear_frames()
+        self._send({"type": "branched", "session": self.session_id, "previous": old,
+                    "save": msg["save"], "block": block})
 
-    def _step_and_encode(self) -> StepOutput:
+    def _encode(self, frames) -> tuple[list[bytes], float]:
         t0 = time.perf_counter()
-        result = self.session.step()
-        pixels = result.outputs[self.source.frames.node][self.source.frames.port]
-        t1 = time.perf_counter()
-        frames = _to_frames(pixels)
         jpegs = [self.encoder.encode(f) for f in frames]
-        t2 = time.perf_counter()
-        h, w = frames.shape[1:3]
-        return StepOutput(result.block, jpegs, int(w), int(h), (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        return jpegs, (time.perf_counter() - t0) * 1e3
 
-    async def _deliver(self, out: StepOutput) -> None:
+    async def _deliver(self, block: int, frames, ms: float) -> None:
+        h, w = frames.shape[1:3]
+        if self.outbox is None:
+            jpegs, enc_ms = [], 0.0
+        else:   # JPEG encoding off the replica's thread: the next batch runs meanwhile
+            jpegs, enc_ms = await asyncio.get_running_loop().run_in_executor(self.replica.encoders, self._encode,
+                                                                             frames)
+        out = StepOutput(block, jpegs, int(w), int(h), ms, enc_ms, frames)
+        self.last_block_ms = ms
+        self.pacer.delivered(len(frames))
         self.metrics.blocks_served += 1
-        self.metrics.block_ms.append(out.step_ms)
-        self.metrics.encode_ms.append(out.encode_ms)
-        self.outbox.push_json({"type": "block", "session": self.session_id, "block": out.block,
-                               "frames": len(out.jpegs), "ms": round(out.step_ms, 3),
-                               "encode_ms": round(out.encode_ms, 3)}, droppable=True)
-        for i, jpeg in enumerate(out.jpegs):
-            header = FrameHeader(self.session_id, out.block, self.frame_index, out.width, out.height,
-                                 time.time() * 1e3, last_in_block=(i == len(out.jpegs) - 1))
-            if self.frame_index == 0 and out.block == 0 and self.requested_at is not None:
-                self.metrics.first_frame_ms.append((time.monotonic() - self.requested_at) * 1e3)
-                self.requested_at = None
+        self.metrics.block_ms.append(ms)
+        self.metrics.encode_ms.append(enc_ms)
+        if self.on_block is not None:
+            self.on_block(out)
+        if self.requested_at is not None and block == 0:
+            self.metrics.first_frame_ms.append((time.monotonic() - self.requested_at) * 1e3)
+            self.requested_at = None
+        if self.outbox is None:
+            self.frame_index += len(frames)
+            return
+        self._send({"type": "block", "session": self.session_id, "block": block, "frames": len(jpegs),
+                    "ms": round(ms, 3), "encode_ms": round(enc_ms, 3)}, droppable=True)
+        for i, jpeg in enumerate(jpegs):
+            header = FrameHeader(self.session_id, block, self.frame_index, int(w), int(h),
+                                 time.time() * 1e3, last_in_block=(i == len(jpegs) - 1))
             self.frame_index += 1
             if self.outbox.push_frame(header.pack(jpeg)):
                 self.metrics.frames_dropped += 1
+                self.frames_dropped += 1
             self.metrics.frames_sent += 1
+            self.frames_sent += 1
             await asyncio.sleep(0)   # let the sender take it: a reading client gets every frame
 
     async def _cleanup(self) -> None:
-        if self._inflight is not None:          # disconnected mid-block: let the block finish first
+        if self._inflight is not None:          # disconnected mid-call: let it finish first
             try:
                 await self._inflight
             except BaseException:
                 pass
             self._inflight = None
+        self.replica.withdraw(self)
+        while self in self.replica._running:    # our block is in a batch in flight: the session is in use
+            await asyncio.sleep(0.005)
         if self.session is not None:
             self.session.close()   # no sinks in a served plan: this only marks the state as done
             self.session = None    # drop KV caches before the next client's session allocates its own
-        self.outbox.push_json({"type": "stopped", "session": self.session_id, "reason": self.stop_reason})
+        self._send({"type": "stopped", "session": self.session_id, "reason": self.stop_reason})
+        self.manager.live.discard(self)
         self.manager.release(self.replica)
         if self.on_end is not None:
             self.on_end(self)

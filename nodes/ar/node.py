@@ -19,6 +19,7 @@ denoising steps) apart from the KV (context) pass - what ``fd bench`` reports.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from engine.types import CAMERA, CAUSAL_DENOISER, IMAGE_EMBEDDING, INT, LATENT, 
 from nodes.common.causal import CausalModel, CausalStream, StreamSpec, TimestepExperts
 
 from . import state_io, switch
-from .rollout import ARRollout, CallTrace
+from .rollout import ARRollout, CallTrace, drive_together
 from .schedule import ARSchedule
 
 KIND_KEYS = {"denoise": "dit_ms", "context": "kv_ms", "image": "image_ms"}
@@ -210,7 +211,7 @@ class ARSamplerNode(Node):
                               f"(it takes {', '.join(model.session_conditions + model.block_conditions)})")
         return session, block
 
-    def _start(self, state: ARState, inputs: dict) -> None:
+    def _start(self, state: ARState, inputs: dict, graphs: bool = True) -> None:
         model = self._model(inputs)
         ph, pw = model.patch_grid()
         lh, lw, nfpb = self.p.latent_height, self.p.latent_width, self.p.frames_per_block
@@ -227,12 +228,15 @@ class ARSamplerNode(Node):
         self._check_boundary(model)
         dev = model.device
         session_conds, block_conds = self._conditions(model, inputs)
-        graphs = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        capture = bool(self.p.graphs and self.ctx.capture and str(dev).startswith("cuda"))
+        graphs = graphs and capture
         spec = StreamSpec(frame_shape=(self.p.latent_channels, lh, lw), frames_per_block=nfpb, batch=self.p.batch,
                           sink_frames=self.p.sink_frames, window_frames=self.p.window_frames,
                           max_frames=prefix + self._frames(self.p.num_blocks), rope_mode=self.p.rope_mode, graphs=graphs)
         key = (id(model), spec)
         spare, self._spare = self._spare, None
+        if capture and not graphs and spare is not None and spare[0] == (id(model), dataclasses.replace(spec, graphs=True)):
+            key = spare[0]                      # a spare with graphs already captured serves a batched session too
         fresh = spare is None or spare[0] != key
         if not fresh:
             state.stream = spare[1]             # a previous session's cache and captured graphs
@@ -285,9 +289,10 @@ class ARSamplerNode(Node):
         if mode == "reset":
             switches = state.prompt_switches + 1
             self._spare = (state.key, state.stream)   # _start takes it back: same buffers, cleared
+            graphs = state.key[1].graphs if state.key is not None else True
             state.stream = state.rollout = None
             state.history = []
-            self._start(state, inputs)
+            self._start(state, inputs, graphs=graphs)
             state.prompt_switches = switches
             return
         state.conditions = self._conditions(state.model, inputs)[0]
@@ -321,9 +326,12 @@ class ARSamplerNode(Node):
         state.history.append(switch.ContextRecord(x.detach().clone(), float(t), int(frame_start), dict(conditions)))
         state.history = switch.retained(state.history, self.p.sink_frames, self.p.window_frames)
 
-    def run(self, inputs, state: ARState, step):
+    def _next_block(self, inputs, state: ARState, step, batched: bool = False):
+        """Open or switch the session as needed; (rollout, block index, the block's noise, block conditions).
+        A session that starts inside a batch opens its stream without CUDA graphs: capturing them costs a few
+        forwards per attended length, and batched calls run eager, so they would only serve it once alone."""
         if state.rollout is None:
-            self._start(state, inputs)
+            self._start(state, inputs, graphs=not batched)
             if state.restore is not None:
                 self._restore(state, inputs)
         elif step.changed & set(SESSION_CONDITIONS):
@@ -340,11 +348,44 @@ class ARSamplerNode(Node):
             noise = torch.randn(self._noise_shape(roll.block_frames(b)), generator=state.generator,
                                 device=state.model.device)
         state.timers = {}
-        x0 = roll.step(noise, **self._conditions(state.model, inputs)[1])
-        self._last = state.timers
+        return roll, b, noise, self._conditions(state.model, inputs)[1]
+
+    @staticmethod
+    def _output(roll: ARRollout, b: int, x0):
         if b == 0 and roll.initial_latent is not None:
             x0 = torch.cat([roll.initial_latent.to(x0.dtype), x0], dim=1)
         return {"latent": x0}
+
+    def run(self, inputs, state: ARState, step):
+        roll, b, noise, conds = self._next_block(inputs, state, step)
+        x0 = roll.step(noise, **conds)
+        self._last = state.timers
+        return self._output(roll, b, x0)
+
+    def run_batch(self, inputs: list[dict], states: list[ARState], steps: list) -> list[dict]:
+        """Several sessions' next blocks at once (``fd serve``): the rollouts run in lockstep and every round of
+        model calls is one ``model.run_together`` (one batched forward where the model supports it). Each session
+        keeps its own noise generator, conditions, position and cache, so its latents equal a lone ``run``."""
+        prepared = [self._next_block(i, s, st, batched=True) for i, s, st in zip(inputs, states, steps)]
+        model = states[0].model
+        if any(s.model is not model for s in states):
+            return [self._output(r, b, r.step(n, **c)) for (r, b, n, c) in prepared]
+
+        def run_calls(ids: list[int], calls):
+            timer = NodeTimer(str(model.device))
+            timer.start()
+            with torch.no_grad():
+                out = model.run_together([states[i].stream for i in ids], calls)
+            timer.stop()
+            for i, c in zip(ids, calls):
+                states[i].pending = timer      # every session's trace files the shared call under its kind
+                if c.is_commit:
+                    self._record(states[i], c.x, c.t, c.frame_start, c.conditions)
+            return out
+
+        x0s = drive_together([r.block_calls(n, **c) for (r, _, n, c) in prepared], run_calls)
+        self._last = states[-1].timers
+        return [self._output(r, b, x0) for (r, b, _, _), x0 in zip(prepared, x0s)]
 
     def release(self, state: ARState) -> None:
         """Keep the finished session's stream (cache and captured graphs) for the next session of the same shape."""

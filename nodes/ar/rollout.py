@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from nodes.ar.schedule import ARSchedule, StepPlan
-from nodes.common.causal import CausalStream
+from nodes.common.causal import BlockCall, CausalStream, call_stream
 
 # denoise(x [B, f, C, H, W], t [B, f] float32, frame_start) -> flow [B, f, C, H, W]
 Denoiser = Callable[[Tensor, Tensor, int], Tensor]
@@ -65,6 +65,25 @@ class CallTrace:
     frame_start: int
     flow: Tensor | None     # None for a stream's commit (context / image) passes
     x0: Tensor | None       # denoise calls only
+
+
+def drive_together(blocks: list, run_calls: Callable[[list[int], list[BlockCall]], list]) -> list[Tensor]:
+    """Run several rollouts' ``block_calls`` generators in lockstep: each round takes every unfinished
+    rollout's next call, hands calls of the same kind to ``run_calls(indices, calls)`` at once (it returns
+    one result per call, in order), and sends the results back. Returns each block's clean latents, in input order."""
+    pending = {i: next(g) for i, g in enumerate(blocks)} if blocks else {}
+    done: dict[int, Tensor] = {}
+    while pending:
+        for commit in sorted({c.is_commit for c in pending.values()}):
+            ids = [i for i, c in pending.items() if c.is_commit == commit]
+            results = run_calls(ids, [pending[i] for i in ids])
+            for i, r in zip(ids, results):
+                try:
+                    pending[i] = blocks[i].send(r)
+                except StopIteration as end:
+                    done[i] = end.value
+                    del pending[i]
+    return [done[i] for i in range(len(blocks))]
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
@@ -147,20 +166,22 @@ class ARRollout:
         return torch.randn(flat, generator=self._generator, device=like.device,
                            dtype=like.dtype).reshape(like.shape)
 
-    def _call(self, kind: str, x: Tensor, t_value: float, frame_start: int, block: int | None = None,
-              step: int | None = None, sigma_x0: float | None = None) -> tuple[Tensor | None, Tensor | None]:
-        t = self._timestep(t_value, x)
+    def _invoke(self, call: "BlockCall") -> Tensor | None:
+        """One model call, alone (``step``); a batched driver makes these for many rollouts at once."""
         if self.stream is None:
-            flow = self.denoise(x, t, frame_start)
-        elif kind == "denoise":
-            flow = self.stream.denoise(x, t_value, frame_start, **self._conditions)
-        else:
-            flow = self.stream.commit(x, t_value, frame_start, **self._conditions)
+            return self.denoise(call.x, self._timestep(call.t, call.x), call.frame_start)
+        return call_stream(self.stream, call)
+
+    def _call(self, kind: str, x: Tensor, t_value: float, frame_start: int, block: int | None = None,
+              step: int | None = None, sigma_x0: float | None = None):
+        """Ask for one model call (yielded as a ``BlockCall``; the driver sends the flow back)."""
+        flow = yield BlockCall(kind, x, t_value, frame_start, self._conditions)
         x0 = None
         if sigma_x0 is not None:
             x0 = (x.double() - sigma_x0 * flow.double()).to(flow.dtype)
         if self.trace is not None:
-            self.trace(CallTrace(self.num_calls, kind, block, step, x, t, frame_start, flow, x0))
+            self.trace(CallTrace(self.num_calls, kind, block, step, x, self._timestep(t_value, x), frame_start,
+                                 flow, x0))
         self.num_calls += 1
         return flow, x0
 
@@ -169,7 +190,7 @@ class ARRollout:
         lat = self.initial_latent
         for f0 in range(0, lat.shape[1], self.nfpb):
             chunk = lat[:, f0:f0 + self.nfpb]
-            self._call("image", chunk, 0.0, f0)
+            yield from self._call("image", chunk, 0.0, f0)
         self._primed = True
 
     @staticmethod
@@ -179,6 +200,18 @@ class ARRollout:
     def step(self, noise_block: Tensor | None = None, **conditions) -> Tensor:
         """Generate the next block; returns its clean latents [B, nfpb, C, H, W]. ``conditions`` go to a
         stream's calls by name (per-block camera, actions, ...)."""
+        calls = self.block_calls(noise_block, **conditions)
+        try:
+            call = next(calls)
+            while True:
+                call = calls.send(self._invoke(call))
+        except StopIteration as done:
+            return done.value
+
+    def block_calls(self, noise_block: Tensor | None = None, **conditions):
+        """The next block as a generator of ``BlockCall``s: send each call's flow (None for a commit) back,
+        and the block's clean latents come out as the StopIteration value. ``step`` drives it alone;
+        ``drive_together`` drives several rollouts in lockstep so one batched forward serves them all."""
         b = self.block_index
         self._conditions = conditions
         if noise_block is None:
@@ -187,22 +220,22 @@ class ARRollout:
             off = self.block_offset(b)
             noise_block = self.noise[:, off:off + self.block_frames(b)]
         if not self._primed:
-            self._prime()
+            yield from self._prime()
         plan: StepPlan = self.schedule.for_block(b)
         frame_start = self.first_frame + self.block_offset(b)
         if self.schedule.unipc is not None:
-            x0 = self._solve_unipc(noise_block, frame_start, b)
+            x0 = yield from self._solve_unipc(noise_block, frame_start, b)
         elif self.schedule.boundary is not None:
-            x0 = self._denoise_two_experts(noise_block, plan, frame_start, b)
+            x0 = yield from self._denoise_two_experts(noise_block, plan, frame_start, b)
         else:
             x, x0 = noise_block, None
             for i, t in enumerate(plan.t):
-                _, x0 = self._call("denoise", x, t, frame_start, b, i, plan.sigma_x0[i])
+                _, x0 = yield from self._call("denoise", x, t, frame_start, b, i, plan.sigma_x0[i])
                 if i + 1 < len(plan):
                     x = self._renoise(x0, self._draw(x0), plan.sigma_noise[i + 1])
         ctx_t = self.schedule.context_t
         ctx_x = x0 if ctx_t <= 0 else self._renoise(x0, self._draw(x0), self.schedule.context_sigma_noise)
-        self._call("context", ctx_x, ctx_t, frame_start, b)
+        yield from self._call("context", ctx_x, ctx_t, frame_start, b)
         self.block_index += 1
         return x0
 
@@ -212,7 +245,7 @@ class ARRollout:
         solver = self.schedule.unipc.solver()
         for i, t in enumerate(solver.timesteps.tolist()):
             sigma = float(solver.sigmas[i])
-            flow, _ = self._call("denoise", x, float(t), frame_start, b, i, sigma)
+            flow, _ = yield from self._call("denoise", x, float(t), frame_start, b, i, sigma)
             x = solver.step(flow.float(), int(t), x.float())
         return x
 
@@ -225,7 +258,7 @@ class ARRollout:
         for i, t in enumerate(plan.t):
             high = bound.is_high(t)
             sigma = plan.sigma_x0[i] - bound.sigma_x0 if high else plan.sigma_x0[i]
-            _, x0 = self._call("denoise", x, t, frame_start, b, i, sigma)
+            _, x0 = yield from self._call("denoise", x, t, frame_start, b, i, sigma)
             if i + 1 < len(plan):
                 draw = self._draw(x0)
                 if high and bound.is_high(plan.t[i + 1]):

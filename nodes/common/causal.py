@@ -16,6 +16,12 @@ call of a block rewrites the same cache rows; ``commit`` leaves the clean block 
 blocks after it. How a model lays out its cache, shards it over a context-parallel group or
 replays its calls as CUDA graphs is its own business.
 
+Serving several sessions of one model at once (``fd serve``): ``model.run_together(streams, calls)``
+takes one ``BlockCall`` per session's stream and returns one result per call. The default runs them
+one after the other; a model that can batch them into one forward overrides it, and must return
+exactly (bit for bit) what the one-by-one calls return: a session's frames may not depend on who
+else is being served.
+
 ``TimestepExperts`` composes models that split the noise range between them (Wan 2.2's high-
 and low-noise experts): each expert keeps its own cache, ``denoise`` goes to the expert owning
 ``t``, and ``commit`` writes the clean block into every expert's cache.
@@ -40,6 +46,28 @@ class StreamSpec:
     max_frames: int | None = None
     rope_mode: str = "absolute"
     graphs: bool = False                    # replay calls as CUDA graphs (the planner's decision and the spec's)
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """One call a session's rollout makes of its stream: ``denoise`` returns the flow; ``context`` and
+    ``image`` passes are commits (nothing returned)."""
+    kind: str               # "image" | "denoise" | "context"
+    x: torch.Tensor         # [B, f, C, H, W]
+    t: float                # host timestep
+    frame_start: int
+    conditions: dict        # the block's conditions, by name
+
+    @property
+    def is_commit(self) -> bool:
+        return self.kind != "denoise"
+
+
+def call_stream(stream: "CausalStream", call: BlockCall):
+    """``call`` on one stream alone."""
+    if call.is_commit:
+        return stream.commit(call.x, call.t, call.frame_start, **call.conditions)
+    return stream.denoise(call.x, call.t, call.frame_start, **call.conditions)
 
 
 class CausalStream(abc.ABC):
@@ -115,6 +143,11 @@ class CausalModel(abc.ABC):
     def open_stream(self, spec: StreamSpec) -> CausalStream:
         """A fresh session: allocate its cache (this model's layout, dtype, device and parallel group)."""
 
+    def run_together(self, streams: Sequence[CausalStream], calls: Sequence[BlockCall]) -> list:
+        """One call per session stream (all denoise, or all commits), one result each. Default: one by one.
+        An override may batch them but must return bit for bit what the one-by-one calls return."""
+        return [call_stream(s, c) for s, c in zip(streams, calls)]
+
 
 class TimestepExperts(CausalModel):
     """Experts that split the noise range: ``experts`` are (lowest timestep it takes, model), the
@@ -151,6 +184,23 @@ class TimestepExperts(CausalModel):
 
     def open_stream(self, spec: StreamSpec) -> "ExpertStreams":
         return ExpertStreams(self, [m.open_stream(spec) for _, m in self.experts])
+
+    def run_together(self, streams, calls) -> list:
+        """Denoise calls go to each call's expert (batched per expert); commits to every expert, low first."""
+        out: list = [None] * len(calls)
+        if not all(isinstance(s, ExpertStreams) for s in streams):
+            return super().run_together(streams, calls)
+        if calls and calls[0].is_commit:
+            for e in reversed(range(len(self.experts))):
+                self.experts[e][1].run_together([s.streams[e] for s in streams], calls)
+            return out
+        for e in range(len(self.experts)):
+            ids = [i for i, c in enumerate(calls) if self.pick(c.t) == e]
+            if ids:
+                res = self.experts[e][1].run_together([streams[i].streams[e] for i in ids], [calls[i] for i in ids])
+                for i, r in zip(ids, res):
+                    out[i] = r
+        return out
 
 
 class ExpertStreams(CausalStream):

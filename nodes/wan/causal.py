@@ -21,6 +21,7 @@ import torch
 from engine.capture import GraphCache, StaticTensors
 from nodes.common.causal import CausalModel, CausalStream, StreamSpec, copy_state_into
 from nodes.common.kv_cache import DeviceRows, SelfKVCache
+from nodes.common.session_rows import SessionPart, SessionRows
 from nodes.common.sharding import for_group as context_parallel_for
 from nodes.common.sharding import make_rank_cache
 
@@ -164,6 +165,62 @@ class WanDenoiser(CausalModel):
 
     def open_stream(self, spec: StreamSpec) -> "WanCausalStream":
         return WanCausalStream(self, spec)
+
+    def run_together(self, streams, calls) -> list:
+        """Several sessions' calls as one forward (nodes/common/session_rows.py): tokens batched through every
+        projection and MLP, self-attention per session against its own cache at its own position. Falls back
+        to one by one where a batch cannot be formed (one call, context parallelism, mixed block shapes)."""
+        if not self._batchable(streams, calls):
+            return super().run_together(streams, calls)
+        m = self.module
+        parts, start, xs, ts, ropes, ys, cams = [], 0, [], [], [], [], []
+        _, f, _, hh, ww = calls[0].x.shape
+        h, w = hh // m.cfg.patch_size[1], ww // m.cfg.patch_size[2]
+        for s, c in zip(streams, calls):
+            n = c.x.shape[0]
+            plan = m.causal_plan(s.cache, c.frame_start, f, h * w)
+            parts.append(SessionPart(start, n, s.cache, plan, s.cache.device_rows(plan)))
+            start += n
+            xs.append(c.x)
+            ts.append(s._timestep(c.t, c.x))
+            cos, sin = m.rope_table.get(c.frame_start, f, h, w, c.x.device)
+            ropes.append((cos.expand(n, *cos.shape), sin.expand(n, *sin.shape)))
+            ys.append(c.conditions.get("y"))
+            cams.append(c.conditions.get("camera"))
+        x = torch.cat(xs)
+        if ys[0] is not None:
+            x = torch.cat([x, torch.cat(ys)], dim=2)
+        rope = (torch.cat([r[0] for r in ropes]), torch.cat([r[1] for r in ropes]))
+        camera = torch.cat(cams) if cams[0] is not None else None
+        with torch.no_grad():
+            out = m._run(x.transpose(1, 2), torch.cat(ts), self._stacked_cross(streams), rope=rope, camera=camera,
+                         sessions=SessionRows(parts)).transpose(1, 2)
+        return [None if c.is_commit else o for c, o in zip(calls, SessionRows(parts).split(out))]
+
+    def _batchable(self, streams, calls) -> bool:
+        if len(calls) < 2 or context_parallel_for(self.module.parallel) is not None:
+            return False
+        if not all(isinstance(s, WanCausalStream) and s.model is self and s.denoiser.cross is not None
+                   for s in streams):
+            return False
+        shapes = {(tuple(c.x.shape[1:]), c.is_commit, tuple(sorted(k for k, v in c.conditions.items() if v is not None)))
+                  for c in calls}
+        return len(shapes) == 1 and set(next(iter(shapes))[2]) <= {"y", "camera"}
+
+    def _stacked_cross(self, streams) -> CrossCache:
+        """The sessions' prompt K/V stacked on the batch (kept while the same prompts are batched together)."""
+        crosses = tuple(s.denoiser.cross for s in streams)
+        memo = getattr(self, "_cross_memo", None)
+        if memo is not None and len(memo[0]) == len(crosses) and all(a is b for a, b in zip(memo[0], crosses)):
+            return memo[1]
+        lists = {}
+        for kind in ("k", "v", "k_img", "v_img"):
+            first = getattr(crosses[0], kind)
+            lists[kind] = None if first is None else [torch.cat([getattr(c, kind)[i] for c in crosses])
+                                                      for i in range(len(first))]
+        stacked = CrossCache(**lists)
+        self._cross_memo = (crosses, stacked)
+        return stacked
 
 
 class WanCausalStream(CausalStream):

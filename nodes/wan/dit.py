@@ -39,6 +39,7 @@ from nodes.common.fp8 import Fp8Linear, QuantizedRows, dequantize, fp8_linears, 
 from nodes.common.fp8_attention import quantize_qkv, requantize_qkv
 from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache
 from nodes.common.rope import RopeTable, apply_rope
+from nodes.common.session_rows import SessionRows
 from nodes.common.sharding import TokenSharding
 from nodes.common.sharding import for_group as context_parallel_for
 
@@ -163,6 +164,7 @@ class CallContext:
     cp: TokenSharding | None = None           # context parallelism: this rank's tokens
     camera: torch.Tensor | None = None        # LingBot camera tokens [B, L, dim] (control_type 'cam'), or None
     fp8_attention: "Fp8Attention | None" = None  # self-attention in FP8 (WanDiT.use_fp8_attention), else None
+    sessions: SessionRows | None = None       # several sessions batched: each row's own cache and position
 
 
 @dataclass
@@ -204,6 +206,8 @@ class SelfAttention(Projections):
         v = self.heads(self.v(h))
         if ctx.cp is not None:  # context parallel (nodes/common/sharding.py): cache + cross-rank attention
             y = ctx.cp.self_attention(q, k, v, self.layer, ctx.cache, ctx.plan, ctx.rows, ctx.backend)
+        elif ctx.sessions is not None:
+            y = ctx.sessions.self_attention(q, k, v, self.layer, ctx.backend)
         else:
             if ctx.cache is not None:
                 ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
@@ -409,18 +413,29 @@ class WanDiT(nn.Module):
             cross.k_img, cross.v_img = [k for k, _ in kv], [v for _, v in kv]
         return cross
 
-    def _run(self, x, t, cross, frame_start=0, cache=None, rope=None, plan=None, rows=None, camera=None):
+    def _run(self, x, t, cross, frame_start=0, cache=None, rope=None, plan=None, rows=None, camera=None,
+             sessions: SessionRows | None = None):
         """x [B, C, F, H, W] -> [B, out_dim, F, H, W] float32. A captured caller passes the
-        block's rope (cos, sin), plan and device rows in; otherwise they are looked up here."""
-        x = self.patch_embedding(x.to(self.dtype))
+        block's rope (cos, sin), plan and device rows in; otherwise they are looked up here.
+        ``sessions``: several sessions' blocks in one batch (each its own cache, position and
+        per-row rope [B, L, 1, D/2]); the small per-session GEMMs run per session so that a
+        session's result does not depend on its batch (nodes/common/session_rows.py)."""
+        per = (lambda fn, *xs: fn(*xs)) if sessions is None else sessions.each
+        x = per(lambda v: self.patch_embedding(v.to(self.dtype)), x)
         b, _, f, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2).float()
-        e, e0 = self.embed_time(t)
+        if sessions is None:
+            e, e0 = self.embed_time(t)
+        else:
+            pairs = [self.embed_time(v) for v in sessions.split(t)]
+            e, e0 = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         if rope is None:
             rope = self.rope_table.get(frame_start, f, h, w, x.device)
         cp = context_parallel_for(self.parallel)  # None: the plain single-device path
         if camera is not None:
-            camera = self.embed_camera(camera)
+            camera = per(self.embed_camera, camera)
+        if cp is not None and sessions is not None:
+            raise NotImplementedError("batched sessions with context parallelism")
         if cp is not None:
             if camera is not None:
                 raise NotImplementedError("camera input with context parallelism")
@@ -428,10 +443,11 @@ class WanDiT(nn.Module):
         if cache is not None and plan is None:
             plan = self.causal_plan(cache, frame_start, f, h * w if cp is None else cp.cache_frame_tokens(h * w))
             rows = cache.device_rows(plan)
-        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp, camera, self.fp8_attention)
+        ctx = CallContext(cross, self.backend, self.kernels, cache, plan, rows, cp, camera, self.fp8_attention,
+                          sessions)
         for blk in self.blocks:
             tokens = blk(tokens, e0, rope, ctx)
-        out = self.head(tokens, e)
+        out = per(self.head, tokens, e)
         if cp is not None:
             out = cp.gather(out, f)
         pt, ph, pw = self.cfg.patch_size

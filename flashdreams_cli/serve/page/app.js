@@ -9,7 +9,7 @@ const CONTROL_HZ = 15;
 
 const state = {
   ws: null, hello: null, phase: "connecting", session: null, fps: 16,
-  queue: [], lastDraw: 0, framesDrawn: 0, framesReceived: 0, dropped: 0,
+  queue: [], lastDraw: 0, framesDrawn: 0, framesReceived: 0, dropped: 0, skipped: 0, nextIndex: 0, blockFrames: 0,
   fpsCount: 0, fpsSince: performance.now(), clockOffset: 0, rtt: null, block: null,
   keys: new Set(), drag: null, look: [0, 0], lastControlSent: 0, controlActive: false,
   saves: [],   // saved points of this rollout (server-side snapshots), newest last
@@ -83,18 +83,18 @@ function onJson(msg) {
       break;
     }
     case "queue": setPhase("queued"); $("queue-pos").textContent = msg.position; break;
-    case "started": state.session = msg.session; state.saves = []; setPhase("streaming"); say(""); break;
-    case "block": state.block = msg.block; $("block-ms").textContent = msg.ms.toFixed(0); $("block").textContent = msg.block; break;
+    case "started": state.session = msg.session; state.saves = []; newStream(); setPhase("streaming"); say(""); break;
+    case "block": state.block = msg.block; state.blockFrames = Math.max(state.blockFrames, msg.frames || 0); $("block-ms").textContent = msg.ms.toFixed(0); $("block").textContent = msg.block; break;
     case "prompt": say(`prompt switched at block ${msg.block}` + (state.hello && state.hello.prompt_switch ? ` (${state.hello.prompt_switch})` : "")); break;
     case "paused": setPhase("paused"); break;
     case "resumed": setPhase("streaming"); break;
-    case "reset": state.session = msg.session; dropQueue(); setPhase("streaming"); break;
+    case "reset": state.session = msg.session; dropQueue(); newStream(); setPhase("streaming"); break;
     case "saved":
       state.saves.push(msg.save);
       say(`saved point ${msg.save} at block ${msg.block}: Branch goes back to the latest one, with the prompt in the box`);
       setPhase(state.phase);
       break;
-    case "branched": state.session = msg.session; dropQueue(); setPhase("streaming"); say(`branched from point ${msg.save} (block ${msg.block})`); break;
+    case "branched": state.session = msg.session; dropQueue(); newStream(); setPhase("streaming"); say(`branched from point ${msg.save} (block ${msg.block})`); break;
     case "done": setPhase("done"); say(`finished ${msg.blocks} blocks: Reset to go again, Stop to free the server`); break;
     case "stopped":
       if (msg.session === null || msg.session === state.session) {
@@ -122,16 +122,35 @@ function parseHeader(buf) {
            ts: v.getFloat64(20, true) };
 }
 
+// Drops are counted as the server counts them (/metrics frames_dropped): frames it generated for this
+// session that never arrived, i.e. gaps in the frame index of the headers. The server paces a session at
+// the spec's fps (one block ahead), so playback has no reason to drop; frames it still has to discard
+// because the playout queue overflowed (a stalled tab) are "skipped", shown apart.
+function countArrival(h) {
+  if (h.index > state.nextIndex) state.dropped += h.index - state.nextIndex;
+  state.nextIndex = Math.max(state.nextIndex, h.index + 1);
+}
+
+function newStream() {
+  state.nextIndex = 0;
+}
+
+function playoutCap() {   // two blocks (the paced lead plus the one arriving), at least two seconds
+  return Math.max(4, Math.ceil(2 * state.fps), 2 * state.blockFrames + 2);
+}
+
 async function onFrame(buf) {
   const h = parseHeader(buf);
   if (!h || h.session !== state.session) return;          // a frame of a session we reset or stopped
   state.framesReceived++;
+  countArrival(h);
+  $("dropped").textContent = state.dropped;
   const bitmap = await createImageBitmap(new Blob([buf.slice(HEADER_BYTES)], { type: "image/jpeg" }));
   if (h.session !== state.session) { bitmap.close(); return; }
   state.queue.push({ bitmap, h });
-  const cap = Math.max(4, Math.ceil(state.fps));            // about a second of video at most
-  while (state.queue.length > cap) { state.queue.shift().bitmap.close(); state.dropped++; }
-  $("dropped").textContent = state.dropped;
+  while (state.queue.length > playoutCap()) { state.queue.shift().bitmap.close(); state.skipped++; }
+  $("skipped").textContent = state.skipped;
+  $("skipped-box").hidden = state.skipped === 0;
 }
 
 function dropQueue() {
@@ -142,9 +161,8 @@ function dropQueue() {
 // ------------------------------------------------------------------ drawing
 function draw(now) {
   const interval = 1000 / state.fps;
-  // draw at the stream's fps; catch up (skip) when more than half a second is queued
+  // draw at the stream's fps (the server paces the stream to it)
   if (state.queue.length && now - state.lastDraw >= interval * 0.95) {
-    while (state.queue.length > Math.max(2, state.fps / 2)) { state.queue.shift().bitmap.close(); state.dropped++; }
     const { bitmap, h } = state.queue.shift();
     const canvas = $("video");
     if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
