@@ -501,6 +501,7 @@ class Rollout:
         self.saves = SavedPoints()
         self._wake = asyncio.Event()
         self._inflight: asyncio.Future | None = None
+        self._deliveries: collections.deque[asyncio.Task] = collections.deque()
         self.task: asyncio.Task | None = None
         self.on_end: Callable[["Rollout"], None] | None = None
         manager.live.add(self)
@@ -556,7 +557,11 @@ class Rollout:
 
     async def _run(self) -> None:
         try:
-            self.session = await self._in_thread(lambda: self.replica.pipeline.open_session(**self.inputs))
+            pipe = self.replica.pipeline
+            if pipe.loaded:   # opening is cheap (per-node state objects): no wait behind a running batch
+                self.session = pipe.open_session(**self.inputs)
+            else:
+                self.session = await self._in_thread(lambda: pipe.open_session(**self.inputs))
             self.metrics.sessions_started += 1
             self._send({"type": "started", "session": self.session_id, "blocks": self.blocks,
                         "replica": self.replica.index, "prompt": self.inputs.get("prompt"),
@@ -565,6 +570,8 @@ class Rollout:
                 if self.outbox is not None and self.outbox.closed:
                     self.stop_reason = "disconnected"
                     break
+                if self._ops or self.session.block >= self.blocks:
+                    await self._settle(0)      # the blocks made so far reach the client before what follows
                 self._apply_ops()
                 if self.stop_reason is not None:
                     break
@@ -579,8 +586,14 @@ class Rollout:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                await self._settle(1)          # at most one block encoding while the next one is computed
                 block, frames, ms = await self.replica.run_block(self)
-                await self._deliver(block, frames, ms)
+                self.pacer.delivered(len(frames))
+                # deliver in the background: this loop asks for the next block right away, so the replica's
+                # next batch finds it waiting (sessions stay batched together instead of alternating)
+                previous = self._deliveries[-1] if self._deliveries else None
+                self._deliveries.append(asyncio.get_running_loop().create_task(
+                    self._deliver_after(previous, block, frames, ms)))
         except asyncio.CancelledError:
             self.stop_reason = self.stop_reason or "cancelled"
         except Exception as e:  # a failing node ends this rollout, not the server
@@ -643,6 +656,16 @@ class Rollout:
         self._send({"type": "branched", "session": self.session_id, "previous": old,
                     "save": msg["save"], "block": block})
 
+    async def _settle(self, keep: int) -> None:
+        """Wait until at most ``keep`` block deliveries are under way (a failed one raises here)."""
+        while len(self._deliveries) > keep:
+            await self._deliveries.popleft()
+
+    async def _deliver_after(self, previous: asyncio.Task | None, block: int, frames, ms: float) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])     # in order; its error is raised where it is settled
+        await self._deliver(block, frames, ms)
+
     def _encode(self, frames) -> tuple[list[bytes], float]:
         t0 = time.perf_counter()
         jpegs = [self.encoder.encode(f) for f in frames]
@@ -657,7 +680,6 @@ class Rollout:
                                                                              frames)
         out = StepOutput(block, jpegs, int(w), int(h), ms, enc_ms, frames)
         self.last_block_ms = ms
-        self.pacer.delivered(len(frames))
         self.metrics.blocks_served += 1
         self.metrics.block_ms.append(ms)
         self.metrics.encode_ms.append(enc_ms)
@@ -692,6 +714,11 @@ class Rollout:
         self.replica.withdraw(self)
         while self in self.replica._running:    # our block is in a batch in flight: the session is in use
             await asyncio.sleep(0.005)
+        while self._deliveries:                 # frames already made still go out (or fail quietly)
+            try:
+                await self._deliveries.popleft()
+            except BaseException:
+                pass
         if self.session is not None:
             self.session.close()   # no sinks in a served plan: this only marks the state as done
             self.session = None    # drop KV caches before the next client's session allocates its own
