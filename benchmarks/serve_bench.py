@@ -66,7 +66,10 @@ async def _client(url: str, i: int, blocks: int, pace: str) -> dict:
 async def served_round(server: Server, n: int, blocks: int, pace: str) -> dict:
     url = f"http://127.0.0.1:{server.port}"
     before = dict(server.manager.replicas[0].batch_sizes)
-    sessions = await asyncio.gather(*(_client(url, i, blocks, pace) for i in range(n)))
+    sessions = await asyncio.gather(*(_client(url, i, blocks, pace) for i in range(n)), return_exceptions=True)
+    errors = [s for s in sessions if isinstance(s, BaseException)]
+    if errors:                      # every client of the round has ended: the next round starts clean
+        raise errors[0]
     after = server.manager.replicas[0].batch_sizes
     start, end = min(s["t0"] for s in sessions), max(s["last"] for s in sessions)
     steady = [s["steady_fps"] for s in sessions if s["steady_fps"]]
