@@ -23,5 +23,5 @@ for s in r.get("served", []) + r.get("realtime", []):
           s.get("min_session_fps"), "first frame max ms", s.get("first_frame_ms_max"), s.get("error", ""))
 for e in r.get("engine", []):
     print("engine", e.get("sessions"), "agg fps", e.get("aggregate_fps"), "round ms", e.get("round_ms_median"),
-          e.get("error", ""))
+          "max|batched-alone|", e.get("session0_max_abs_diff_vs_alone"), e.get("error", ""))
 PY

@@ -68,7 +68,11 @@ async def served_round(server: Server, n: int, blocks: int, pace: str) -> dict:
     url = f"http://127.0.0.1:{server.port}"
     before = dict(server.manager.replicas[0].batch_sizes)
     prompted = "prompt" in server.source.spec.inputs
-    sessions = await asyncio.gather(*(_client(url, i, blocks, pace, prompted) for i in range(n)))
+    sessions = await asyncio.gather(*(_client(url, i, blocks, pace, prompted) for i in range(n)),
+                                    return_exceptions=True)
+    errors = [s for s in sessions if isinstance(s, BaseException)]
+    if errors:                      # every client of the round has ended: the next round starts clean
+        raise errors[0]
     after = server.manager.replicas[0].batch_sizes
     start, end = min(s["t0"] for s in sessions), max(s["last"] for s in sessions)
     steady = [s["steady_fps"] for s in sessions if s["steady_fps"]]
@@ -92,7 +96,9 @@ def engine_round(pipeline, n: int, blocks: int, frames_node: str, frames_port: s
     from engine.session import step_together
     cuda = torch.cuda.is_available()
     sessions = [pipeline.open_session(prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(n)]
-    rounds, frames = [], 0
+    rounds, frames, first = [], 0, []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         for _ in range(blocks):
             if cuda:
@@ -106,16 +112,31 @@ def engine_round(pipeline, n: int, blocks: int, frames_node: str, frames_port: s
                 rounds.append(a.elapsed_time(b))
             else:
                 rounds.append((time.perf_counter() - t) * 1e3)
-            frames = int(results[0].outputs[frames_node][frames_port].shape[1])
+            pixels = results[0].outputs[frames_node][frames_port]
+            frames = int(pixels.shape[1])
+            first.append(pixels.float().cpu())
     finally:
         for s in sessions:
             s.close()
+    # session 0 again, alone (the lone path): how far is its batched output from it on this device?
+    diff = None
+    if n > 1:
+        alone = pipeline.open_session(prompt=PROMPTS[0], seed=0)
+        try:
+            diffs = []
+            for batched in first:                 # block by block
+                lone = alone.step().outputs[frames_node][frames_port].float().cpu()
+                diffs.append(float((lone - batched).abs().max()))
+            diff = max(diffs)
+        finally:
+            alone.close()
     steady = rounds[2:] or rounds
     ms = statistics.median(steady)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     return {"sessions": n, "round_ms_median": round(ms, 2), "round_ms": [round(r, 2) for r in rounds],
             "frames_per_session_block": frames, "aggregate_fps": round(n * frames / (ms / 1e3), 2),
-            "per_session_fps": round(frames / (ms / 1e3), 2), "max_memory_allocated_bytes": peak}
+            "per_session_fps": round(frames / (ms / 1e3), 2), "max_memory_allocated_bytes": peak,
+            "session0_max_abs_diff_vs_alone": diff}
 
 
 def _save(out: dict, path: str | None) -> None:

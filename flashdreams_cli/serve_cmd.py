@@ -59,8 +59,8 @@ def run_serve(args) -> int:
 
     if not 1 <= args.quality <= 100:
         raise FdError(f"--quality {args.quality}: must be 1..100")
-    if args.replicas < 1 or args.max_queue < 0 or args.idle_timeout <= 0:
-        raise FdError("--replicas must be >= 1, --max-queue >= 0, --idle-timeout > 0")
+    if args.replicas < 1 or args.max_queue < 0 or args.idle_timeout <= 0 or args.max_batch < 1:
+        raise FdError("--replicas and --max-batch must be >= 1, --max-queue >= 0, --idle-timeout > 0")
     spec = read_spec(args.spec, args.overrides, args.set_files)
     console = Console(stderr=True)
     config = ServeConfig(host=args.host, port=args.port, token=args.token, max_queue=args.max_queue,

@@ -200,11 +200,13 @@ def max_diff(a, b) -> int:
 def test_parse_message_checks_every_field():
     assert parse_message('{"type": "start", "prompt": "a", "seed": 3, "options": {"quality": 90}}')["seed"] == 3
     assert parse_message('{"type": "camera", "value": [1, 2.5]}')["value"] == [1.0, 2.5]
+    assert parse_message('{"type": "start", "options": {"pace": "asap"}}')["options"]["pace"] == "asap"
     bad = ['nope', '[1]', '{"type": "launch"}', '{"type": "start", "seed": "7"}', '{"type": "start", "seed": -1}',
            '{"type": "start", "seed": true}', '{"type": "start", "colour": 1}', '{"type": "prompt"}',
            '{"type": "prompt", "prompt": 5}', json.dumps({"type": "prompt", "prompt": "x" * 2001}),
            '{"type": "camera", "value": [NaN]}', '{"type": "camera", "value": "left"}',
            '{"type": "start", "options": {"blocks": 0}}', '{"type": "start", "options": {"speed": 2}}',
+           '{"type": "start", "options": {"pace": "warp"}}', '{"type": "start", "options": {"pace": 1}}',
            '{"type": "pause", "now": true}', json.dumps({"type": "ping", "pad": "x" * 20000}), b"\x00\x01"]
     for text in bad:
         with pytest.raises(ProtocolError):

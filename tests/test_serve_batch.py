@@ -219,3 +219,39 @@ def test_replica_batches_headless_rollouts_that_join_later(pipeline, alone):
             assert np.array_equal(frames[i][b], ref[i][b]), f"rollout {i} block {b}"
     assert max(sizes) >= 2, dict(sizes)            # the late joiners were batched with the others
     assert manager.stats()["replicas"][0]["sessions"] == 0 and not manager.live
+
+
+def test_two_expert_model_runs_together_like_alone():
+    """Wan 2.2's TimestepExperts: batched denoise calls go to each call's expert, commits to every expert."""
+    from nodes.common.causal import TimestepExperts
+    high, low = _cam_model(seed=1), _cam_model(seed=2)
+    model = TimestepExperts([(875.0, high), (0.0, low)])
+    cfg = high.config
+    h, w, f = 4, 6, 2
+    spec = StreamSpec(frame_shape=(cfg.out_dim, h, w), frames_per_block=f, max_frames=8)
+    g = torch.Generator().manual_seed(3)
+    texts = [torch.randn(1, cfg.text_len, cfg.text_dim, generator=g) for _ in range(3)]
+
+    def streams():
+        out = []
+        for text in texts:
+            s = model.open_stream(spec)
+            s.set_conditions(text=text)
+            out.append(s)
+        return out
+
+    conds = lambda: {"y": torch.randn(1, f, 4, h, w, generator=g),  # noqa: E731
+                     "camera": torch.randn(1, CAMERA_CHANNELS, f, h, w, generator=g)}
+    calls = [BlockCall("denoise", torch.randn(1, f, cfg.out_dim, h, w, generator=g), t, 0, conds())
+             for t in (999.0, 500.0, 900.0)]                     # high, low, high expert
+    commits = [BlockCall("context", c.x, 0.0, 0, c.conditions) for c in calls]
+    lone_streams, batch_streams = streams(), streams()
+    lone = [s.denoise(c.x, c.t, c.frame_start, **c.conditions) for s, c in zip(lone_streams, calls)]
+    together = model.run_together(batch_streams, calls)
+    assert all(torch.equal(a, b) for a, b in zip(lone, together))
+    for s, c in zip(lone_streams, commits):
+        s.commit(c.x, c.t, c.frame_start, **c.conditions)
+    assert model.run_together(batch_streams, commits) == [None] * 3
+    for a, b in zip(lone_streams, batch_streams):
+        for ea, eb in zip(a.streams, b.streams):
+            assert torch.equal(ea.cache.k, eb.cache.k) and torch.equal(ea.cache.v, eb.cache.v)

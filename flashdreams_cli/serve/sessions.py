@@ -22,6 +22,7 @@ import asyncio
 import collections
 import itertools
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ class Replica:
         self.clock = clock
         self.pipeline = open_pipeline(source.served, registry=registry, world=World())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fd-replica-{index}")
-        self.encoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"fd-encode-{index}")
+        self.encoders = ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) // 2)),
+                                           thread_name_prefix=f"fd-encode-{index}")
         self.frame_size: tuple[int, int] | None = None
         self.reserved = 0                       # granted slots (rollouts running or about to start)
         self.batches = 0
@@ -144,6 +146,8 @@ class Replica:
         self._running: set[Rollout] = set()
         self._wake: asyncio.Event | None = None
         self._pump_task: asyncio.Task | None = None
+        self._last_batch_s = 0.0
+        self.rollouts: set[Rollout] = set()       # live rollouts on this replica
 
     def warm_up(self) -> None:
         """Load weights and run one block (first-call allocations, kernel selection), then drop that session."""
@@ -191,6 +195,8 @@ class Replica:
                 continue
             now = self.clock()
             batch = due_batch(self._requests, now, self.max_batch)
+            if batch and len(batch) < self.max_batch and await self._gather(now):
+                continue                        # someone else became ready: form the batch again
             if not batch:
                 wait = min(r.pacer.due() for r in self._requests) - now
                 self._wake.clear()
@@ -201,6 +207,7 @@ class Replica:
                 continue
             futs = [self._requests.pop(r) for r in batch]
             self._running = set(batch)
+            t_batch = self.clock()
             self.batches += 1
             self.batch_size_last = len(batch)
             self.batch_sizes[len(batch)] += 1
@@ -210,6 +217,7 @@ class Replica:
                 outs = [e] * len(batch)
             finally:
                 self._running = set()
+                self._last_batch_s = self.clock() - t_batch
             for fut, out in zip(futs, outs):
                 if fut.done():
                     continue
@@ -217,6 +225,28 @@ class Replica:
                     fut.set_exception(out)
                 else:
                     fut.set_result(out)
+            # let the batch's rollouts take their results and ask for their next block before the next batch
+            # is formed: otherwise sessions that once ran apart keep alternating instead of merging
+            for _ in range(2):
+                await asyncio.sleep(0)
+
+    async def _gather(self, now: float) -> bool:
+        """A batching window: when live rollouts that will be due by then have not asked yet (still delivering
+        their last block), wait for them a little - a fifth of the last batch's time, at most 0.1 s - so that
+        sessions which once ran apart merge into one batch instead of alternating. True when one asked."""
+        window = min(0.2 * self._last_batch_s, 0.1)
+        if window <= 0:
+            return False
+        late = [r for r in self.rollouts if r not in self._requests and r not in self._running and r.wants_block(now + window)]
+        if not late:
+            return False
+        n = len(self._requests)
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=window)
+        except asyncio.TimeoutError:
+            return False
+        return len(self._requests) > n
 
     def _step(self, sessions) -> list:
         """Worker thread: one block of every session (together), as (block, uint8 frames [T, H, W, 3], ms)."""
@@ -501,13 +531,20 @@ class Rollout:
         self.saves = SavedPoints()
         self._wake = asyncio.Event()
         self._inflight: asyncio.Future | None = None
+        self._deliveries: collections.deque[asyncio.Task] = collections.deque()
         self.task: asyncio.Task | None = None
         self.on_end: Callable[["Rollout"], None] | None = None
         manager.live.add(self)
+        replica.rollouts.add(self)
 
     @property
     def pace(self) -> str:
         return self.pacer.pace
+
+    def wants_block(self, by: float) -> bool:
+        """Will ask for a block by time ``by`` (streaming, not paused or finished, paced due by then)."""
+        return (self.stop_reason is None and self.session is not None and not self.paused and not self.done
+                and self.session.block < self.blocks and self.pacer.due() <= by)
 
     @property
     def in_block(self) -> bool:
@@ -556,7 +593,11 @@ class Rollout:
 
     async def _run(self) -> None:
         try:
-            self.session = await self._in_thread(lambda: self.replica.pipeline.open_session(**self.inputs))
+            pipe = self.replica.pipeline
+            if pipe.loaded:   # opening is cheap (per-node state objects): no wait behind a running batch
+                self.session = pipe.open_session(**self.inputs)
+            else:
+                self.session = await self._in_thread(lambda: pipe.open_session(**self.inputs))
             self.metrics.sessions_started += 1
             self._send({"type": "started", "session": self.session_id, "blocks": self.blocks,
                         "replica": self.replica.index, "prompt": self.inputs.get("prompt"),
@@ -565,6 +606,8 @@ class Rollout:
                 if self.outbox is not None and self.outbox.closed:
                     self.stop_reason = "disconnected"
                     break
+                if self._ops or self.session.block >= self.blocks:
+                    await self._settle(0)      # the blocks made so far reach the client before what follows
                 self._apply_ops()
                 if self.stop_reason is not None:
                     break
@@ -579,8 +622,14 @@ class Rollout:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                await self._settle(1)          # at most one block encoding while the next one is computed
                 block, frames, ms = await self.replica.run_block(self)
-                await self._deliver(block, frames, ms)
+                self.pacer.delivered(len(frames))
+                # deliver in the background: this loop asks for the next block right away, so the replica's
+                # next batch finds it waiting (sessions stay batched together instead of alternating)
+                previous = self._deliveries[-1] if self._deliveries else None
+                self._deliveries.append(asyncio.get_running_loop().create_task(
+                    self._deliver_after(previous, block, frames, ms)))
         except asyncio.CancelledError:
             self.stop_reason = self.stop_reason or "cancelled"
         except Exception as e:  # a failing node ends this rollout, not the server
@@ -643,6 +692,16 @@ class Rollout:
         self._send({"type": "branched", "session": self.session_id, "previous": old,
                     "save": msg["save"], "block": block})
 
+    async def _settle(self, keep: int) -> None:
+        """Wait until at most ``keep`` block deliveries are under way (a failed one raises here)."""
+        while len(self._deliveries) > keep:
+            await self._deliveries.popleft()
+
+    async def _deliver_after(self, previous: asyncio.Task | None, block: int, frames, ms: float) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])     # in order; its error is raised where it is settled
+        await self._deliver(block, frames, ms)
+
     def _encode(self, frames) -> tuple[list[bytes], float]:
         t0 = time.perf_counter()
         jpegs = [self.encoder.encode(f) for f in frames]
@@ -657,7 +716,6 @@ class Rollout:
                                                                              frames)
         out = StepOutput(block, jpegs, int(w), int(h), ms, enc_ms, frames)
         self.last_block_ms = ms
-        self.pacer.delivered(len(frames))
         self.metrics.blocks_served += 1
         self.metrics.block_ms.append(ms)
         self.metrics.encode_ms.append(enc_ms)
@@ -692,11 +750,17 @@ class Rollout:
         self.replica.withdraw(self)
         while self in self.replica._running:    # our block is in a batch in flight: the session is in use
             await asyncio.sleep(0.005)
+        while self._deliveries:                 # frames already made still go out (or fail quietly)
+            try:
+                await self._deliveries.popleft()
+            except BaseException:
+                pass
         if self.session is not None:
             self.session.close()   # no sinks in a served plan: this only marks the state as done
             self.session = None    # drop KV caches before the next client's session allocates its own
         self._send({"type": "stopped", "session": self.session_id, "reason": self.stop_reason})
         self.manager.live.discard(self)
+        self.replica.rollouts.discard(self)
         self.manager.release(self.replica)
         if self.on_end is not None:
             self.on_end(self)

@@ -322,7 +322,7 @@ class WanDiT(nn.Module):
         self.parallel = None  # engine.parallel.ParallelGroup: context parallelism when it has > 1 rank
         self.kernels = EAGER
         self.fp8_attention: Fp8Attention | None = None   # use_fp8_attention() sets it
-        self.rope_table = RopeTable(cfg.head_dim)
+        self.rope_table = RopeTable(cfg.head_dim, size=16)   # served batches mix positions (up to 8 sessions)
         d, p = cfg.dim, cfg.patch_size
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
