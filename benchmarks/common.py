@@ -68,6 +68,20 @@ def build_dit(cfg: WanConfig = WAN_1_3B, dtype=torch.bfloat16, seed: int = 0) ->
     return m.to(dtype).eval().requires_grad_(False)
 
 
+def median_ms(fn, reps: int, warmup: int, cuda: bool) -> float:
+    """Median ms of fn(): CUDA events on a GPU, the wall clock on a CPU (dry runs)."""
+    if cuda:
+        return events_ms(fn, reps, warmup)[0]
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
+
+
 def events_ms(fn, reps: int = 5, warmup: int = 2) -> tuple[float, list[float]]:
     """Median ms of fn() over reps (CUDA events), after warmup calls."""
     for _ in range(warmup):

@@ -23,11 +23,11 @@ import gc
 import json
 import os
 import time
-from statistics import median
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.common import median_ms
 from nodes.checkpoint import random_init
 from nodes.common.attention import attention
 from nodes.cosmos.config import CosmosConfig
@@ -50,23 +50,7 @@ CALLS = 36   # 35 steps over the Karras flow schedule = 36 model calls (upstream
 
 
 def timed(fn, reps: int, warmup: int, dev) -> float:
-    """Median ms of fn() (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return median(times)
+    return median_ms(fn, reps, warmup, dev.type == "cuda")
 
 
 def forward_flops(cfg: CosmosConfig, tokens: int, text_len: int, batch: int = 1) -> dict:

@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from statistics import median
 
 import numpy as np
 import torch
 
+from benchmarks.common import median_ms
 from nodes.flashvsr.color import color_correct
 from nodes.flashvsr.tcdecoder import TCDecoder, TCDecoderConfig, build_tcdecoder
 from nodes.taehv.stream import StreamingTAEHVDecoder
@@ -45,23 +44,8 @@ def log(rec: dict) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def timed(fn, reps: int, warmup: int, cuda: bool) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return median(times)
+def timed(fn, reps: int, warmup: int, cuda) -> float:
+    return median_ms(fn, reps, warmup, cuda)
 
 
 def rel_err(a, b) -> float:
