@@ -195,8 +195,12 @@ class Replica:
                 continue
             now = self.clock()
             batch = due_batch(self._requests, now, self.max_batch)
-            if batch and len(batch) < self.max_batch and await self._gather(now):
-                continue                        # someone else became ready: form the batch again
+            if batch and len(batch) < self.max_batch:
+                if await self._gather(now):
+                    continue                    # someone else became ready: form the batch again
+                # a rollout that stopped during the window withdrew its request: never pop it (a KeyError here
+                # would end the pump with the other members' futures popped and never answered)
+                batch = [r for r in batch if r in self._requests]
             if not batch:
                 wait = min(r.pacer.due() for r in self._requests) - now
                 self._wake.clear()
