@@ -95,7 +95,11 @@ def engine_round(pipeline, n: int, blocks: int, frames_node: str, frames_port: s
 
     from engine.session import step_together
     cuda = torch.cuda.is_available()
-    sessions = [pipeline.open_session(prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(n)]
+    prompted = "prompt" in pipeline.plan.spec.inputs                   # world_cpu has no prompt input
+
+    def open_session(i):
+        return pipeline.open_session(seed=i, **({"prompt": PROMPTS[i % len(PROMPTS)]} if prompted else {}))
+    sessions = [open_session(i) for i in range(n)]
     rounds, frames, first = [], 0, []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +125,7 @@ def engine_round(pipeline, n: int, blocks: int, frames_node: str, frames_port: s
     # session 0 again, alone (the lone path): how far is its batched output from it on this device?
     diff = None
     if n > 1:
-        alone = pipeline.open_session(prompt=PROMPTS[0], seed=0)
+        alone = open_session(0)
         try:
             diffs = []
             for batched in first:                 # block by block

@@ -139,7 +139,8 @@ def make_plan(spec: Spec, registry: Registry, world_size: int = 1, cuda_devices:
     placements = place(probes, cuda_devices=cuda_devices)
     refused = [SpecError("unsupported_on_device", msg, spec.node_where(n, "params", field), node=n,
                          field=f"params.{field}", hint=hint)
-               for n in order for field, msg, hint in probes[n][1].device_problems(placements[n].device)]
+               for n in order for field, msg, hint in probes[n][1].device_problems(placements[n].device)
+               if check_devices]         # without devices to check (a spec read on another machine) there is no refusal
     if refused:
         raise SpecErrors(spec.annotate(refused))
     nodes: dict[str, NodePlan] = {}

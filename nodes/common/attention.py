@@ -39,6 +39,10 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+# head dims at which FA4 was measured faster than cuDNN (attention_table.py): `auto` sends only these to it
+FLASH4_MEASURED_HEAD_DIMS = (128,)
+
+
 def flash4_available() -> bool:
     """FlashAttention-4 (the CuTe-DSL kernels of the ``flash-attn-4`` wheel, module ``flash_attn.cute``)."""
     try:
@@ -74,6 +78,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     (boolean [.., Lq, Lk], True = attend) is only taken on that path."""
     if backend == "auto" and q.is_cuda:
         backend = auto_backend(q.device)
+        if backend == "flash4" and q.shape[-1] not in FLASH4_MEASURED_HEAD_DIMS:
+            backend = "auto"                               # auto stays on what was measured; flash4 by name still runs
     if backend == "flash4" and q.dtype not in (torch.float16, torch.bfloat16):
         backend = "auto"                                   # FA4 is a half-precision kernel; fp32 takes SDPA
     if return_lse:

@@ -13,11 +13,12 @@ from typing import Callable
 # (major, minor) compute capability -> measured ranking, fastest first
 MEASURED: dict[tuple[int, int], dict] = {
     (9, 0): {
-        "ranking": ("auto",),
+        "ranking": ("flash4", "auto"),
         "device": "NVIDIA H100 80GB HBM3",
-        "date": "2026-11-24",
-        "source": "shared/baselines h100_floor_2026-11-24.jsonl: cuDNN SDPA 453-533 TFLOP/s, torch flash 264-311, "
-                  "efficient ~160 at the W1 shapes; FlashAttention-4 not yet measured",
+        "date": "2026-12-06",
+        "source": "benchmarks/device_fa4.sh at 39a790a (benchmarks/results/2026-12-06-h100-s4/3_fa4): "
+                  "FlashAttention-4 4.0.0b40 549/573/641 TFLOP/s vs cuDNN 510/528/550 at W1 block 5 / W1 steady / "
+                  "14B, same max error vs fp32; W1 fd bench steady 394.0 vs 441.7 ms, graphs replayed",
     },
 }
 
