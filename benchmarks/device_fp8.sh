@@ -45,6 +45,8 @@ bench() {  # name, timeout, overrides...
 timeout 160 python3 -m benchmarks.fp8_ops --n 15 --out "$OUT/fp8_ops.jsonl" > "$OUT/fp8_ops.log" 2>&1 \
   || { echo "fp8_ops failed:"; tail -15 "$OUT/fp8_ops.log"; }
 # (b) end to end: bf16 (cold inductor cache), fast mode, bf16 again (warm cache: the second start)
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py > "$OUT/pytest_fp8.txt" 2>&1
+tail -3 "$OUT/pytest_fp8.txt"
 bench fd_bf16 120 $W1
 bench fd_fast 130 $W1 $FAST
 bench fd_bf16_second 90 $W1

@@ -22,6 +22,7 @@ from engine.node import Step
 VARIANTS = {   # name: (cfg, dit params)
     "bf16_separate": ("separate", {}),
     "bf16_batched": ("batched", {}),
+    "bf16_batched_flash4": ("batched", {"attention": "flash4"}),      # needs FA4 (device_fa4.sh sets it up)
     "fp8_separate": ("separate", {"precision": "fp8", "attention_precision": "fp8"}),
     "fp8_batched": ("batched", {"precision": "fp8", "attention_precision": "fp8"}),
 }
@@ -46,7 +47,7 @@ def main() -> None:
     from nodes.wan.node_vae import WanVAEDecodeNode
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry", action="store_true")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "flash4" not in v))
     ap.add_argument("--steps", default="2,5", help="n1,n2 sampler steps of the two timed runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -1,0 +1,98 @@
+"""FP8 kernels against bf16 on the GPU, with the tolerances recorded in BENCHMARKS.md (session 4): FP8 linears
+~3.7 % and FP8 attention ~6 % relative error vs float32 at the W1 shapes, so 5 % and 8 % here; bf16 itself is
+~0.2 %. Every attention variant the model can take is checked: tensor and head scales, fresh K/V and K/V
+coming out of an FP8 KV cache (the op probe showed 0.79-0.91 for the last two on an H100 while the model's own
+numbers did not: this test decides which one is wrong). On a CPU the same checks run through the float32
+emulation, so the test logic itself is exercised in CI.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nodes.common.fp8 import Fp8Linear, fp8_unsupported_reason, quantize_rows
+from nodes.common.fp8_attention import CudnnFp8Attention, fp8_attention
+
+CUDA_FP8 = torch.cuda.is_available() and fp8_unsupported_reason(torch.device("cuda")) is None
+DEVICES = ["cpu"] + (["cuda"] if CUDA_FP8 else [])
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _runner(device, out="fp8"):
+    if device == "cpu":
+        return None                           # fp8_attention's float32 emulation
+    pytest.importorskip("cudnn", reason="FP8 attention needs nvidia-cudnn-frontend")
+    return CudnnFp8Attention(out)
+
+
+def _qkv(device, lq, lk, heads, dim, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16, generator=g) for n in (lq, lk, lk)]
+
+
+def _fp32_attention(q, k, v):
+    out = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)))
+    return out.transpose(1, 2)
+
+
+# (query tokens, key tokens, heads, head dim): W1 block 0 / block 5 on the GPU; small on the CPU
+def _shapes(device):
+    return [(4680, 4680, 12, 128), (4680, 28080, 12, 128)] if device == "cuda" else [(96, 96, 4, 32), (96, 288, 4, 32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaling", ["tensor", "head"])
+@pytest.mark.parametrize("from_cache", [False, True], ids=["fresh_kv", "fp8_cache"])
+def test_fp8_attention_close_to_float32(device, scaling, from_cache):
+    runner = _runner(device)
+    for lq, lk, h, d in _shapes(device):
+        q, k, v = _qkv(device, lq, lk, h, d)
+        ref = _fp32_attention(q, k, v)
+        bf16 = _fp32_attention(q, k, v).to(torch.bfloat16)
+        if from_cache:
+            (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)        # what the FP8 KV cache stores
+            y = fp8_attention(q, k8, v8, scaling=scaling, runner=runner, kv_scales=(ks, vs))
+        else:
+            y = fp8_attention(q, k, v, scaling=scaling, runner=runner)
+        assert y.shape == q.shape and y.dtype == q.dtype
+        err = _rel(y, ref)
+        assert err < 0.08, (device, scaling, from_cache, (lq, lk), err, _rel(bf16, ref))
+
+
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores and nvidia-cudnn-frontend")
+def test_fp8_attention_replays_in_a_cuda_graph():
+    runner = _runner("cuda")
+    q, k, v = _qkv("cuda", 4680, 9360, 12, 128)
+    fp8_attention(q, k, v, runner=runner)                     # plan built outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_attention(q, k, v, runner=runner)
+    for seed in (1, 2):
+        for dst, src in zip((q, k, v), _qkv("cuda", 4680, 9360, 12, 128, seed)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fp8_attention(q, k, v, runner=runner)), seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_fp8_linear_close_to_bf16(device):
+    # W1's FFN up-projection (1536 -> 8960) on the GPU, a small one on the CPU
+    tokens, cin, cout = (4680, 1536, 8960) if device == "cuda" else (64, 96, 160)
+    g = torch.Generator(device=device).manual_seed(0)
+    lin = torch.nn.Linear(cin, cout, device=device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(cout, cin, device=device, generator=g) / math.sqrt(cin))
+    x = torch.randn(tokens, cin, device=device, generator=g)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ref = lin(x)                                                  # float32
+    fp8 = Fp8Linear.from_linear(lin.to(dtype))
+    y = fp8(x.to(dtype))
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert _rel(y, ref) < 0.05, _rel(y, ref)
