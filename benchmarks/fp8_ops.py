@@ -137,7 +137,10 @@ def bench_from_cache(out, name, h, lq, lkv, q, k, v, ref, flops, cuda, n):
 
 
 def _graph_replays(fn, inputs) -> bool:
-    """Capture fn into a CUDA graph, change the inputs in place, replay: same as eager on the new inputs?"""
+    """Capture fn into a CUDA graph, change the inputs in place, replay: same as eager on the new inputs?
+    The inputs are put back afterwards: the rows after this one compare against a reference made from them
+    (before 2026-12-06 they were left halved, so every later row's error was against a stale reference)."""
+    saved = [x.clone() for x in inputs]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -151,7 +154,10 @@ def _graph_replays(fn, inputs) -> bool:
     graph.replay()
     eager = fn()
     torch.cuda.synchronize()
-    return bool(torch.equal(y, eager))
+    same = bool(torch.equal(y, eager))
+    for x, x0 in zip(inputs, saved):
+        x.copy_(x0)
+    return same
 
 
 def bench_linears(out, shapes, dev, n):
