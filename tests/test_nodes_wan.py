@@ -442,3 +442,16 @@ sinks:
             s.step()
     assert r.outputs["sampler"]["latent"].shape == (1, 3, 16, 4, 6)
     assert r.outputs["decoder"]["pixels"].shape == (1, 9, 3, 32, 48)
+
+
+def test_vae_decode_sessions_share_one_set_of_pointwise_kernels():
+    """Every session's stream uses the node's one FusedOps: on CUDA its torch.compile'd glue is traced once per
+    model, not once per session (a fresh wrapper per stream re-traced and re-compiled on every new session)."""
+    from nodes.wan.node_vae import WanVAEDecodeNode
+    node = _vae_node(WanVAEDecodeNode)
+    z = torch.randn(1, 2, 16, 4, 6)
+    states = [node.new_state(), node.new_state()]
+    outs = [node.run({"latent": z}, s, Step(0, {}))["pixels"] for s in states]
+    assert states[0]["decoder"] is not states[1]["decoder"]                # separate caches per session
+    assert states[0]["decoder"].fused is states[1]["decoder"].fused is not None
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)

@@ -154,6 +154,7 @@ class WanVAEDecodeNode(_WanVAENode):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._latest = None  # the latest session's stream, for graph_status()
+        self._fused_ops: dict[bool, object] = {}   # compile? -> FusedOps shared by every session's stream
 
     def new_state(self):
         return {"decoder": None}
@@ -174,13 +175,15 @@ class WanVAEDecodeNode(_WanVAENode):
         return state
 
     def run(self, inputs, state, step):
+        from .vae_blocks import FusedOps
         from .vae_stream import StreamingDecoder
         vae = self._vae()
         if state["decoder"] is None:
             on_cuda = vae.conv2.weight.is_cuda
             compile_glue = self.p.compile == "on" or (self.p.compile == "auto" and on_cuda)
+            fused = self._fused_ops.setdefault(compile_glue, FusedOps(compile=compile_glue))
             state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
-                                                               compile=compile_glue,
+                                                               compile=compile_glue, fused_ops=fused,
                                                                graphs=self.p.graphs and on_cuda and
                                                                self.ctx.capture)
             if state.get("restore"):

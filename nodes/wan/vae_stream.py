@@ -54,7 +54,8 @@ class StreamingDecoder:
 
     def __init__(self, vae: nn.Module, zero_init: bool = False, clamp: bool = False,
                  layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False,
-                 fused: bool = True, compile: bool = False, autotune: bool = True):
+                 fused: bool = True, compile: bool = False, autotune: bool = True,
+                 fused_ops: FusedOps | None = None):
         if layout not in ("bcthw", "btchw"):
             raise ValueError(f"layout must be 'bcthw' or 'btchw', got {layout!r}")
         self.vae = vae
@@ -63,7 +64,9 @@ class StreamingDecoder:
         self.layout = layout
         self.cache: list[torch.Tensor] = [] if cache is None else cache
         self.first = not zero_init
-        self.fused = FusedOps(compile=compile) if fused or compile else None
+        # fused_ops: share one FusedOps (its compiled kernels) between the streams of one model, so a new
+        # session does not trace and compile the glue again (each fresh torch.compile wrapper would)
+        self.fused = fused_ops if fused_ops is not None else FusedOps(compile=compile) if fused or compile else None
         self.autotune = autotune
         device = next(vae.parameters()).device
         self.graphs = GraphCache(self._later_chunk, device, enabled=graphs, name="vae")
