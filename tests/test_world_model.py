@@ -226,6 +226,17 @@ def test_shipped_model_follows_the_renderer_for_32_frames():
 
 
 @shipped
+def test_shipped_weights_are_small_and_documented():
+    """<= 20 MB in the package, with the model card and the training record beside them."""
+    import json
+    assert WEIGHTS.stat().st_size <= 20 * 2**20
+    record = json.loads((WEIGHTS.parent / "config.json").read_text())["training"]
+    assert record["dit"]["steps"] > 0 and record["dit"]["final_loss_last100"] < record["dit"]["first_loss"]
+    card = (WEIGHTS.parent / "MODEL_CARD.md").read_text()
+    assert "train.py" in card and f"{record['dit']['final_loss_last100']:.4f}" in card
+
+
+@shipped
 def test_shipped_model_turns_left_and_right():
     left, right = run_spec("W*4 A*12", 16)[0, 4:], run_spec("W*4 D*12", 16)[0, 4:]
     s_left, s_right = horizontal_shift(left), horizontal_shift(right)
