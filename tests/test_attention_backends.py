@@ -107,3 +107,11 @@ def test_flash4_is_capturable_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out, attention(q, k, v, "flash4"))
     assert not torch.equal(out, expected)
+
+
+def test_viz_says_which_attention_backend_a_model_node_takes():
+    from engine.viz.model import build
+    notes = build(load_plan(read_spec("tiny_self_forcing"), cuda_devices=0)).nodes["dit"].notes
+    assert "attention: auto → torch SDPA on cpu" in notes
+    plan = load_plan(read_spec("tiny_self_forcing", overrides=["nodes.dit.params.attention=math"]), cuda_devices=0)
+    assert "attention: math" in build(plan).nodes["dit"].notes

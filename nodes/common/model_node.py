@@ -67,6 +67,28 @@ class ModelNode(Node):
         why = backend_problem(backend, device)
         return [("attention", why, "attention: auto picks the fastest backend installed here")] if why else []
 
+    def facts(self, sources) -> dict:
+        """What ``fd viz`` shows before any weight is read: the attention backend this node's forwards will take."""
+        note = self.attention_note()
+        return {"notes": [note]} if note else {}
+
+    def attention_note(self) -> str | None:
+        """``attention: auto → flash4 (...)``: the backend resolved for this node's device where this machine can
+        tell; on a machine without the node's GPU, where the pick will be made."""
+        backend = getattr(self.p, "attention", None)
+        if backend is None:
+            return None
+        if backend != "auto":
+            return f"attention: {backend}"
+        if not str(self.device).startswith("cuda"):
+            return f"attention: auto → torch SDPA on {self.device}"
+        if not torch.cuda.is_available():
+            return "attention: auto → chosen on the GPU from its measured row (nodes/common/attention_table.py)"
+        from .attention_table import MEASURED
+        row = MEASURED.get(tuple(torch.cuda.get_device_capability(torch.device(self.device))))
+        where = f" (measured on {row['device']}, {row['date']})" if row else " (no measured row for this GPU)"
+        return f"attention: {self.attention_in_use()}{where}"
+
     def attention_in_use(self) -> str | None:
         """The attention backend this node's forwards take (``auto`` resolved on this device), for fd bench."""
         backend = getattr(self.p, "attention", None)
