@@ -19,14 +19,13 @@ bf16, 7x the DiT): with ``offload: true`` it goes back to host memory once the s
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Param, Port
+from engine.node import Param, Port
 from engine.types import TEXT, TEXT_EMBEDDING
-from nodes.common.model_node import Built, ModelNode
+from nodes.common.model_node import Built
+from nodes.common.prompt_encoder import CACHE_SIZE, PromptEncoderNode
 from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, seed_param
 
 from .text import BYTES
@@ -91,7 +90,7 @@ def text_config_of(d: dict):
     return Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k != "model_type"}).text_config
 
 
-class CosmosReason1EncoderNode(ModelNode):
+class CosmosReason1EncoderNode(PromptEncoderNode):
     type_name = "cosmos.reason1_encoder"
     doc = ("Cosmos-Predict2.5 text encoder: Cosmos-Reason1 (Qwen2.5-VL-7B's language model, transformers), every "
            "layer's normalised output concatenated: a prompt (and an optional negative prompt) to "
@@ -113,16 +112,10 @@ class CosmosReason1EncoderNode(ModelNode):
         Param("num_heads", int, 28, "attention heads (random weights; 7B: 28)", min=1),
         Param("num_kv_heads", int, 4, "key/value heads (random weights; 7B: 4)", min=1),
         Param("vocab_size", int, 152064, "vocabulary (random weights; >= 259 for the bytes tokenizer)", min=1),
-        Param("cache_size", int, 8, "prompts kept encoded", min=1),
+        CACHE_SIZE,
         dtype_param(),
         seed_param(),
     )
-    phase = SESSION
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tokenizer = None
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -204,12 +197,10 @@ class CosmosReason1EncoderNode(ModelNode):
 
     def load(self, progress=None) -> None:
         super().load(progress)
-        self.tokenizer = None
         if self.p.tokenizer != BYTES:
             self.tokenizer = self._load_tokenizer(str(self.p.tokenizer))
         elif self.model.config.vocab_size < 259:
             raise FdError(f"node {self.name!r}: tokenizer 'bytes' needs vocab_size >= 259")
-        self._cache.clear()
 
     def _load_tokenizer(self, ref: str):
         from transformers import AutoTokenizer
@@ -230,13 +221,6 @@ class CosmosReason1EncoderNode(ModelNode):
             raise FdError(f"node {self.name!r}: the tokenizer in {folder} has no pad token (upstream pads with it)")
         return tok
 
-    def offload(self) -> None:
-        """``offload: true``: weights back to host memory after encoding; a new prompt brings them back."""
-        if self.model is not None and not str(self.device).startswith("cpu"):
-            self.model.to("cpu")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
     # ------------------------------------------------------------------ encoding
     def token_ids(self, prompt: str) -> torch.Tensor:
         """[1, text_len]: the chat-formatted prompt's ids, padded with the pad id."""
@@ -251,31 +235,10 @@ class CosmosReason1EncoderNode(ModelNode):
             text = chat_text(prompt)
         return pad_ids(tok(text, add_special_tokens=False)["input_ids"], self.p.text_len, tok.pad_token_id)
 
-    def encode(self, prompt: str) -> torch.Tensor:
-        """[1, text_len, layers x hidden] of ``prompt`` (cached)."""
-        model = self.require_model()
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            return self._cache[prompt]
-        ids = self.token_ids(prompt)
-        if model.device != torch.device(self.device):
-            model.to(self.device)
-        with torch.no_grad():
-            out = model(input_ids=ids.to(self.device), output_hidden_states=True, use_cache=False)
-            feats = normalized_layers(out.hidden_states).to(self.dtype)
-        self._cache[prompt] = feats
-        while len(self._cache) > self.p.cache_size:
-            self._cache.popitem(last=False)
-        return feats
-
-    def run(self, inputs, state, step):
-        out = {}
-        for port, key in (("prompt", "embeds"), ("negative", "negative_embeds")):
-            if port in inputs:
-                if not isinstance(inputs[port], str):
-                    raise FdError(f"node {self.name!r}: {port} must be a string, got {type(inputs[port]).__name__}")
-                out[key] = self.encode(inputs[port])
-        return out
+    def encode_uncached(self, prompt: str) -> torch.Tensor:
+        """[1, text_len, layers x hidden] of ``prompt``."""
+        out = self.model(input_ids=self.token_ids(prompt).to(self.device), output_hidden_states=True, use_cache=False)
+        return normalized_layers(out.hidden_states).to(self.dtype)
 
 
 NODE_TYPES = (CosmosReason1EncoderNode,)

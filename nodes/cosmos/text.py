@@ -11,14 +11,13 @@ dropped), ``config`` the transformers config.json (default: the one next to the 
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Param, Port
+from engine.node import Param, Port
 from engine.types import TEXT, TEXT_EMBEDDING
-from nodes.common.model_node import Built, ModelNode
+from nodes.common.model_node import Built
+from nodes.common.prompt_encoder import CACHE_SIZE, PromptEncoderNode
 from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, seed_param
 
 BYTES = "bytes"
@@ -50,7 +49,7 @@ def encoder_weights(sd):
     return {new: sd[old] for new, old in keep.items()}
 
 
-class CosmosT5EncoderNode(ModelNode):
+class CosmosT5EncoderNode(PromptEncoderNode):
     type_name = "cosmos.text_encoder"
     doc = ("Cosmos-Predict2 T5 text encoder (transformers T5EncoderModel, e.g. T5-11B's encoder, 1024-d): a prompt "
            "(and an optional negative prompt) to [1, text_len, d_model], rows past the prompt zeroed. Cached per "
@@ -72,16 +71,10 @@ class CosmosT5EncoderNode(ModelNode):
         Param("d_kv", int, 128, "head size (random weights)", min=1),
         Param("num_layers", int, 24, "encoder layers (random weights)", min=1),
         Param("vocab_size", int, 32128, "vocabulary (random weights; >= 259 for the bytes tokenizer)", min=1),
-        Param("cache_size", int, 8, "prompts kept encoded", min=1),
+        CACHE_SIZE,
         dtype_param(),
         seed_param(),
     )
-    phase = SESSION
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tokenizer = None
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def _random_config(self):
         from transformers import T5Config
@@ -140,12 +133,6 @@ class CosmosT5EncoderNode(ModelNode):
             self.tokenizer = T5TokenizerFast.from_pretrained(str(folder))
         elif self.model.config.vocab_size < 259:
             raise FdError(f"node {self.name!r}: tokenizer 'bytes' needs vocab_size >= 259")
-        self._cache.clear()
-
-    def offload(self) -> None:
-        """``offload: true``: weights back to host memory after encoding; a new prompt brings them back."""
-        if self.model is not None and not str(self.device).startswith("cpu"):
-            self.model.to("cpu")
 
     def _tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -154,31 +141,11 @@ class CosmosT5EncoderNode(ModelNode):
                            return_tensors="pt")
         return t.input_ids, t.attention_mask
 
-    def encode(self, prompt: str) -> torch.Tensor:
-        """[1, text_len, d_model] of ``prompt``, rows past its tokens zeroed (cached)."""
-        model = self.require_model()
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            return self._cache[prompt]
+    def encode_uncached(self, prompt: str) -> torch.Tensor:
+        """[1, text_len, d_model] of ``prompt``, rows past its tokens zeroed."""
         ids, mask = self._tokenize(prompt)
-        if model.device != torch.device(self.device):
-            model.to(self.device)
-        with torch.no_grad():
-            out = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-            out = out * mask.to(out.device, out.dtype)[..., None]
-        self._cache[prompt] = out
-        while len(self._cache) > self.p.cache_size:
-            self._cache.popitem(last=False)
-        return out
-
-    def run(self, inputs, state, step):
-        out = {}
-        for port, key in (("prompt", "embeds"), ("negative", "negative_embeds")):
-            if port in inputs:
-                if not isinstance(inputs[port], str):
-                    raise FdError(f"node {self.name!r}: {port} must be a string, got {type(inputs[port]).__name__}")
-                out[key] = self.encode(inputs[port])
-        return out
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return out * mask.to(out.device, out.dtype)[..., None]
 
 
 NODE_TYPES = (CosmosT5EncoderNode,)

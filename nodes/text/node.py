@@ -1,8 +1,7 @@
 """`wan.text_encoder`: prompts to UMT5 embeddings, once per prompt.
 
-The node keeps a small cache of encoded prompts (on the node, shared by sessions: the
-encoding depends on the weights only), so an unchanged or repeated prompt costs
-nothing and hands on the very same tensor - downstream nodes then see no change.
+Prompt caching, offload and the prompt/negative ports' run are the shared
+``nodes.common.prompt_encoder.PromptEncoderNode``'s.
 
 ``tokenizer: bytes`` is an offline stand-in for random tiny models (no tokenizer files
 needed): UTF-8 bytes shifted by 3 (0 pad, 1 end of sequence, 2 unknown, as ByT5),
@@ -11,14 +10,13 @@ tokenizer folder with them.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from engine.errors import FdError
-from engine.node import SESSION, Param, Port
+from engine.node import Param, Port
 from engine.types import TEXT, TEXT_EMBEDDING
-from nodes.common.model_node import Built, ModelNode
+from nodes.common.model_node import Built
+from nodes.common.prompt_encoder import CACHE_SIZE, PromptEncoderNode
 from nodes.common.params import checkpoint_param, dtype_bytes, dtype_param, seed_param
 
 WAN_T5 = "hf://Wan-AI/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth"
@@ -36,7 +34,7 @@ def byte_tokenize(prompts: list[str], text_len: int) -> tuple[torch.Tensor, torc
     return ids, (ids != PAD_ID).long()
 
 
-class TextEncoderNode(ModelNode):
+class TextEncoderNode(PromptEncoderNode):
     type_name = "wan.text_encoder"
     doc = ("UMT5-XXL text encoder of Wan 2.1 (models_t5_umt5-xxl-enc-bf16.pth or an HF folder): a prompt (and an "
            "optional negative prompt) to [1, text_len, dim] embeddings with padded rows zeroed. Cached per prompt.")
@@ -56,16 +54,10 @@ class TextEncoderNode(ModelNode):
         Param("num_layers", int, 24, "encoder layers (random weights)", min=1),
         Param("vocab_size", int, 256384, "vocabulary (random weights; >= 259 for the bytes tokenizer)", min=1),
         Param("num_buckets", int, 32, "relative position buckets (random weights)", min=1),
-        Param("cache_size", int, 8, "prompts kept encoded", min=1),
+        CACHE_SIZE,
         dtype_param(),
         seed_param(),
     )
-    phase = SESSION
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tokenizer = None
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def _random_config(self):
         from transformers import UMT5Config
@@ -112,12 +104,6 @@ class TextEncoderNode(ModelNode):
 
             from nodes.checkpoint import resolve
             self.tokenizer = AutoTokenizer.from_pretrained(str(resolve(self.p.tokenizer, kind="folder")))
-        self._cache.clear()
-
-    def offload(self) -> None:
-        """``offload: true``: weights back to host memory after encoding; a new prompt brings them back."""
-        if self.model is not None and not str(self.device).startswith("cpu"):
-            self.model.to("cpu")
 
     def _tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         from .umt5 import clean_prompt
@@ -127,30 +113,11 @@ class TextEncoderNode(ModelNode):
                            add_special_tokens=True, return_tensors="pt")
         return t.input_ids, t.attention_mask
 
-    def encode(self, prompt: str) -> torch.Tensor:
-        """[1, text_len, dim] embeddings of ``prompt`` (cached)."""
+    def encode_uncached(self, prompt: str) -> torch.Tensor:
+        """[1, text_len, dim] embeddings of ``prompt``, rows past it zeroed."""
         from .umt5 import encode
-        self.require_model()
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            return self._cache[prompt]
         ids, mask = self._tokenize(prompt)
-        if self.model.device != torch.device(self.device):
-            self.model.to(self.device)
-        out = encode(self.model, ids, mask)
-        self._cache[prompt] = out
-        while len(self._cache) > self.p.cache_size:
-            self._cache.popitem(last=False)
-        return out
-
-    def run(self, inputs, state, step):
-        out = {}
-        for port, key in (("prompt", "embeds"), ("negative", "negative_embeds")):
-            if port in inputs:
-                if not isinstance(inputs[port], str):
-                    raise FdError(f"node {self.name!r}: {port} must be a string, got {type(inputs[port]).__name__}")
-                out[key] = self.encode(inputs[port])
-        return out
+        return encode(self.model, ids, mask)
 
 
 NODE_TYPES = (TextEncoderNode,)
