@@ -115,3 +115,12 @@ def test_viz_says_which_attention_backend_a_model_node_takes():
     assert "attention: auto → torch SDPA on cpu" in notes
     plan = load_plan(read_spec("tiny_self_forcing", overrides=["nodes.dit.params.attention=math"]), cuda_devices=0)
     assert "attention: math" in build(plan).nodes["dit"].notes
+
+
+def test_auto_keeps_a_backend_to_the_head_dims_it_was_measured_at(monkeypatch):
+    monkeypatch.setitem(attention_table.MEASURED, (7, 5), {"ranking": ("flash4", "cudnn", "auto"),
+                                                           "head_dims": {"flash4": (128,)}})
+    fast = attention_table.fastest_measured
+    assert fast((7, 5), installed=lambda n: True, head_dim=128) == "flash4"
+    assert fast((7, 5), installed=lambda n: True, head_dim=64) == "cudnn"
+    assert fast((7, 5), installed=lambda n: True) == "flash4"          # no head dim asked: the row's pick

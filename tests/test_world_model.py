@@ -221,7 +221,6 @@ def test_shipped_model_follows_the_renderer_for_32_frames():
         scores[script] = psnr_db(run_spec(script, 32), truth)
         baseline[script] = psnr_db(mean_frame.expand_as(truth), truth)
     mean, base = sum(scores.values()) / len(scores), sum(baseline.values()) / len(baseline)
-    print({k: round(v, 2) for k, v in scores.items()}, "mean-frame baseline", round(base, 2))
     assert mean >= 20.0 and mean >= base + 2.0, (scores, baseline)
 
 

@@ -39,10 +39,6 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-# head dims at which FA4 was measured faster than cuDNN (attention_table.py): `auto` sends only these to it
-FLASH4_MEASURED_HEAD_DIMS = (128,)
-
-
 def flash4_available() -> bool:
     """FlashAttention-4 (the CuTe-DSL kernels of the ``flash-attn-4`` wheel, module ``flash_attn.cute``)."""
     try:
@@ -77,9 +73,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     (scale defaults to 1/sqrt(D)). With ``return_lse``: (out, lse [B, Lq, H] float32); ``mask``
     (boolean [.., Lq, Lk], True = attend) is only taken on that path."""
     if backend == "auto" and q.is_cuda:
-        backend = auto_backend(q.device)
-        if backend == "flash4" and q.shape[-1] not in FLASH4_MEASURED_HEAD_DIMS:
-            backend = "auto"                               # auto stays on what was measured; flash4 by name still runs
+        backend = auto_backend(q.device, q.shape[-1])
     if backend == "flash4" and q.dtype not in (torch.float16, torch.bfloat16):
         backend = "auto"                                   # FA4 is a half-precision kernel; fp32 takes SDPA
     if return_lse:
@@ -107,12 +101,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 
 @functools.lru_cache(maxsize=None)
-def auto_backend(device: torch.device) -> str:
-    """The fastest backend measured on this GPU's architecture that is installed here
-    (attention_table.py; "auto" = torch's own cuDNN-first SDPA order). Cached: neither changes in a process."""
+def auto_backend(device: torch.device, head_dim: int | None = None) -> str:
+    """The fastest backend measured on this GPU's architecture (at ``head_dim``, when given) that is installed
+    here (attention_table.py; "auto" = torch's own cuDNN-first SDPA order). Cached: neither changes in a process."""
     from .attention_table import fastest_measured
     cap = torch.cuda.get_device_capability(device)
-    return fastest_measured(cap, installed=lambda name: backend_problem(name, device) is None)
+    return fastest_measured(cap, installed=lambda name: backend_problem(name, device) is None, head_dim=head_dim)
 
 
 def _flash4_func():

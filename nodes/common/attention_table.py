@@ -14,6 +14,7 @@ from typing import Callable
 MEASURED: dict[tuple[int, int], dict] = {
     (9, 0): {
         "ranking": ("flash4", "auto"),
+        "head_dims": {"flash4": (128,)},        # measured there only: other head dims keep torch's order
         "device": "NVIDIA H100 80GB HBM3",
         "date": "2026-12-06",
         "source": "benchmarks/device_fa4.sh at 39a790a (benchmarks/results/2026-12-06-h100-s4/3_fa4): "
@@ -23,11 +24,16 @@ MEASURED: dict[tuple[int, int], dict] = {
 }
 
 
-def fastest_measured(capability: tuple[int, int], installed: Callable[[str], bool]) -> str:
+def fastest_measured(capability: tuple[int, int], installed: Callable[[str], bool],
+                     head_dim: int | None = None) -> str:
+    """The first backend of the row that is installed and, when ``head_dim`` is given, was measured at it."""
     row = MEASURED.get(tuple(capability))
     if row is None:
         return "auto"
     for name in row["ranking"]:
-        if name == "auto" or installed(name):
+        if name == "auto":
+            return name
+        measured_at = row.get("head_dims", {}).get(name)
+        if installed(name) and (head_dim is None or measured_at is None or head_dim in measured_at):
             return name
     return "auto"

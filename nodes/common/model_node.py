@@ -69,34 +69,26 @@ class ModelNode(Node):
 
     def facts(self, sources) -> dict:
         """What ``fd viz`` shows before any weight is read: the attention backend this node's forwards will take."""
-        note = self.attention_note()
-        return {"notes": [note]} if note else {}
-
-    def attention_note(self) -> str | None:
-        """``attention: auto → flash4 (...)``: the backend resolved for this node's device where this machine can
-        tell; on a machine without the node's GPU, where the pick will be made."""
-        backend = getattr(self.p, "attention", None)
-        if backend is None:
-            return None
-        if backend != "auto":
-            return f"attention: {backend}"
-        if not str(self.device).startswith("cuda"):
-            return f"attention: auto → torch SDPA on {self.device}"
-        if not torch.cuda.is_available():
-            return "attention: auto → chosen on the GPU from its measured row (nodes/common/attention_table.py)"
-        from .attention_table import MEASURED
-        row = MEASURED.get(tuple(torch.cuda.get_device_capability(torch.device(self.device))))
-        where = f" (measured on {row['device']}, {row['date']})" if row else " (no measured row for this GPU)"
-        return f"attention: {self.attention_in_use()}{where}"
+        used = self.attention_in_use()
+        if used == "auto":                                  # off CUDA: torch's SDPA on this device
+            used = f"auto → torch SDPA on {self.device}"
+        return {"notes": [f"attention: {used}"]} if used else {}
 
     def attention_in_use(self) -> str | None:
-        """The attention backend this node's forwards take (``auto`` resolved on this device), for fd bench."""
+        """The attention backend this node's forwards take (``auto`` resolved on this device, with the measured
+        row that decided it), for fd bench and fd viz. Without the node's GPU here: where the pick will be made."""
         backend = getattr(self.p, "attention", None)
         if backend != "auto" or not str(self.device).startswith("cuda"):
             return backend
+        if not torch.cuda.is_available():
+            return "auto → picked on the GPU from nodes/common/attention_table.py"
         from .attention import auto_backend
-        picked = auto_backend(torch.device(self.device))
-        return "auto: torch SDPA (cuDNN first)" if picked == "auto" else f"auto: {picked}"
+        from .attention_table import MEASURED
+        device = torch.device(self.device)
+        picked = auto_backend(device)
+        row = MEASURED.get(tuple(torch.cuda.get_device_capability(device)))
+        name = "torch SDPA (cuDNN first)" if picked == "auto" else picked
+        return f"auto → {name}" + (f" (measured on {row['device']}, {row['date']})" if row else "")
 
     # ------------------------------------------------------------------ hooks
     def companions_random(self) -> list[nn.Module]:

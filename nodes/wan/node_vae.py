@@ -181,7 +181,9 @@ class WanVAEDecodeNode(_WanVAENode):
         if state["decoder"] is None:
             on_cuda = vae.conv2.weight.is_cuda
             compile_glue = self.p.compile == "on" or (self.p.compile == "auto" and on_cuda)
-            fused = self._fused_ops.setdefault(compile_glue, FusedOps(compile=compile_glue))
+            if compile_glue not in self._fused_ops:
+                self._fused_ops[compile_glue] = FusedOps(compile=compile_glue)
+            fused = self._fused_ops[compile_glue]
             state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
                                                                compile=compile_glue, fused_ops=fused,
                                                                graphs=self.p.graphs and on_cuda and
