@@ -209,3 +209,96 @@ def test_requantize_from_an_fp8_cache(scaling):
     y = attention_fp8(q, k8, v8, scaling=scaling, kv_scales=(ks, vs))
     ref = attention(q, k, v)
     assert 0 < ((y - ref).norm() / ref.norm()).item() < 8 * U
+
+
+# ------------------------------------------------------------------ tensor-scaled FP8 KV cache (FP8 attention reads it)
+def test_rescale_fp8_in_place_is_exact_for_one_and_rounds_otherwise():
+    from nodes.common.fp8_rescale import rescale_fp8_
+    x8 = quantize(_spread(4, 64, seed=3), torch.tensor(2.0 ** -6))
+    before = x8.clone()
+    rescale_fp8_(x8, torch.tensor([1.0]))
+    assert torch.equal(x8.view(torch.uint8), before.view(torch.uint8))
+    rescale_fp8_(x8, torch.tensor([0.3]))
+    want = (before.float() * 0.3).to(E4M3)                     # the e4m3 value nearest to x * 0.3
+    assert torch.equal(x8.view(torch.uint8), want.view(torch.uint8))
+    with pytest.raises(ValueError, match="contiguous float8"):
+        rescale_fp8_(torch.zeros(3), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("rope_mode,sink", [("absolute", 0), ("relative", 1)])
+def test_tensor_scaled_fp8_cache_keeps_a_running_scale(rope_mode, sink):
+    """One scale per layer = max amax/448 of everything written so far (recomputed here from the float inputs);
+    rows stored before the scale grew were rounded twice (at their old scale, then the new one); a write that
+    does not raise the scale leaves every earlier row bit-identical; the attended rows dequantise to the float
+    cache's within those roundings."""
+    kw = dict(sink_frames=sink, window_frames=4, rope_mode=rope_mode)
+    ref = SelfKVCache(2, 3, 16, 5, **kw)
+    c8 = SelfKVCache(2, 3, 16, 5, dtype=E4M3, fp8_scaling="tensor", **kw)
+    assert c8.k_scale.shape == (2, 1, 1, 1, 1) and c8.tensor_scaled
+    g = torch.Generator().manual_seed(1)
+    amax = {0: torch.tensor(0.0), 1: torch.tensor(0.0)}
+    loud = (1.0, 4.0, 0.5, 0.25, 8.0)                     # block 2 raises the scale, blocks 3 and 4 do not, 5 does
+    for b, start in enumerate(range(0, 10, 2)):
+        plan = ref.plan(start, 2)
+        for layer in range(2):
+            k = torch.randn(1, 10, 3, 16, generator=g) * loud[b]
+            v = torch.randn(1, 10, 3, 16, generator=g) * loud[b]
+            kept = c8.k[layer].clone()
+            grew = k.abs().amax() > amax[layer]
+            amax[layer] = torch.maximum(amax[layer], k.abs().amax())
+            for c in (ref, c8):
+                c.write(layer, plan, k, v, c.device_rows(plan))
+            s = amax[layer] / E4M3_MAX
+            if rope_mode == "absolute":                        # (the relative mode's sink rewrite adds its own max)
+                assert torch.allclose(c8.k_scale[layer].flatten(), s.reshape(1), rtol=1e-6)
+            if not grew and rope_mode == "absolute":
+                others = torch.ones(c8.k.shape[2], dtype=torch.bool)
+                others[c8.device_rows(plan).index] = False
+                assert torch.equal(kept[:, others].view(torch.uint8), c8.k[layer][:, others].view(torch.uint8))
+            rk, rv = ref.keys_values(layer, plan)
+            k8, v8 = c8.keys_values(layer, plan)
+            k8s, ks, _, vs = c8.quantized_values(layer, plan)
+            assert ks.shape == (1, 1, 1, 1) and torch.equal(k8s.float() * ks, k8)
+            for mine, want, sc in ((k8, rk, c8.k_scale[layer]), (v8, rv, c8.v_scale[layer])):
+                assert ((mine - want).abs() <= 2.1 * roundtrip_bound(want, sc) + F32 * want.abs()).all()
+    ck, _ = c8.chronological(1, 10)
+    rk, _ = ref.chronological(1, 10)
+    assert ((ck - rk).abs() <= 2.1 * roundtrip_bound(rk, c8.k_scale[1]) + F32 * rk.abs()).all()
+    assert {"k", "v", "k_scale", "v_scale"} <= set(c8.buffers())
+    with pytest.raises(ValueError, match="fp8_scaling"):
+        SelfKVCache(1, 1, 16, 1, window_frames=2, dtype=E4M3, fp8_scaling="channel")
+
+
+def test_fp8_attention_reads_a_tensor_scaled_cache_as_stored():
+    """Scalar cache scales go to the kernel as the K/V descales, the e4m3 rows untouched (no rescale pass)."""
+    from nodes.common.fp8_attention import requantize_qkv
+    q, k, v = _qkv(heads_scale=(1.0, 2.0 ** 3), lk=12, seed=2)
+    sk, sv = amax_scale(k).reshape(1, 1, 1, 1), amax_scale(v).reshape(1, 1, 1, 1)
+    k8, v8 = quantize(k, sk), quantize(v, sv)
+    qq = quantized_qkv(q, k8, v8, "tensor", lambda q_, k_, v_, s_: requantize_qkv(q_, k_, sk, v_, sv, s_))
+    assert qq.k is k8 and qq.v is v8 and torch.equal(qq.descale_k, sk) and torch.equal(qq.descale_v, sv)
+    from nodes.common.attention import attention, attention_fp8
+    y = attention_fp8(q, k8, v8, scaling="tensor", kv_scales=(sk, sv))
+    ref = attention(q, k, v)
+    assert 0 < ((y - ref).norm() / ref.norm()).item() < 8 * U
+
+
+def test_fp8_attention_rows_are_the_kernel_output_for_the_o_projection():
+    """as_rows: the e4m3 output and its scale as an Fp8Linear input; dequantised, exactly the plain FP8 output
+    (before its cast to q's dtype), and through a linear within the FP8 linear's bound of the float product."""
+    from nodes.common.attention import attention_fp8
+    q, k, v = _qkv(heads_scale=(1.0, 2.0), lk=12, seed=5)
+    rows = attention_fp8(q, k, v, as_rows=True)
+    assert isinstance(rows, QuantizedRows) and rows.data.dtype == E4M3
+    b, lq, h, d = q.shape
+    assert rows.data.shape == (b * lq, h * d) and rows.scale.shape == (b * lq, 1) and rows.lead == (b, lq)
+    from nodes.common.fp8_attention import emulate_sdpa_fp8, quantize_qkv
+    plain = emulate_sdpa_fp8(quantized_qkv(q, k, v, "tensor", quantize_qkv), 1 / math.sqrt(d), "fp8")
+    assert torch.equal(rows.data.float() * rows.scale, plain.reshape(b * lq, h * d))
+    lin = torch.nn.Linear(h * d, 32)
+    f8 = Fp8Linear.from_linear(lin)
+    y = f8(rows)
+    want = torch.nn.functional.linear(plain.reshape(b, lq, h * d), f8.dequantized_weight(), lin.bias)
+    assert y.shape == (b, lq, 32) and ((y - want).norm() / want.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="as_rows"):
+        attention_fp8(q, k, v, scaling="head", as_rows=True)

@@ -96,3 +96,48 @@ def test_fp8_linear_close_to_bf16(device):
     y = fp8(x.to(dtype))
     assert y.dtype == dtype and y.shape == ref.shape
     assert _rel(y, ref) < 0.05, _rel(y, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_rescale_kernel_matches_torch_and_replays_with_new_ratios(device):
+    """The running-scale cache's in-place rescale (Triton on CUDA): a ratio of 1 leaves every byte, any other
+    ratio gives torch's e4m3 rounding of x * ratio, and a captured launch reads the ratio on each replay."""
+    from nodes.common.fp8 import E4M3
+    from nodes.common.fp8_rescale import rescale_fp8_
+    n = 12 * 128 * (32760 if device == "cuda" else 40)          # one layer's K at W1 steady (GPU)
+    g = torch.Generator(device=device).manual_seed(0)
+    src = (torch.randn(n, device=device, generator=g) * 100).clamp(-448, 448).to(E4M3)
+    x8, ratio = src.clone(), torch.ones(1, device=device)
+    rescale_fp8_(x8, ratio)
+    assert torch.equal(x8.view(torch.uint8), src.view(torch.uint8))
+    ratio.fill_(0.37)
+    rescale_fp8_(x8, ratio)
+    assert torch.equal(x8.view(torch.uint8), (src.float() * 0.37).to(E4M3).view(torch.uint8))
+    if device != "cuda":
+        return
+    x8.copy_(src)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rescale_fp8_(x8, ratio)
+    for r in (1.0, 0.5, 1.0):
+        x8.copy_(src)
+        ratio.fill_(r)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(x8.view(torch.uint8), (src.float() * r).to(E4M3).view(torch.uint8)), r
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_attention_rows_dequantise_to_the_fp8_output(device):
+    """The e4m3 output handed to the o projection as it is (fast mode) is the kernel's output: times its scale
+    it equals the dequantised FP8 attention, and it stays as close to float32 as that does."""
+    from nodes.common.attention import attention_fp8
+    runner = _runner(device)
+    lq, lk, h, d = _shapes(device)[1]
+    q, k, v = _qkv(device, lq, lk, h, d)
+    rows = attention_fp8(q, k, v, runner=runner, as_rows=True)
+    plain = attention_fp8(q, k, v, runner=runner).float()
+    back = (rows.data.float() * rows.scale).reshape(q.shape)
+    assert _rel(back, plain) < 1e-2                               # plain is rounded to q's dtype afterwards
+    assert _rel(back, _fp32_attention(q, k, v)) < 0.08

@@ -159,6 +159,77 @@ def test_fp8_linears_and_attention_in_the_model():
     assert torch.equal(blk._ffn(h, m.kernels), blk.ffn(h))     # GELU fused into the quantiser = the plain chain
 
 
+def test_fp8_linear_inputs_quantised_in_the_elementwise_pass_equal_the_two_pass_chain():
+    """AdaLN (and the cross-attention LayerNorm) with the per-token quantisation in the same function gives the
+    very bytes and scales of the plain function followed by quantize_rows."""
+    from nodes.common.fp8 import QuantizedRows
+    from nodes.wan.dit import EAGER, _in_rows
+    m = _model()
+    m.use_fp8_linears()
+    blk, k = m.blocks[0], EAGER
+    x = torch.randn(1, 12, m.cfg.dim) * 3
+    shift, scale = torch.randn(1, 2, 1, m.cfg.dim), torch.randn(1, 2, 1, m.cfg.dim)
+    for fused, plain in ((_in_rows(k, blk.ffn[0], x, k.modulate, k.modulate_quant, shift, scale, 2, 1e-6, torch.float32),
+                          k.modulate(x, shift, scale, 2, 1e-6, torch.float32)),
+                         (_in_rows(k, blk.cross_attn.q, x, k.ln_cast, k.ln_quant, None, None, 1e-6, torch.float32),
+                          k.ln_cast(x, None, None, 1e-6, torch.float32))):
+        want = QuantizedRows.of(plain, k.quant_rows)
+        assert isinstance(fused, QuantizedRows) and fused.lead == want.lead == (1, 12)
+        assert torch.equal(fused.data.view(torch.uint8), want.data.view(torch.uint8))
+        assert torch.equal(fused.scale, want.scale)
+    bf = _model()     # a model without FP8 linears gets the plain tensor
+    assert torch.equal(_in_rows(k, bf.blocks[0].ffn[0], x, k.modulate, k.modulate_quant, shift, scale, 2, 1e-6,
+                                torch.float32), k.modulate(x, shift, scale, 2, 1e-6, torch.float32))
+
+
+def test_fast_mode_stream_reads_its_cache_as_stored_and_feeds_the_o_projection_in_fp8(monkeypatch):
+    """FP8 linears + FP8 attention (tensor scales) + an FP8 cache at one running scale per layer: attention gets
+    the stored e4m3 rows with scalar descales, its e4m3 output goes to the o projection as is, and the stream
+    stays close to the float model over a rollout that wraps the window."""
+    import nodes.common.fp8_attention as fa
+    m = _model()
+    ref = _stream(m)
+    m2 = _model()
+    m2.use_fp8_linears()
+    m2.use_fp8_attention("tensor")
+    den = WanDenoiser(m2, m2.cfg, torch.float32, "auto", E4M3, "full", "tensor")
+    s = den.open_stream(StreamSpec(frame_shape=FRAME, frames_per_block=NFPB, window_frames=6))
+    s.set_conditions(torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(9)))
+    assert s.cache.tensor_scaled and s.cache.k_scale.shape == (2, 1, 1, 1, 1)
+    seen = {"scalar_scales": 0, "rows": 0}
+    raw_values, raw_rows = s.cache.quantized_values, fa.fp8_attention_rows
+
+    def values(*a):
+        out = raw_values(*a)
+        seen["scalar_scales"] += out[1].numel() == 1 and out[3].numel() == 1
+        return out
+
+    def rows(*a, **kw):
+        seen["rows"] += 1
+        return raw_rows(*a, **kw)
+    monkeypatch.setattr(s.cache, "quantized_values", values)
+    monkeypatch.setattr(fa, "fp8_attention_rows", rows)
+    outs = []
+    for st in (ref, s):
+        g = torch.Generator().manual_seed(4)
+        for b in range(4):
+            _block(st, b * NFPB, g)
+        outs.append(st.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 4 * NFPB))
+    calls = 4 * 5 * 2 + 2                 # 4 blocks x (4 steps + context pass) x 2 layers, then the last call
+    assert seen == {"scalar_scales": calls, "rows": calls}
+    rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert 0 < rel < 0.2, rel
+
+
+def test_node_keeps_the_fp8_cache_at_the_scaling_its_attention_reads():
+    fast = ["nodes.dit.params.kv_dtype=fp8", "nodes.dit.params.attention_precision=fp8", "nodes.dit.device=cuda"]
+    cases = [(fast, "tensor"), (fast + ["nodes.dit.params.fp8_attention_scaling=head"], "row"),
+             (["nodes.dit.params.kv_dtype=fp8"], "row")]
+    for overrides, want in cases:
+        plan = load_plan("tiny_self_forcing", overrides, cuda_devices=0, check_devices=False)
+        assert plan.nodes["dit"].build().kv_scaling() == want, overrides
+
+
 # ------------------------------------------------------------------ params at planning time
 def test_fp8_compute_refused_on_cpu_with_the_param_line():
     with pytest.raises(SpecErrors) as e:

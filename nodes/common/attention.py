@@ -178,13 +178,19 @@ ATTENTION_PRECISIONS = ("auto", "fp8")
 
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                   scaling: str = "tensor", runner=None, out: str = "fp8", quant=None,
-                  kv_scales: tuple | None = None) -> torch.Tensor:
+                  kv_scales: tuple | None = None, as_rows: bool = False):
     """softmax(q k^T * scale) v with Q, K, V (and P, and O unless ``out='bf16'``) in e4m3, [B, L, H, D] in and
     out (q's dtype). ``scaling``: 'tensor' or 'head' amax scales, computed on the device (nodes/common/
     fp8_attention.py says what each folds where). ``runner``: a ``CudnnFp8Attention`` (it owns the cuDNN
     plans); None runs the float32 emulation of the same arithmetic (CPU, tests). ``kv_scales`` = (ks, vs): k and v
     are already e4m3 with one scale per (token, head) (an FP8 KV cache), rescaled instead of re-quantised.
-    ``quant``: a compiled ``fp8_attention.quantize_qkv`` (``requantize_qkv`` with kv_scales), default eager."""
-    from .fp8_attention import fp8_attention
+    ``quant``: a compiled ``fp8_attention.quantize_qkv`` (``requantize_qkv`` with kv_scales), default eager.
+    ``as_rows``: return the e4m3 output as it is, as the ``QuantizedRows`` an Fp8Linear takes (tensor scaling,
+    e4m3 output only)."""
+    from .fp8_attention import fp8_attention, fp8_attention_rows
+    if as_rows:
+        if scaling != "tensor" or out != "fp8":
+            raise ValueError(f"as_rows needs tensor scaling and an fp8 output, got {scaling!r} / {out!r}")
+        return fp8_attention_rows(q, k, v, scale=scale, runner=runner, quant=quant, kv_scales=kv_scales)
     return fp8_attention(q, k, v, scale=scale, scaling=scaling, runner=runner, out=out, quant=quant,
                          kv_scales=kv_scales)

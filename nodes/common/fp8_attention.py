@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8 import E4M3, E4M3_MAX, amax_scale, quantize
+from .fp8 import E4M3, E4M3_MAX, QuantizedRows, amax_scale, quantize
 
 SCALINGS = ("tensor", "head")
 OUTPUTS = ("fp8", "bf16")
@@ -72,10 +72,14 @@ def requantize_qkv(q, k8, ks, v8, vs, scaling: str = "tensor") -> tuple:
     """As ``quantize_qkv`` for K/V that are already e4m3 with one scale per (token, head) (an FP8 KV cache:
     ks, vs [B, L, H, 1]): the tensor's (or head's) amax scale is the max of those scales, so each row is only
     rescaled by s_row / S <= 1 and rounded again, one pass over one byte per value instead of dequantising to
-    bf16 and quantising that."""
+    bf16 and quantising that. K/V with one scale each (a tensor-scaled cache, [1, 1, 1, 1]) go in as they are
+    under tensor scaling: only Q is quantised."""
     def rescale(x8, s, dims):
         big = s.amax() if dims is None else s.amax(dim=dims, keepdim=True)
         return quantize(x8.float() * (s / big), torch.ones_like(big)), big
+    if scaling == "tensor" and ks.numel() == 1 and vs.numel() == 1:   # a tensor-scaled cache: read as stored
+        sq = amax_scale(q)
+        return quantize(q, sq), k8, v8, sq.reshape(1, 1, 1, 1), ks.reshape(1, 1, 1, 1), vs.reshape(1, 1, 1, 1), None
     if scaling == "tensor":
         sq = amax_scale(q)
         (k2, sk), (v2, sv) = rescale(k8, ks, None), rescale(v8, vs, None)
@@ -94,18 +98,22 @@ def _round_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float()
 
 
-def emulate_sdpa_fp8(qq: QuantizedQKV, attn_scale: float, out: str = "fp8") -> torch.Tensor:
-    """The FP8 kernel's arithmetic in float32 (reference and CPU path); returns O in float32 [B, Lq, H, D]."""
+def emulate_sdpa_fp8_units(qq: QuantizedQKV, attn_scale: float, out: str = "fp8") -> torch.Tensor:
+    """The FP8 kernel's arithmetic in float32, O in V8 units (e4m3-rounded for an fp8 output: what the kernel
+    stores, to be multiplied by descale_v); [B, Lq, H, D]."""
     q = qq.q.float() * qq.descale_q
     k = qq.k.float() * qq.descale_k
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn_scale
     p = torch.exp(s - s.amax(-1, keepdim=True))
     denom = p.sum(-1, keepdim=True)
     p8 = _round_e4m3(p * E4M3_MAX) / E4M3_MAX
-    o = torch.einsum("bhqk,bkhd->bqhd", p8 / denom, qq.v.float())        # in V8 units
-    if out == "fp8":
-        o = _round_e4m3(o)                                                 # scale_o = 1 / descale_v
-    o = o * qq.descale_v
+    o = torch.einsum("bhqk,bkhd->bqhd", p8 / denom, qq.v.float())
+    return _round_e4m3(o) if out == "fp8" else o                            # scale_o = 1 / descale_v
+
+
+def emulate_sdpa_fp8(qq: QuantizedQKV, attn_scale: float, out: str = "fp8") -> torch.Tensor:
+    """The FP8 kernel's arithmetic in float32 (reference and CPU path); returns O in float32 [B, Lq, H, D]."""
+    o = emulate_sdpa_fp8_units(qq, attn_scale, out) * qq.descale_v
     return o if qq.out_factor is None else o * qq.out_factor
 
 
@@ -177,6 +185,12 @@ class CudnnFp8Attention:
 
     def __call__(self, qq: QuantizedQKV, attn_scale: float) -> torch.Tensor:
         """O in float32 [B, Lq, H, D] (dequantised)."""
+        o, scale_o = self.raw(qq, attn_scale)
+        out = o.float() / scale_o
+        return out if qq.out_factor is None else out * qq.out_factor
+
+    def raw(self, qq: QuantizedQKV, attn_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(O as the kernel wrote it, e4m3 or bf16 [B, Lq, H, D]; scale_o: O = O_raw / scale_o, before out_factor)."""
         b, lq, h, _ = qq.q.shape
         o = torch.empty(b, lq, h, qq.v.shape[-1], device=qq.q.device,
                         dtype=E4M3 if self.out == "fp8" else torch.bfloat16)
@@ -188,8 +202,7 @@ class CudnnFp8Attention:
         g.execute({tq: qq.q, tk: qq.k, tv: qq.v, tdq: qq.descale_q, tdk: qq.descale_k, tdv: qq.descale_v,
                    tds: c["descale_s"], tss: c["scale_s"], tso: scale_o, to: o, tas: c["amax_s"], tao: c["amax_o"]},
                   c["ws"], handle=self._handle)
-        out = o.float() / scale_o
-        return out if qq.out_factor is None else out * qq.out_factor
+        return o, scale_o
 
 
 def fp8_attention(q, k, v, *, scale: float | None = None, scaling: str = "tensor",
@@ -209,3 +222,24 @@ def fp8_attention(q, k, v, *, scale: float | None = None, scaling: str = "tensor
     if runner.out != out:
         raise ValueError(f"this runner writes {runner.out} outputs, asked for {out}")
     return runner(qq, attn_scale).to(q.dtype)
+
+
+def fp8_attention_rows(q, k, v, *, scale: float | None = None, runner: CudnnFp8Attention | None = None,
+                       quant=None, kv_scales: tuple | None = None) -> QuantizedRows:
+    """``fp8_attention`` (tensor scaling, e4m3 output) handed on as the kernel wrote it: the e4m3 output
+    [B*Lq, H*D] with its one scale as a per-row scale, the input an Fp8Linear (the o projection) takes.
+    Saves the dequantise + per-token requantise between them, and one rounding."""
+    attn_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if kv_scales is None:
+        qq = quantized_qkv(q, k, v, "tensor", quant or quantize_qkv)
+    else:
+        qq = QuantizedQKV(*(quant or requantize_qkv)(q, k, kv_scales[0], v, kv_scales[1], "tensor"))
+    if runner is None:
+        o8 = emulate_sdpa_fp8_units(qq, attn_scale, "fp8").to(E4M3)
+    elif runner.out != "fp8":
+        raise ValueError(f"fp8_attention_rows needs a runner with e4m3 output, this one writes {runner.out}")
+    else:
+        o8, _ = runner.raw(qq, attn_scale)          # O = O8 * descale_v (scale_o = 1 / descale_v)
+    b, lq, h, d = o8.shape
+    rows = b * lq
+    return QuantizedRows(o8.reshape(rows, h * d), qq.descale_v.reshape(1, 1).expand(rows, 1).contiguous(), (b, lq))

@@ -26,6 +26,13 @@ by the same index path, and ``keys_values`` returns the attended rows dequantise
 Per-token scales are what an incrementally written cache can have without rescaling old rows; FP8
 attention, whose descales are scalars, takes the rows through ``quantized_values`` and rescales them by
 s_row / max(s) (nodes/common/fp8_attention.py ``requantize_qkv``), never through bf16.
+
+``fp8_scaling="tensor"`` stores each layer's K and V at ONE running scale instead (the max amax / 448 seen
+so far this session): what FP8 attention with tensor scales reads as is, so a denoising step no longer
+rescales the whole window (2 x 50 MB per layer at W1's steady shapes). A write that raises the scale
+shrinks the stored rows once (``fp8_rescale.rescale_fp8_``: a no-op launch when the scale did not grow).
+The price: a layer's scale only grows within a session, so one loud block coarsens the rounding of the
+later ones (per-tensor scaling of a window has the same exposure while that block is in it).
 """
 from __future__ import annotations
 
@@ -34,10 +41,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8 import E4M3, dequantize, quantize_rows
+from .fp8 import E4M3, amax_scale, dequantize, quantize, quantize_rows
+from .fp8_rescale import rescale_fp8_
 from .rope import apply_rope, frame_shift_cos_sin
 
 ROPE_MODES = ("absolute", "relative")
+FP8_SCALINGS = ("row", "tensor")   # an FP8 cache's scales: per (token, head), or one running scale per layer
+
+
+def quantize_running(x: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """x at a running scale: s = max(scale, amax(x) / 448); returns (x8, s, scale / s), the last being the
+    factor the rows already stored at ``scale`` must be multiplied by (1 when the scale did not grow)."""
+    s = torch.maximum(scale, amax_scale(x))
+    return quantize(x, s), s, scale / s
 
 
 @dataclass(frozen=True)
@@ -80,13 +96,16 @@ class SelfKVCache:
         frames it equals 'absolute'. A float32 copy of the unshifted sink keys is
         kept so repeated shifts never accumulate rounding.
     ``read_dtype``: what ``keys_values`` returns for an FP8 cache (default: float32); ignored otherwise.
+    ``fp8_scaling``: an FP8 cache's scales, FP8_SCALINGS (see the module docstring).
     """
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, frame_tokens: int, *,
                  sink_frames: int = 0, window_frames: int | None = None, max_frames: int | None = None,
                  batch_size: int = 1, rope_mode: str = "absolute",
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 read_dtype: torch.dtype | None = None):
+                 read_dtype: torch.dtype | None = None, fp8_scaling: str = "row"):
+        if fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(f"fp8_scaling must be one of {FP8_SCALINGS}, got {fp8_scaling!r}")
         if rope_mode not in ROPE_MODES:
             raise ValueError(f"rope_mode must be one of {ROPE_MODES}, got {rope_mode!r}")
         if window_frames is None:
@@ -107,11 +126,13 @@ class SelfKVCache:
         self.fp8 = dtype == E4M3
         self.read_dtype = (read_dtype or torch.float32) if self.fp8 else dtype
         self.k_scale = self.v_scale = None
+        self.tensor_scaled = self.fp8 and fp8_scaling == "tensor"
         # FP8 (de)quantisers; the model may swap in compiled ones (one fused pass each instead of three)
-        self.quant, self.dequant = quantize_rows, dequantize
+        self.quant, self.dequant, self.quant_running = quantize_rows, dequantize, quantize_running
         if self.fp8:
-            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
-            self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=torch.float32, device=device)
+            scale_shape = (num_layers, 1, 1, 1, 1) if self.tensor_scaled else shape[:-1] + (1,)
+            self.k_scale = torch.zeros(scale_shape, dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(scale_shape, dtype=torch.float32, device=device)
         self.sink_k = None
         self._rows: OrderedDict[tuple, DeviceRows] = OrderedDict()
         if rope_mode == "relative" and sink_frames:
@@ -168,7 +189,10 @@ class SelfKVCache:
               rows: DeviceRows | None = None) -> None:
         """Store the block's post-RoPE k and its v ([B, rows, H, D]) at the plan's rows
         (through ``rows.index`` when given: one launch per tensor, capture-friendly)."""
-        if self.fp8:
+        if self.tensor_scaled:
+            pairs = ((self.k, self._at_running_scale(layer, self.k, self.k_scale, k)),
+                     (self.v, self._at_running_scale(layer, self.v, self.v_scale, v)))
+        elif self.fp8:
             (k8, ks), (v8, vs) = self.quant(k), self.quant(v)
             pairs = ((self.k, k8), (self.v, v8), (self.k_scale, ks), (self.v_scale, vs))
         else:
@@ -183,6 +207,13 @@ class SelfKVCache:
         for dst, src, n in self.sink_writes(plan):
             self.sink_k[layer, :, dst:dst + n] = k[:, src:src + n]
 
+    def _at_running_scale(self, layer: int, buf: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x in e4m3 at the layer's running scale; the layer's stored rows shrink first if the scale grows."""
+        x8, s, ratio = self.quant_running(x, scale[layer])
+        rescale_fp8_(buf[layer], ratio)
+        scale[layer].copy_(s)
+        return x8
+
     def keys_values(self, layer: int, plan: BlockPlan,
                     rows: DeviceRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The attended K/V (views into the cache, ring order; an FP8 cache returns dequantised copies)
@@ -190,17 +221,22 @@ class SelfKVCache:
         self._shift_sink(layer, plan, rows)
         n = plan.attend_rows
         if self.fp8:
-            return (self.dequant(self.k[layer, :, :n], self.k_scale[layer, :, :n], self.read_dtype),
-                    self.dequant(self.v[layer, :, :n], self.v_scale[layer, :, :n], self.read_dtype))
+            return (self.dequant(self.k[layer, :, :n], self._scales(self.k_scale, layer, n), self.read_dtype),
+                    self.dequant(self.v[layer, :, :n], self._scales(self.v_scale, layer, n), self.read_dtype))
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
     def quantized_values(self, layer: int, plan: BlockPlan, rows: DeviceRows | None = None) -> tuple:
-        """An FP8 cache's attended rows as stored: (k8, k_scale, v8, v_scale), views (FP8 attention reads these)."""
+        """An FP8 cache's attended rows as stored: (k8, k_scale, v8, v_scale), views (FP8 attention reads these).
+        The scales are [B, rows, H, 1], or [1, 1, 1, 1] for a tensor-scaled cache."""
         if not self.fp8:
             raise ValueError("quantized_values needs an FP8 cache")
         self._shift_sink(layer, plan, rows)
         n = plan.attend_rows
-        return self.k[layer, :, :n], self.k_scale[layer, :, :n], self.v[layer, :, :n], self.v_scale[layer, :, :n]
+        return (self.k[layer, :, :n], self._scales(self.k_scale, layer, n),
+                self.v[layer, :, :n], self._scales(self.v_scale, layer, n))
+
+    def _scales(self, scale: torch.Tensor, layer: int, n: int) -> torch.Tensor:
+        return scale[layer] if self.tensor_scaled else scale[layer, :, :n]
 
     def _shift_sink(self, layer: int, plan: BlockPlan, rows: DeviceRows | None) -> None:
         """'relative' mode: rewrite the sink keys from their float32 copy, moved forward by the plan's shift."""
@@ -212,7 +248,9 @@ class SelfKVCache:
             cos, sin = rows.shift_cos, rows.shift_sin
         n = self.sink_k.shape[2]
         shifted = apply_rope(self.sink_k[layer], cos, sin)
-        if self.fp8:
+        if self.tensor_scaled:
+            self.k[layer, :, :n] = self._at_running_scale(layer, self.k, self.k_scale, shifted)
+        elif self.fp8:
             self.k[layer, :, :n], self.k_scale[layer, :, :n] = self.quant(shifted)
         else:
             self.k[layer, :, :n] = shifted.to(self.k.dtype)
@@ -223,7 +261,8 @@ class SelfKVCache:
         frames = list(range(min(s, frame_end))) + list(range(max(s, frame_end - self.ring_frames), frame_end))
         idx = torch.tensor([self._slot(f) * ft + j for f in frames for j in range(ft)], device=self.k.device)
         if self.fp8:
-            return tuple(dequantize(x[layer].index_select(1, idx), s[layer].index_select(1, idx), self.read_dtype)
+            return tuple(dequantize(x[layer].index_select(1, idx),
+                                    s[layer] if self.tensor_scaled else s[layer].index_select(1, idx), self.read_dtype)
                          for x, s in ((self.k, self.k_scale), (self.v, self.v_scale)))
         return self.k[layer].index_select(1, idx), self.v[layer].index_select(1, idx)
 

@@ -144,6 +144,7 @@ class WanDenoiser(CausalModel):
     backend: str
     kv_dtype: torch.dtype | None = None   # the self-attention cache's dtype (None: dtype_; float8_e4m3fn: FP8)
     context_pass: str = "full"           # CONTEXT_PASSES: 'reuse' skips the commit forward
+    kv_scaling: str = "row"              # an FP8 cache's scales (kv_cache.FP8_SCALINGS): 'tensor' feeds FP8 attention
 
     session_conditions = ("text", "image")
 
@@ -235,9 +236,10 @@ class WanCausalStream(CausalStream):
             cfg, model.module.parallel, (h // ph) * (w // pw),
             sink_frames=spec.sink_frames, window_frames=spec.window_frames, max_frames=spec.max_frames,
             batch_size=spec.batch, rope_mode=spec.rope_mode, dtype=model.kv_dtype or model.dtype,
-            read_dtype=model.dtype, device=model.device)
+            read_dtype=model.dtype, device=model.device, fp8_scaling=model.kv_scaling)
         kern = model.module.kernels   # an FP8 cache quantises on write and dequantises on read with the DiT's
         self.cache.quant, self.cache.dequant = kern.quant_rows, kern.dequant   # (compiled) kernels
+        self.cache.quant_running = kern.quant_running
         self.denoiser = CausalDenoiser(model.module, self.cache, graphs=spec.graphs)
         self._t: dict[tuple, torch.Tensor] = {}
         self._denoised: tuple | None = None

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from nodes.common.attention import attention, attention_fp8
 from nodes.common.fp8 import Fp8Linear, QuantizedRows, dequantize, fp8_linears, quantize_rows
 from nodes.common.fp8_attention import quantize_qkv, requantize_qkv
-from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache
+from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache, quantize_running
 from nodes.common.rope import RopeTable, apply_rope
 from nodes.common.session_rows import SessionRows
 from nodes.common.sharding import TokenSharding
@@ -95,6 +95,18 @@ def _add_float(x, y):
     return x + y.float()
 
 
+def _modulate_quant(x, shift, scale, fm: int, eps: float, dtype: torch.dtype):
+    """AdaLN and the per-token e4m3 quantisation of its output (FP8 linears) in one pass: [B*L, dim] + [B*L, 1]."""
+    h = _modulate(x, shift, scale, fm, eps, dtype)
+    return quantize_rows(h.reshape(-1, h.shape[-1]))
+
+
+def _ln_quant(x, weight, bias, eps: float, dtype: torch.dtype):
+    """The cross-attention input (``_ln_cast``) quantised per token in the same pass."""
+    h = _ln_cast(x, weight, bias, eps, dtype)
+    return quantize_rows(h.reshape(-1, h.shape[-1]))
+
+
 def _gelu_quant_rows(x):
     """FFN middle in FP8 mode: GELU-tanh and the per-token e4m3 quantisation of its output in one pass."""
     return quantize_rows(F.gelu(x, approximate="tanh"))
@@ -107,12 +119,12 @@ class Kernels:
     21-frame window of 3-frame blocks, within torch's recompile limit (8); past it torch runs them eagerly."""
 
     NAMES = ("modulate", "gated_add", "norm_rope", "ln_cast", "add_float", "quant_rows", "quant_qkv", "gelu_quant",
-             "dequant", "requant_qkv")
+             "dequant", "requant_qkv", "modulate_quant", "ln_quant", "quant_running")
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
         fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows,
-               dequantize, requantize_qkv)
+               dequantize, requantize_qkv, _modulate_quant, _ln_quant, quantize_running)
         for name, fn in zip(self.NAMES, fns):
             setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
 
@@ -175,9 +187,14 @@ class Fp8Attention:
     out: str = "fp8"
     runner: object = None
 
-    def __call__(self, q, k, v, kernels: "Kernels", kv_scales=None):
+    @property
+    def gives_rows(self) -> bool:
+        """Whether the output can go to an Fp8Linear as the e4m3 the kernel wrote (tensor scales, e4m3 out)."""
+        return self.scaling == "tensor" and self.out == "fp8"
+
+    def __call__(self, q, k, v, kernels: "Kernels", kv_scales=None, as_rows: bool = False):
         return attention_fp8(q, k, v, scaling=self.scaling, runner=self.runner, out=self.out, kv_scales=kv_scales,
-                             quant=kernels.quant_qkv if kv_scales is None else kernels.requant_qkv)
+                             quant=kernels.quant_qkv if kv_scales is None else kernels.requant_qkv, as_rows=as_rows)
 
 
 class Projections(nn.Module):
@@ -199,7 +216,7 @@ class SelfAttention(Projections):
 
     def forward(self, h, rope, ctx: CallContext):
         kern = ctx.kernels
-        if isinstance(self.q, Fp8Linear):   # quantise the one input of q, k and v once
+        if isinstance(self.q, Fp8Linear) and not isinstance(h, QuantizedRows):   # quantise q, k and v's input once
             h = QuantizedRows.of(h, kern.quant_rows)
         q = kern.norm_rope(self.q(h), _norm_weight(self.norm_q), self.eps, self.num_heads, *rope)
         k = kern.norm_rope(self.k(h), _norm_weight(self.norm_k), self.eps, self.num_heads, *rope)
@@ -211,14 +228,19 @@ class SelfAttention(Projections):
         else:
             if ctx.cache is not None:
                 ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
-            if ctx.fp8_attention is not None and getattr(ctx.cache, "fp8", False):
-                # FP8 cache into FP8 attention: the stored rows are rescaled, never dequantised
+            fa = ctx.fp8_attention
+            # e4m3 attention output straight into an FP8 o projection (no dequantise + requantise)
+            as_rows = fa is not None and fa.gives_rows and isinstance(self.o, Fp8Linear)
+            if fa is not None and getattr(ctx.cache, "fp8", False):
+                # FP8 cache into FP8 attention: the stored rows are read as stored or rescaled, never dequantised
                 k8, ks, v8, vs = ctx.cache.quantized_values(self.layer, ctx.plan, ctx.rows)
-                y = ctx.fp8_attention(q, k8, v8, kern, kv_scales=(ks, vs))
+                y = fa(q, k8, v8, kern, kv_scales=(ks, vs), as_rows=as_rows)
             else:
                 if ctx.cache is not None:
                     k, v = ctx.cache.keys_values(self.layer, ctx.plan, ctx.rows)
-                y = attention(q, k, v, ctx.backend) if ctx.fp8_attention is None else ctx.fp8_attention(q, k, v, kern)
+                y = attention(q, k, v, ctx.backend) if fa is None else fa(q, k, v, kern, as_rows=as_rows)
+            if as_rows:
+                return self.o(y)
         return self.o(y.flatten(2))
 
 
@@ -268,21 +290,31 @@ class Block(nn.Module):
         """x [B, L, dim] float32 residual; cond [B, Fm, 6, dim] float32 AdaLN terms (Fm = 1 or frames)."""
         fm, wd, eps, kern = cond.shape[1], self.cross_attn.k.weight.dtype, self.eps, ctx.kernels
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float().unsqueeze(1) + cond).unsqueeze(3).unbind(2)
-        x = kern.gated_add(x, self.self_attn(kern.modulate(x, shift1, scale1, fm, eps, wd), rope, ctx), gate1, fm)
+        h = _in_rows(kern, self.self_attn.q, x, kern.modulate, kern.modulate_quant, shift1, scale1, fm, eps, wd)
+        x = kern.gated_add(x, self.self_attn(h, rope, ctx), gate1, fm)
         if ctx.camera is not None:
             x = self.inject_camera(x, ctx.camera)
-        if isinstance(self.norm3, FP32LayerNorm):
-            h = kern.ln_cast(x, self.norm3.weight, self.norm3.bias, self.norm3.eps, wd)
-        else:
-            h = kern.ln_cast(x, None, None, eps, wd)
+        ln = (self.norm3.weight, self.norm3.bias, self.norm3.eps) if isinstance(self.norm3, FP32LayerNorm) \
+            else (None, None, eps)
+        h = _in_rows(kern, self.cross_attn.q, x, kern.ln_cast, kern.ln_quant, *ln, wd)
         x = kern.add_float(x, self.cross_attn(h, ctx))
-        return kern.gated_add(x, self._ffn(kern.modulate(x, shift2, scale2, fm, eps, wd), kern), gate2, fm)
+        h = _in_rows(kern, self.ffn[0], x, kern.modulate, kern.modulate_quant, shift2, scale2, fm, eps, wd)
+        return kern.gated_add(x, self._ffn(h, kern), gate2, fm)
 
     def _ffn(self, h, kern):
         up, _, down = self.ffn
         if isinstance(down, Fp8Linear):   # GELU fused into the down projection's input quantisation
             return down(QuantizedRows.of(up(h), kern.gelu_quant))
         return self.ffn(h)
+
+
+def _in_rows(kern, linear, x, plain, quantising, *args):
+    """The input of ``linear`` from x: ``plain(x, *args)``, or for an Fp8Linear the same values quantised per token
+    in the same kernel (``quantising``: plain + quantize_rows), as the QuantizedRows it takes."""
+    if isinstance(linear, Fp8Linear):
+        x8, s = quantising(x, *args)
+        return QuantizedRows(x8, s, tuple(x.shape[:-1]))
+    return plain(x, *args)
 
 
 def _norm_weight(norm: nn.Module):

@@ -79,7 +79,8 @@ class WanDiTNode(ModelNode):
         Param("fp8_attention_out", str, "fp8", "attention_precision fp8: the kernel's output type (bf16 avoids the "
               "e4m3 output rounding where the cuDNN build supports it)", choices=("fp8", "bf16")),
         Param("kv_dtype", str, "auto", "causal self-attention KV cache: auto = the node's dtype; fp8 = e4m3 with one "
-              "float32 scale per (token, head): 0.53x the bf16 cache", choices=("auto", "fp8")),
+              "float32 scale per (token, head): 0.53x the bf16 cache (with attention_precision fp8 and tensor "
+              "scaling: one running scale per layer, read by the attention as stored: 0.5x)", choices=("auto", "fp8")),
         Param("context_pass", str, "full", "causal: full = the extra forward that caches the clean block (upstream); "
               "reuse = skip it and keep the last denoising step's K/V (one forward fewer per block, some "
               "quality cost)", choices=CONTEXT_PASSES),
@@ -130,7 +131,8 @@ class WanDiTNode(ModelNode):
                 "image_tokens": 257 if cfg.model_type == "i2v" else 0,
                 "dtype": str(dtype).removeprefix("torch."), "dtype_bytes": dtype.itemsize,
                 # the self-attention cache per stored value: FP8 adds a float32 scale per head_dim values
-                "kv_bytes_per_value": (1 + 4 / cfg.head_dim) if self.p.kv_dtype == "fp8" else dtype.itemsize,
+                "kv_bytes_per_value": dtype.itemsize if self.p.kv_dtype != "fp8"
+                else 1 if self.kv_scaling() == "tensor" else 1 + 4 / cfg.head_dim,
                 "kv_dtype": "float8_e4m3fn" if self.p.kv_dtype == "fp8" else str(dtype).removeprefix("torch.")}
 
     def context_size(self) -> int:
@@ -218,7 +220,14 @@ class WanDiTNode(ModelNode):
     def loaded(self, module) -> None:
         self.model = module
         kv = torch.float8_e4m3fn if self.p.kv_dtype == "fp8" else None
-        self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention, kv, self.p.context_pass)
+        self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention, kv, self.p.context_pass,
+                                  self.kv_scaling())
+
+    def kv_scaling(self) -> str:
+        """An FP8 cache read by FP8 attention with tensor scales is kept at that scaling (one running scale per
+        layer: attention reads it as stored); otherwise one scale per (token, head)."""
+        fp8_reader = self.p.attention_precision == "fp8" and self.p.fp8_attention_scaling == "tensor"
+        return "tensor" if self.p.kv_dtype == "fp8" and fp8_reader else "row"
 
     def run(self, inputs, state, step):
         if self.handle is None:
