@@ -9,7 +9,7 @@ For each option alone and all together, against the bf16 model (same weights, sa
   decoded frames vs the bf16 rollout's, per block, and the latents' relative error.
 
 The options are applied with the module calls the wan.dit node's finish() makes (use_fp8_linears,
-use_fp8_attention, WanDenoiser(kv_dtype, context_pass)), on copies of one loaded model; eager (no graphs,
+use_fp8_attention, WanDenoiser(kv_dtype, context_pass, kv_scaling)), on copies of one loaded model; eager (no graphs,
 no compile) - the same numerics as the captured path.
 
     python3 -m benchmarks.fp8_quality --out fp8_quality.jsonl       # GPU, full size
@@ -75,7 +75,9 @@ def make_stream(dit, option, lat, text, runners):
             from nodes.common.fp8_attention import CudnnFp8Attention
             runner = runners.setdefault("fp8", CudnnFp8Attention("fp8"))
         m.use_fp8_attention(attn, "fp8", runner)
-    den = WanDenoiser(m, m.cfg, dit.dtype, "auto", torch.float8_e4m3fn if kv else None, ctx)
+    # as the node does: an FP8 cache read by FP8 attention with tensor scales keeps one running scale per layer
+    kv_scaling = "tensor" if kv and attn == "tensor" else "row"
+    den = WanDenoiser(m, m.cfg, dit.dtype, "auto", torch.float8_e4m3fn if kv else None, ctx, kv_scaling)
     stream = den.open_stream(StreamSpec(frame_shape=lat, frames_per_block=NFPB, window_frames=21, graphs=False))
     stream.set_conditions(text)
     return stream
