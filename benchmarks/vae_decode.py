@@ -37,7 +37,8 @@ WAN_VARIANTS = {
     "ref_noautotune": dict(fused=False, graphs=True, autotune=False),
     "ref": dict(fused=False, graphs=True),
     "fused": dict(fused=True, graphs=True),
-    "compile": dict(fused=True, compile=True, graphs=True),
+    "compile_nofast": dict(fused=True, compile=True, graphs=True, fast_convs=False),   # the 2026-12-06 default
+    "compile": dict(fused=True, compile=True, graphs=True),     # + time-folded 96-ch convs, tap-sum head
 }
 TAEHV_VARIANTS = {
     "ref_eager": dict(graphs=False),

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "flash4" not in v))
     ap.add_argument("--steps", default="2,5", help="n1,n2 sampler steps of the two timed runs")
+    ap.add_argument("--decode", default="fast,plain", help="Wan VAE decode variants to time ('' for none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = "cpu" if args.dry else "cuda"
@@ -70,7 +71,7 @@ def main() -> None:
             out.write(line + "\n")
 
     n1, n2 = (int(x) for x in args.steps.split(","))
-    for name in args.variants.split(","):
+    for name in [v for v in args.variants.split(",") if v]:
         cfg, extra = VARIANTS[name]
         if args.dry and extra:                 # FP8 compute is refused on CPU: the dry run checks the plumbing only
             extra = {}
@@ -96,14 +97,25 @@ def main() -> None:
             emit({"w2": name, "error": repr(e)[:300]})
         if dev == "cuda":
             torch.cuda.empty_cache()
-    vae = WanVAEDecodeNode("decoder", vae_p, dev)
-    vae.load()
+    from nodes.wan.vae_blocks import FusedOps
     f_lat = (shape["frames"] - 1) // 4 + 1
     z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
-    dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
-    warm = timed(dec)
-    emit({"w2": "wan_vae_decode", "latent_frames": f_lat, "ms": round(min(timed(dec), timed(dec)), 1),
-          "first_ms": round(warm, 1)})
+    for convs in args.decode.split(","):     # fast: the node's default (FAST_CONVS on CUDA); plain: without them
+        vae = WanVAEDecodeNode("decoder", vae_p, dev)
+        vae.load()
+        glue = dev == "cuda"
+        vae._fused_ops[glue] = FusedOps.make(glue, fast_convs=convs == "fast")
+        dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        warm = timed(dec)
+        times = [timed(dec) for _ in range(3)]
+        emit({"w2": "wan_vae_decode", "convs": convs, "latent_frames": f_lat, "ms": round(min(times), 1),
+              "runs_ms": [round(t, 1) for t in times], "first_ms": round(warm, 1),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None})
+        del vae, dec
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ class WanVAEDecodeNode(_WanVAENode):
             on_cuda = vae.conv2.weight.is_cuda
             compile_glue = self.p.compile == "on" or (self.p.compile == "auto" and on_cuda)
             if compile_glue not in self._fused_ops:
-                self._fused_ops[compile_glue] = FusedOps(compile=compile_glue)
+                self._fused_ops[compile_glue] = FusedOps.make(compile_glue)
             fused = self._fused_ops[compile_glue]
             state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
                                                                compile=compile_glue, fused_ops=fused,

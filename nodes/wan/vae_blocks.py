@@ -61,12 +61,11 @@ class ConvCache:
         hist.copy_(xin[:, :, -frames:])
         return xin
 
-    def window(self, x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """[history | silu(rms_norm(x + bias))] in one buffer (fused path), rolling the history."""
-        hist = self.slot(x, HISTORY)
-        xin = self.fused.window(hist, x, gamma, bias)
-        hist.copy_(xin[:, :, -HISTORY:])
-        return xin
+    def norm_conv(self, conv: nn.Conv3d, x: torch.Tensor, gamma: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """conv([history | silu(rms_norm(x + bias))]) on the fused path, rolling the history; returns
+        (output, bias still to add), as ``FusedOps.conv``."""
+        return self.fused.norm_conv(conv, self.slot(x, HISTORY), x, gamma, bias)
 
 
 def _channels_last_like(x: torch.Tensor, shape) -> torch.Tensor:
@@ -93,6 +92,37 @@ def _window_compiled(hist, x, gamma, bias):
     return xin
 
 
+def _folded_window(hist, x, gamma, bias):
+    """The window of ``_window_compiled`` with its 3 time taps folded into the channels, as the input of a
+    per-frame conv2d: [B*T, 3C, H, W] channels-last, frame t holding window frames t, t+1, t+2 (tap-major);
+    and the next 2-frame history, computed apart so that the window itself is never written."""
+    t = x.shape[2]
+    nx = _rms_silu(x, gamma, bias)
+    xin = torch.cat([hist, nx], dim=2)
+    u = torch.cat([xin[:, :, j:j + t] for j in range(HISTORY + 1)], dim=1)          # [B, 3C, T, H, W]
+    b, c3, _, h, w = u.shape
+    u = u.transpose(1, 2).reshape(b * t, c3, h, w).contiguous(memory_format=torch.channels_last)
+    nxt = nx[:, :, -HISTORY:] if t >= HISTORY else torch.cat([hist[:, :, t:], nx], dim=2)
+    return u, nxt.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _tap_sum(p, cout: int, frames: int, pad_h: int, pad_w: int):
+    """The 3x3x3 conv from its per-tap products: p [B, cout*27, T+2, H, W] holds x . W[o, :, dt, dh, dw] at every
+    window pixel (channel o*27 + dt*9 + dh*3 + dw); out[o, t, h, w] = sum of the 27 shifted taps (zero padded
+    in space), in float32."""
+    b, _, tt, h, w = p.shape
+    kt = tt - frames + 1
+    kh, kw = 2 * pad_h + 1, 2 * pad_w + 1
+    pv = F.pad(p.float(), (pad_w, pad_w, pad_h, pad_h)).unflatten(1, (cout, kt, kh, kw))
+    out = None
+    for dt in range(kt):
+        for dh in range(kh):
+            for dw in range(kw):
+                tap = pv[:, :, dt, dh, dw, dt:dt + frames, dh:dh + h, dw:dw + w]
+                out = tap if out is None else out + tap
+    return out
+
+
 def _window_eager(hist, x, gamma, bias):
     b, c, t, h, w = x.shape
     xin = _channels_last_like(x, (b, c, hist.shape[2] + t, h, w))
@@ -102,6 +132,11 @@ def _window_eager(hist, x, gamma, bias):
     y = F.rms_norm(x.movedim(1, -1), (c,), gamma.view(-1).to(x.dtype), eps=1e-24 / c).movedim(-1, 1)
     torch.ops.aten.silu.out(y, out=xin[:, :, hist.shape[2]:])
     return xin
+
+
+# The conv reformulations FusedOps applies on CUDA: time-folded conv2d below 128 input channels (the 96-channel
+# stage: 513 vs 369 TFLOP/s in the H100 conv probe; at 192 and 384 channels conv3d is as fast), tap-sum RGB head.
+FAST_CONVS = dict(fold_below=128, tap_head=True)
 
 
 def _residual(y, bias, h):
@@ -116,12 +151,28 @@ class FusedOps:
     then run without bias (the bias add is folded into the next pointwise kernel instead of
     cuDNN's separate pass). Dynamo's recompile limit is per code object, and one decoder
     has ~10 distinct shapes, so every shape gets its own copy of the function's code.
+
+    Two conv reformulations, each the same sum in another order (measured on an H100 at the Wan VAE
+    block shapes, BENCHMARKS.md "Conv probe"):
+    - ``fold_below``: a 3x3x3 conv with fewer input channels runs as a per-frame 3x3 conv2d over
+      the window with its 3 time taps folded into the channels (the 96-channel convs at 480x832:
+      cuDNN 513 vs 369 TFLOP/s); the norm kernel writes that 3x-wide input directly.
+    - ``tap_head``: a conv with fewer than 16 outputs (the RGB head, 96 -> 3: cuDNN ~20 TFLOP/s) as
+      a 1x1 conv to the 27 per-tap products, then their shifted sum in one pointwise kernel.
+    ``StreamingDecoder`` turns both on with ``compile`` (``FAST_CONVS``).
     """
 
-    def __init__(self, compile: bool = False, mode: str | None = None):
+    def __init__(self, compile: bool = False, mode: str | None = None, fold_below: int = 0, tap_head: bool = False):
         self.compiled = compile
         self.mode = mode
+        self.fold_below, self.tap_head = fold_below, tap_head
         self._fns: dict = {}
+        self._weights: dict = {}
+
+    @classmethod
+    def make(cls, compile: bool, fast_convs: bool | None = None) -> "FusedOps":
+        """The decoder's glue; ``fast_convs`` (default: with ``compile``, i.e. on CUDA) adds FAST_CONVS."""
+        return cls(compile=compile, **(FAST_CONVS if (compile if fast_convs is None else fast_convs) else {}))
 
     def _get(self, fn, key):
         if not self.compiled:
@@ -140,6 +191,45 @@ class FusedOps:
         if bias is None:
             return y.add_(h)
         return self._get(_residual, ("residual", y.shape, y.stride(), h.stride(), y.dtype))(y, bias, h)
+
+    def norm_conv(self, conv: nn.Conv3d, hist: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """conv([hist | silu(rms_norm(x + bias))]) -> (output, bias still to add); ``hist`` rolls in place."""
+        kt = conv.weight.shape[2]
+        if kt == HISTORY + 1 and conv.in_channels < self.fold_below and conv.out_channels >= 16:
+            u, nxt = self._get(_folded_window, ("fold", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
+            hist.copy_(nxt)
+            y = F.conv2d(u, self._reshaped(conv, "fold"), None if self.compiled else conv.bias, padding=conv.padding[1:])
+            b, t = x.shape[0], x.shape[2]
+            y = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)           # channels_last conv2d -> channels_last_3d
+            return y, conv.bias if self.compiled else None
+        xin = self.window(hist, x, gamma, bias)
+        hist.copy_(xin[:, :, -HISTORY:])
+        if self.tap_head and conv.out_channels < 16:
+            p = F.conv3d(xin, self._reshaped(conv, "taps"))
+            key = ("taps", p.shape, p.stride(), p.dtype)
+            y = self._get(_tap_sum, key)(p, conv.out_channels, x.shape[2], conv.padding[1], conv.padding[2])
+            y = y if conv.bias is None else y + conv.bias.float().view(1, -1, 1, 1, 1)
+            return y.to(x.dtype), None
+        return self.conv(conv, xin)
+
+    def _reshaped(self, conv: nn.Conv3d, kind: str) -> torch.Tensor:
+        """conv's weight for a reformulation, rebuilt when the weight changes (load, dtype cast).
+        fold: [O, C, 3, kh, kw] -> [O, 3C, kh, kw] (tap-major channels, as the folded window);
+        taps: -> [O*27, C, 1, 1, 1] (channel o*27 + dt*9 + dh*3 + dw)."""
+        w = conv.weight
+        key = (kind, id(conv))
+        stamp = (w.data_ptr(), w.dtype, w._version)
+        hit = self._weights.get(key)
+        if hit is None or hit[0] != stamp:
+            o, c, kt, kh, kw = w.shape
+            if kind == "fold":
+                r = w.permute(0, 2, 1, 3, 4).reshape(o, kt * c, kh, kw).contiguous(memory_format=torch.channels_last)
+            else:
+                r = w.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c, 1, 1, 1)
+                r = r.contiguous(memory_format=torch.channels_last_3d)
+            hit = self._weights[key] = (stamp, r)
+        return hit[1]
 
     def conv(self, conv: nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Conv3d on an already padded-in-time input; returns (output, bias still to add)."""
@@ -219,10 +309,9 @@ class ResidualBlock(nn.Module):
         r = self.residual
         h = self.shortcut(x)
         if cache is not None and cache.fused is not None:
-            ops = cache.fused
-            y, bias = ops.conv(r[2], cache.window(x, r[0].gamma, None))
-            y, bias = ops.conv(r[6], cache.window(y, r[3].gamma, bias))
-            return ops.residual(y, bias, h)
+            y, bias = cache.norm_conv(r[2], x, r[0].gamma, None)
+            y, bias = cache.norm_conv(r[6], y, r[3].gamma, bias)
+            return cache.fused.residual(y, bias, h)
         x = r[2](F.silu(r[0](x), inplace=True), cache)
         x = r[6](F.silu(r[3](x), inplace=True), cache)
         return x + h
@@ -399,6 +488,6 @@ class Decoder3d(nn.Module):
         x = self.conv1(x, cache)
         x = _run(self.upsamples, _run(self.middle, x, cache), cache)
         if cache.fused is not None:
-            y, bias = cache.fused.conv(self.head[2], cache.window(x, self.head[0].gamma, None))
+            y, bias = cache.norm_conv(self.head[2], x, self.head[0].gamma, None)
             return y if bias is None else y + bias.view(1, -1, 1, 1, 1)
         return self.head[2](F.silu(self.head[0](x)), cache)

@@ -18,7 +18,8 @@ Decoder modes:
 ``fused=True`` (default) runs the decoder's fused path (``vae_blocks.FusedOps``): norm+SiLU
 written straight into each conv's [history | new] window, nearest-x2 upsample + 3x3 conv as
 one sub-pixel 2x2 conv on the low-res input, and channels-last kept through the temporal
-upsample. ``compile=True`` also torch.compiles that pointwise glue (CUDA). ``fused=False`` is
+upsample. ``compile=True`` also torch.compiles that pointwise glue (CUDA) and, unless ``fast_convs=False``, runs the
+96-channel convs time-folded and the RGB head as a tap sum (``vae_blocks.FAST_CONVS``). ``fused=False`` is
 the plain reference formulation (cat, interpolate, conv, bias) the fused path is checked
 against.
 
@@ -55,7 +56,7 @@ class StreamingDecoder:
     def __init__(self, vae: nn.Module, zero_init: bool = False, clamp: bool = False,
                  layout: str = "bcthw", cache: list[torch.Tensor] | None = None, graphs: bool = False,
                  fused: bool = True, compile: bool = False, autotune: bool = True,
-                 fused_ops: FusedOps | None = None):
+                 fused_ops: FusedOps | None = None, fast_convs: bool | None = None):
         if layout not in ("bcthw", "btchw"):
             raise ValueError(f"layout must be 'bcthw' or 'btchw', got {layout!r}")
         self.vae = vae
@@ -66,7 +67,8 @@ class StreamingDecoder:
         self.first = not zero_init
         # fused_ops: share one FusedOps (its compiled kernels) between the streams of one model, so a new
         # session does not trace and compile the glue again (each fresh torch.compile wrapper would)
-        self.fused = fused_ops if fused_ops is not None else FusedOps(compile=compile) if fused or compile else None
+        self.fused = fused_ops if fused_ops is not None else FusedOps.make(compile, fast_convs) if fused or compile \
+            else None
         self.autotune = autotune
         device = next(vae.parameters()).device
         self.graphs = GraphCache(self._later_chunk, device, enabled=graphs, name="vae")
