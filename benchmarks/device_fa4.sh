@@ -33,7 +33,7 @@ for be in ${FA4_W1_BACKENDS:-cudnn flash4}; do   # the cudnn run may come from a
     nodes.dit.params.attention=$be $W1 > "$OUT/w1_$be.json" 2> "$OUT/w1_$be.err" || tail -20 "$OUT/w1_$be.err"
 done
 if [[ -n "${FA4_W2:-}" ]]; then   # W2 (bidirectional Wan 2.1 1.3B, 32,760 tokens): ms per CFG step, FA4 vs cuDNN
-  timeout 240 python3 -m benchmarks.w2_steps --variants bf16_batched,bf16_batched_flash4 --out "$OUT/w2.jsonl" \
+  timeout 240 python3 -m benchmarks.w2_steps --variants bf16_batched,bf16_batched_flash4 --decode "" --out "$OUT/w2.jsonl" \
     > "$OUT/w2.log" 2>&1 || tail -5 "$OUT/w2.log"
   grep -h '^{' "$OUT/w2.jsonl" | cut -c1-160
 fi
