@@ -93,7 +93,12 @@ def test_fp8_linear_close_to_bf16(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ref = lin(x)                                                  # float32
     fp8 = Fp8Linear.from_linear(lin.to(dtype))
-    y = fp8(x.to(dtype))
+    try:
+        y = fp8(x.to(dtype))
+    except RuntimeError as e:       # torch 2.11's CPU _scaled_mm takes per-tensor scales only (2.13's takes rows)
+        if device == "cpu" and "per-tensor" in str(e):
+            pytest.skip(f"this torch's CPU _scaled_mm has no row-wise scales: {e}"[:160])
+        raise
     assert y.dtype == dtype and y.shape == ref.shape
     assert _rel(y, ref) < 0.05, _rel(y, ref)
 

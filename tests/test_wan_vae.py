@@ -82,14 +82,12 @@ def test_streaming_decode_any_chunking(case, io, vae):
 
 
 def test_streaming_decode_fast_convs_any_chunking(case, io, vae):
-    """The CUDA default's conv reformulations (vae_blocks.FAST_CONVS: time-folded conv2d under 128 input
-    channels, tap-sum RGB head), here eager on the CPU: the upstream decode under any chunking, 1-frame chunks
-    included (their history rolls through the folded window's own path)."""
-    from nodes.wan.vae_blocks import FAST_CONVS, CausalConv3d
+    """The CUDA default's conv reformulation (vae_blocks.FAST_CONVS: the RGB head as a GEMM to its per-tap
+    products and their shifted sum), here eager on the CPU: the upstream decode under any chunking."""
+    from nodes.wan.vae_blocks import CausalConv3d
     latent, decoded = io["latent"], io["decoded"]
     convs = [m for m in vae.decoder.modules() if isinstance(m, CausalConv3d) and m.kernel_size[0] == 3]
-    want = {"fold"} if any(c.in_channels < FAST_CONVS["fold_below"] and c.out_channels >= 16 for c in convs) else set()
-    want |= {"taps"} if any(c.out_channels < 16 for c in convs) else set()
+    want = {"taps"} if any(c.out_channels < 16 for c in convs) else set()
     for ranges in _chunkings(case, latent.shape[2]):
         dec = StreamingDecoder(vae, fast_convs=True)
         pixels = [dec.decode_chunk(latent[:, :, a:b]) for a, b in ranges]

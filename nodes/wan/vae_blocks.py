@@ -92,20 +92,6 @@ def _window_compiled(hist, x, gamma, bias):
     return xin
 
 
-def _folded_window(hist, x, gamma, bias):
-    """The window of ``_window_compiled`` with its 3 time taps folded into the channels, as the input of a
-    per-frame conv2d: [B*T, 3C, H, W] channels-last, frame t holding window frames t, t+1, t+2 (tap-major);
-    and the next 2-frame history, computed apart so that the window itself is never written."""
-    t = x.shape[2]
-    nx = _rms_silu(x, gamma, bias)
-    xin = torch.cat([hist, nx], dim=2)
-    u = torch.cat([xin[:, :, j:j + t] for j in range(HISTORY + 1)], dim=1)          # [B, 3C, T, H, W]
-    b, c3, _, h, w = u.shape
-    u = u.transpose(1, 2).reshape(b * t, c3, h, w).contiguous(memory_format=torch.channels_last)
-    nxt = nx[:, :, -HISTORY:] if t >= HISTORY else torch.cat([hist[:, :, t:], nx], dim=2)
-    return u, nxt.contiguous(memory_format=torch.channels_last_3d)
-
-
 def _tap_sum(p, cout: int, frames: int, pad_h: int, pad_w: int):
     """The 3x3x3 conv from its per-tap products: p [B, cout*27, T+2, H, W] holds x . W[o, :, dt, dh, dw] at every
     window pixel (channel o*27 + dt*9 + dh*3 + dw); out[o, t, h, w] = sum of the 27 shifted taps (zero padded
@@ -113,6 +99,7 @@ def _tap_sum(p, cout: int, frames: int, pad_h: int, pad_w: int):
     b, _, tt, h, w = p.shape
     kt = tt - frames + 1
     kh, kw = 2 * pad_h + 1, 2 * pad_w + 1
+    p = p[:, :cout * kt * kh * kw]                       # past them: the zero rows that align the GEMM
     pv = F.pad(p.float(), (pad_w, pad_w, pad_h, pad_h)).unflatten(1, (cout, kt, kh, kw))
     out = None
     for dt in range(kt):
@@ -134,9 +121,10 @@ def _window_eager(hist, x, gamma, bias):
     return xin
 
 
-# The conv reformulations FusedOps applies on CUDA: time-folded conv2d below 128 input channels (the 96-channel
-# stage: 513 vs 369 TFLOP/s in the H100 conv probe; at 192 and 384 channels conv3d is as fast), tap-sum RGB head.
-FAST_CONVS = dict(fold_below=128, tap_head=True)
+# The conv reformulation FusedOps applies on CUDA: the tap-sum RGB head. (A time-folded conv2d for the 96-channel
+# stage, 513 vs 369 TFLOP/s for the conv alone in the H100 probe, lost it all to writing its 3x-wide input:
+# 110.1 vs 101.8 ms per block, 2026-12-06; not kept.)
+FAST_CONVS = dict(tap_head=True)
 
 
 def _residual(y, bias, h):
@@ -152,20 +140,15 @@ class FusedOps:
     cuDNN's separate pass). Dynamo's recompile limit is per code object, and one decoder
     has ~10 distinct shapes, so every shape gets its own copy of the function's code.
 
-    Two conv reformulations, each the same sum in another order (measured on an H100 at the Wan VAE
-    block shapes, BENCHMARKS.md "Conv probe"):
-    - ``fold_below``: a 3x3x3 conv with fewer input channels runs as a per-frame 3x3 conv2d over
-      the window with its 3 time taps folded into the channels (the 96-channel convs at 480x832:
-      cuDNN 513 vs 369 TFLOP/s); the norm kernel writes that 3x-wide input directly.
-    - ``tap_head``: a conv with fewer than 16 outputs (the RGB head, 96 -> 3: cuDNN ~20 TFLOP/s) as
-      a 1x1 conv to the 27 per-tap products, then their shifted sum in one pointwise kernel.
-    ``StreamingDecoder`` turns both on with ``compile`` (``FAST_CONVS``).
+    ``tap_head``: a conv with fewer than 16 outputs (the RGB head, 96 -> 3: cuDNN runs it at ~20 TFLOP/s)
+    becomes a 1x1 conv to its 27 per-tap products (a GEMM) and their shifted sum in one pointwise kernel:
+    the same sum in another order. ``StreamingDecoder`` turns it on with ``compile`` (``FAST_CONVS``).
     """
 
-    def __init__(self, compile: bool = False, mode: str | None = None, fold_below: int = 0, tap_head: bool = False):
+    def __init__(self, compile: bool = False, mode: str | None = None, tap_head: bool = False):
         self.compiled = compile
         self.mode = mode
-        self.fold_below, self.tap_head = fold_below, tap_head
+        self.tap_head = tap_head
         self._fns: dict = {}
         self._weights: dict = {}
 
@@ -195,14 +178,6 @@ class FusedOps:
     def norm_conv(self, conv: nn.Conv3d, hist: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """conv([hist | silu(rms_norm(x + bias))]) -> (output, bias still to add); ``hist`` rolls in place."""
-        kt = conv.weight.shape[2]
-        if kt == HISTORY + 1 and conv.in_channels < self.fold_below and conv.out_channels >= 16:
-            u, nxt = self._get(_folded_window, ("fold", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
-            hist.copy_(nxt)
-            y = F.conv2d(u, self._reshaped(conv, "fold"), None if self.compiled else conv.bias, padding=conv.padding[1:])
-            b, t = x.shape[0], x.shape[2]
-            y = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)           # channels_last conv2d -> channels_last_3d
-            return y, conv.bias if self.compiled else None
         xin = self.window(hist, x, gamma, bias)
         hist.copy_(xin[:, :, -HISTORY:])
         if self.tap_head and conv.out_channels < 16:
@@ -215,20 +190,17 @@ class FusedOps:
 
     def _reshaped(self, conv: nn.Conv3d, kind: str) -> torch.Tensor:
         """conv's weight for a reformulation, rebuilt when the weight changes (load, dtype cast).
-        fold: [O, C, 3, kh, kw] -> [O, 3C, kh, kw] (tap-major channels, as the folded window);
-        taps: -> [O*27, C, 1, 1, 1] (channel o*27 + dt*9 + dh*3 + dw)."""
+        taps: [O, C, kt, kh, kw] -> [O*kt*kh*kw, C, 1, 1, 1] (channel o*27 + dt*9 + dh*3 + dw), zero rows
+        appended up to a multiple of 16 (81 outputs ran on an unaligned sm75 GEMM on the H100)."""
         w = conv.weight
         key = (kind, id(conv))
         stamp = (w.data_ptr(), w.dtype, w._version)
         hit = self._weights.get(key)
         if hit is None or hit[0] != stamp:
             o, c, kt, kh, kw = w.shape
-            if kind == "fold":
-                r = w.permute(0, 2, 1, 3, 4).reshape(o, kt * c, kh, kw).contiguous(memory_format=torch.channels_last)
-            else:
-                r = w.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c, 1, 1, 1)
-                r = r.contiguous(memory_format=torch.channels_last_3d)
-            hit = self._weights[key] = (stamp, r)
+            r = w.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c, 1, 1, 1)
+            r = torch.cat([r, r.new_zeros((-r.shape[0] % 16,) + r.shape[1:])])
+            hit = self._weights[key] = (stamp, r.contiguous(memory_format=torch.channels_last_3d))
         return hit[1]
 
     def conv(self, conv: nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
