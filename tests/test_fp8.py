@@ -213,7 +213,7 @@ def test_requantize_from_an_fp8_cache(scaling):
 
 # ------------------------------------------------------------------ tensor-scaled FP8 KV cache (FP8 attention reads it)
 def test_rescale_fp8_in_place_is_exact_for_one_and_rounds_otherwise():
-    from nodes.common.fp8_rescale import rescale_fp8_
+    from nodes.common.fp8_kernels import rescale_fp8_
     x8 = quantize(_spread(4, 64, seed=3), torch.tensor(2.0 ** -6))
     before = x8.clone()
     rescale_fp8_(x8, torch.tensor([1.0]))

@@ -108,7 +108,7 @@ def test_fp8_rescale_kernel_matches_torch_and_replays_with_new_ratios(device):
     """The running-scale cache's in-place rescale (Triton on CUDA): a ratio of 1 leaves every byte, any other
     ratio gives torch's e4m3 rounding of x * ratio, and a captured launch reads the ratio on each replay."""
     from nodes.common.fp8 import E4M3
-    from nodes.common.fp8_rescale import rescale_fp8_
+    from nodes.common.fp8_kernels import rescale_fp8_
     n = 12 * 128 * (32760 if device == "cuda" else 40)          # one layer's K at W1 steady (GPU)
     g = torch.Generator(device=device).manual_seed(0)
     src = (torch.randn(n, device=device, generator=g) * 100).clamp(-448, 448).to(E4M3)
@@ -146,3 +146,38 @@ def test_fp8_attention_rows_dequantise_to_the_fp8_output(device):
     back = (rows.data.float() * rows.scale).reshape(q.shape)
     assert _rel(back, plain) < 1e-2                               # plain is rounded to q's dtype afterwards
     assert _rel(back, _fp32_attention(q, k, v)) < 0.08
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gelu_quantize_rows_kernel_matches_the_formula(device):
+    """The FFN middle's Triton kernel (CUDA) against quantize_rows(F.gelu(x)): the same scales and e4m3 bytes
+    except where libdevice's tanh and torch's differ by an ulp before the rounding (rare, one step apart); on
+    the CPU the dispatch must give the formula itself. W1's FFN shape on the GPU, graph replay included."""
+    from nodes.common.fp8 import roundtrip_bound
+    from nodes.common.fp8_kernels import gelu_quantize_rows, gelu_quantize_rows_formula
+    rows, cols = (4680, 8960) if device == "cuda" else (64, 300)
+    g = torch.Generator(device=device).manual_seed(3)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = (torch.randn(rows, cols, device=device, generator=g) *
+         torch.logspace(-3, 1, rows, device=device).unsqueeze(1)).to(dtype)
+    x8, s = gelu_quantize_rows(x)
+    r8, rs = gelu_quantize_rows_formula(x)
+    assert x8.dtype == r8.dtype and x8.shape == r8.shape and s.shape == rs.shape == (rows, 1)
+    same = (x8.view(torch.uint8) == r8.view(torch.uint8)).float().mean().item()
+    assert same > 0.999, same
+    assert torch.allclose(s, rs, rtol=2.0 ** -7, atol=0)
+    ref = F.gelu(x.float(), approximate="tanh")
+    for q, sc in ((x8, s), (r8, rs)):
+        assert ((q.float() * sc - ref).abs() <= 2 * roundtrip_bound(ref, sc) + 2.0 ** -7 * ref.abs()).all()
+    if device == "cuda":
+        out = [None]
+        gelu_quantize_rows(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out[0] = gelu_quantize_rows(x)
+        x.mul_(0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        want8, wants = gelu_quantize_rows(x)
+        assert torch.equal(out[0][0].view(torch.uint8), want8.view(torch.uint8)) and torch.equal(out[0][1], wants)

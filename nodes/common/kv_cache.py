@@ -30,7 +30,7 @@ s_row / max(s) (nodes/common/fp8_attention.py ``requantize_qkv``), never through
 ``fp8_scaling="tensor"`` stores each layer's K and V at ONE running scale instead (the max amax / 448 seen
 so far this session): what FP8 attention with tensor scales reads as is, so a denoising step no longer
 rescales the whole window (2 x 50 MB per layer at W1's steady shapes). A write that raises the scale
-shrinks the stored rows once (``fp8_rescale.rescale_fp8_``: a no-op launch when the scale did not grow).
+shrinks the stored rows once (``fp8_kernels.rescale_fp8_``: a no-op launch when the scale did not grow).
 The price: a layer's scale only grows within a session, so one loud block coarsens the rounding of the
 later ones (per-tensor scaling of a window has the same exposure while that block is in it).
 """
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .fp8 import E4M3, amax_scale, dequantize, quantize, quantize_rows
-from .fp8_rescale import rescale_fp8_
+from .fp8_kernels import rescale_fp8_
 from .rope import apply_rope, frame_shift_cos_sin
 
 ROPE_MODES = ("absolute", "relative")

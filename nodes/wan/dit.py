@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from nodes.common.attention import attention, attention_fp8
 from nodes.common.fp8 import Fp8Linear, QuantizedRows, dequantize, fp8_linears, quantize_rows
 from nodes.common.fp8_attention import quantize_qkv, requantize_qkv
+from nodes.common.fp8_kernels import gelu_quantize_rows, gelu_quantize_rows_formula
 from nodes.common.kv_cache import BlockPlan, DeviceRows, SelfKVCache, quantize_running
 from nodes.common.rope import RopeTable, apply_rope
 from nodes.common.session_rows import SessionRows
@@ -107,9 +108,6 @@ def _ln_quant(x, weight, bias, eps: float, dtype: torch.dtype):
     return quantize_rows(h.reshape(-1, h.shape[-1]))
 
 
-def _gelu_quant_rows(x):
-    """FFN middle in FP8 mode: GELU-tanh and the per-token e4m3 quantisation of its output in one pass."""
-    return quantize_rows(F.gelu(x, approximate="tanh"))
 
 
 class Kernels:
@@ -123,10 +121,14 @@ class Kernels:
 
     def __init__(self, compile: bool = False, mode: str | None = None):
         self.compiled = compile
-        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv, _gelu_quant_rows,
-               dequantize, requantize_qkv, _modulate_quant, _ln_quant, quantize_running)
+        fns = (_modulate, _gated_add, _norm_rope, _ln_cast, _add_float, quantize_rows, quantize_qkv,
+               gelu_quantize_rows_formula, dequantize, requantize_qkv, _modulate_quant, _ln_quant, quantize_running)
         for name, fn in zip(self.NAMES, fns):
             setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True, mode=mode) if compile else fn)
+        # the FFN middle (GELU + per-token quantisation, 8,960 wide) has a Triton kernel on CUDA that reads each
+        # row once (nodes/common/fp8_kernels.py); the formula above is its fallback
+        formula = self.gelu_quant
+        self.gelu_quant = lambda x: gelu_quantize_rows(x, formula)
 
 
 EAGER = Kernels()
