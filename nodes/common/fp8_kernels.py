@@ -9,10 +9,13 @@ that reads the ratio first and returns at once when it is 1: a replay pays a lau
 per layer. The torch path is exact for a ratio of 1 (x * 1 rounds to itself).
 
 ``gelu_quantize_rows``: the FFN middle of an FP8 DiT, GELU-tanh and the per-row e4m3 quantisation of its output,
-one row per program held in registers: the row is read once. Inductor makes a looped reduction of it at 8,960
-columns, reading the row twice at ~0.8 TB/s (152 us per W1 call, 4.6 ms of a 70 ms fast-mode forward, H100
-profile 2026-12-06). Same arithmetic as ``quantize_rows(F.gelu(x, approximate="tanh"))``: GELU in float32 with
-libdevice tanh, rounded to x's dtype as F.gelu's output is, then amax / 448 and round-to-nearest e4m3.
+one row per program held in registers: the row is read once. Inductor's kernel for it took 152 us per W1 call
+in a graph, 4.6 ms of a 70 ms fast-mode forward (H100 profile, 2026-12-06), and ran at 196 us standalone; what
+limits both is the tanh (libdevice tanhf: 170-266 us whatever the warps), not memory. With the PTX
+``tanh.approx.f32`` (one special-function op, ~2^-11 relative error, far below the bf16 rounding that follows)
+it is 95 us, and W1 fast mode went from 299.0 to 286.0 ms per steady block (BENCHMARKS.md). Otherwise the
+arithmetic of ``quantize_rows(F.gelu(x, approximate="tanh"))``: GELU in float32, rounded to x's dtype as
+F.gelu's output is, then amax / 448 and round-to-nearest e4m3.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def gelu_quantize_rows_formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return quantize_rows(F.gelu(x, approximate="tanh"))
 
 
-def gelu_quantize_rows(x: torch.Tensor, fallback=gelu_quantize_rows_formula) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_quantize_rows(x: torch.Tensor, fallback=gelu_quantize_rows_formula, tanh: int | None = None,
+                       num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows(gelu_tanh(x)) for a row-major [M, K] x: (e4m3 [M, K], float32 scales [M, 1]). What the
     kernel does not take (CPU, no triton, other layouts) goes to ``fallback``: the formula, or a compiled copy."""
     if not (x.is_cuda and triton is not None and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] <= _MAX_COLS):
@@ -55,12 +59,14 @@ def gelu_quantize_rows(x: torch.Tensor, fallback=gelu_quantize_rows_formula) -> 
     out = torch.empty((m, k), dtype=E4M3, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(k)
+    warps = num_warps or (8 if block >= 2048 else 4)
     _gelu_quant_kernel[(m,)](x, out, scale, k, x.stride(0), out.stride(0), TINY, E4M3_MAX, BLOCK=block,
-                             num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+                             TANH=GELU_TANH if tanh is None else tanh, num_warps=warps)
     return out, scale
 
 
 _BLOCK = 4096
+GELU_TANH = 2   # 0: libdevice tanhf; 1: 1 - 2 / (1 + exp(2z)); 2: PTX tanh.approx.f32 (H100: 195.7 -> 95.0 us)
 _MAX_COLS = 32768   # one row per program in registers
 
 if triton is not None:
@@ -77,13 +83,22 @@ if triton is not None:
                 tl.store(x_ptr + idx, (x * r).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=keep)
 
     @triton.jit
-    def _gelu_quant_kernel(x_ptr, out_ptr, scale_ptr, k, stride_x, stride_o, tiny, fp8_max, BLOCK: tl.constexpr):
+    def _gelu_quant_kernel(x_ptr, out_ptr, scale_ptr, k, stride_x, stride_o, tiny, fp8_max, BLOCK: tl.constexpr,
+                           TANH: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         keep = cols < k
         x = tl.load(x_ptr + row * stride_x + cols, mask=keep, other=0.0).to(tl.float32)
         x3 = x * x * x                                               # torch's GeluCUDAKernelImpl order
-        y = 0.5 * x * (1.0 + libdevice.tanh(0.7978845608028654 * (x + 0.044715 * x3)))
+        z = 0.7978845608028654 * (x + 0.044715 * x3)
+        if TANH == 0:
+            t = libdevice.tanh(z)
+        elif TANH == 1:
+            t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
+        else:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        y = 0.5 * x * (1.0 + t)
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)            # F.gelu's output is in x's dtype
         s = tl.maximum(tl.max(tl.abs(y), axis=0), tiny) / fp8_max
         q = tl.minimum(tl.maximum(y / s, -fp8_max), fp8_max)
