@@ -219,6 +219,11 @@ def test_fast_mode_stream_reads_its_cache_as_stored_and_feeds_the_o_projection_i
     assert seen == {"scalar_scales": calls, "rows": calls}
     rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert 0 < rel < 0.2, rel
+    snap = {k: t.clone() for k, t in s.state_tensors().items()}      # a session snapshot keeps the running scales
+    assert snap["k_scale"].shape == (2, 1, 1, 1, 1) and (snap["k_scale"] > 0).all()
+    s.reset()
+    s.load_state_tensors(snap)
+    assert torch.equal(s.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 4 * NFPB), outs[1])
 
 
 def test_node_keeps_the_fp8_cache_at_the_scaling_its_attention_reads():
@@ -250,6 +255,17 @@ def test_cpu_capable_choices_plan_and_show_in_viz():
         assert text in html, text
 
 
+def test_viz_notes_say_what_runs_in_fp8_and_how_the_cache_is_kept():
+    from engine.viz.model import build
+    fast = ["nodes.dit.params.kv_dtype=fp8", "nodes.dit.params.attention_precision=fp8", "nodes.dit.device=cuda"]
+    notes = build(load_plan("tiny_self_forcing", fast, cuda_devices=0, check_devices=False)).nodes["dit"].notes
+    assert "self-attention: e4m3 (cuDNN sdpa_fp8, tensor scales, fp8 output)" in notes
+    assert "KV cache: e4m3, one running scale per layer, read by the FP8 attention as stored" in notes
+    notes = build(load_plan("tiny_self_forcing", ["nodes.dit.params.kv_dtype=fp8"], cuda_devices=0)).nodes["dit"].notes
+    assert "KV cache: e4m3, a float32 scale per (token, head)" in notes
+    assert not any(n.startswith("self-attention") for n in notes)
+
+
 def test_fp8_kv_cache_counted_in_the_memory_plan():
     from nodes.ar.memory import kv_cache
     base = load_plan("tiny_self_forcing", cuda_devices=0)
@@ -261,6 +277,10 @@ def test_fp8_kv_cache_counted_in_the_memory_plan():
     assert sizes[1]["dtype"] == "float8_e4m3fn"
     head_dim = 64 // 4
     assert sizes[1]["bytes"] == int(sizes[0]["bytes"] / 4 * (1 + 4 / head_dim))   # fp32 -> 1 byte + scale
+    fast = load_plan("tiny_self_forcing", ["nodes.dit.params.kv_dtype=fp8", "nodes.dit.params.attention_precision=fp8",
+                                           "nodes.dit.device=cuda"], cuda_devices=0, check_devices=False)
+    sized = kv_cache(fast.nodes["sampler"].build().p, fast.nodes["dit"].build().cache_layout())
+    assert sized["bytes"] == int(sizes[0]["bytes"] / 4)                            # one running scale per layer
 
 
 def test_fp8_on_a_cuda_node_checked_on_a_machine_without_cuda_is_left_to_the_gpu():

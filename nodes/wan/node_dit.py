@@ -223,6 +223,19 @@ class WanDiTNode(ModelNode):
         self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention, kv, self.p.context_pass,
                                   self.kv_scaling())
 
+    def facts(self, sources) -> dict:
+        """fd viz: with the fast-mode choices, what runs in FP8 and how the KV cache is kept (the attention backend
+        note then concerns the cross-attention and any bf16 path only)."""
+        out = super().facts(sources)
+        notes = list(out.get("notes", []))
+        if self.p.attention_precision == "fp8":
+            notes.append(f"self-attention: e4m3 (cuDNN sdpa_fp8, {self.p.fp8_attention_scaling} scales, "
+                         f"{self.p.fp8_attention_out} output)")
+        if self.p.kv_dtype == "fp8":
+            notes.append("KV cache: e4m3, " + ("one running scale per layer, read by the FP8 attention as stored"
+                                               if self.kv_scaling() == "tensor" else "a float32 scale per (token, head)"))
+        return {**out, "notes": notes} if notes else out
+
     def kv_scaling(self) -> str:
         """An FP8 cache read by FP8 attention with tensor scales is kept at that scaling (one running scale per
         layer: attention reads it as stored); otherwise one scale per (token, head)."""
