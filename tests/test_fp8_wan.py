@@ -56,6 +56,17 @@ def _block(stream, frame_start, g):
     return last, x0
 
 
+def _rollouts(streams, blocks: int, seed: int = 4) -> list:
+    """Each stream through the same ``blocks`` blocks (same noise), then one more denoising call: its flow."""
+    outs = []
+    for st in streams:
+        g = torch.Generator().manual_seed(seed)
+        for b in range(blocks):
+            _block(st, b * NFPB, g)
+        outs.append(st.denoise(torch.ones(1, NFPB, *FRAME), 500.0, blocks * NFPB))
+    return outs
+
+
 def test_context_reuse_keeps_the_last_steps_kv_and_skips_one_forward():
     m = _model()
     full, reuse = _stream(m, "full"), _stream(m, "reuse")
@@ -101,12 +112,7 @@ def test_fp8_kv_cache_stream_and_snapshot():
     m = _model()
     ref, f8 = _stream(m), _stream(m, kv_dtype=E4M3)
     assert f8.cache.k.dtype == E4M3 and f8.cache.read_dtype == torch.float32
-    outs = []
-    for s in (ref, f8):
-        g = torch.Generator().manual_seed(2)
-        for b in range(4):                                   # past the 6-frame window: the ring wraps
-            _block(s, b * NFPB, g)
-        outs.append(s.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 4 * NFPB))
+    outs = _rollouts((ref, f8), blocks=4, seed=2)            # past the 6-frame window: the ring wraps
     rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert 0 < rel < 0.1, rel
     snap = {k: t.clone() for k, t in f8.state_tensors().items()}
@@ -127,12 +133,7 @@ def test_fp8_cache_feeds_fp8_attention_without_dequantising(monkeypatch):
     raw, deq = s.cache.quantized_values, s.cache.keys_values
     monkeypatch.setattr(s.cache, "quantized_values", lambda *a: reads.__setitem__("raw", reads["raw"] + 1) or raw(*a))
     monkeypatch.setattr(s.cache, "keys_values", lambda *a: reads.__setitem__("deq", reads["deq"] + 1) or deq(*a))
-    outs = []
-    for st in (ref, s):
-        g = torch.Generator().manual_seed(4)
-        for b in range(3):
-            _block(st, b * NFPB, g)
-        outs.append(st.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 3 * NFPB))
+    outs = _rollouts((ref, s), blocks=3)
     assert reads["raw"] > 0 and reads["deq"] == 0
     rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
     assert 0 < rel < 0.1, rel
@@ -209,12 +210,7 @@ def test_fast_mode_stream_reads_its_cache_as_stored_and_feeds_the_o_projection_i
         return raw_rows(*a, **kw)
     monkeypatch.setattr(s.cache, "quantized_values", values)
     monkeypatch.setattr(fa, "fp8_attention_rows", rows)
-    outs = []
-    for st in (ref, s):
-        g = torch.Generator().manual_seed(4)
-        for b in range(4):
-            _block(st, b * NFPB, g)
-        outs.append(st.denoise(torch.ones(1, NFPB, *FRAME), 500.0, 4 * NFPB))
+    outs = _rollouts((ref, s), blocks=4)
     calls = 4 * 5 * 2 + 2                 # 4 blocks x (4 steps + context pass) x 2 layers, then the last call
     assert seen == {"scalar_scales": calls, "rows": calls}
     rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
