@@ -282,3 +282,40 @@ def test_fp8_kv_cache_counted_in_the_memory_plan():
 def test_fp8_on_a_cuda_node_checked_on_a_machine_without_cuda_is_left_to_the_gpu():
     load_plan("tiny_self_forcing", ["nodes.dit.params.precision=fp8", "nodes.dit.device=cuda"],
               cuda_devices=0, check_devices=False)
+
+
+def test_fast_mode_sessions_batched_equal_each_session_alone():
+    """fd serve batches sessions through one forward; with FP8 linears, FP8 attention and the tensor-scaled FP8
+    cache each session's rows still take the very call it makes alone (FP8 attention, e4m3 rows into the o
+    projection), so a batch changes no bit of any session's flow."""
+    from nodes.common.causal import BlockCall
+
+    def fast_model():
+        m = _model()
+        m.use_fp8_linears()
+        m.use_fp8_attention("tensor")
+        return WanDenoiser(m, m.cfg, torch.float32, "auto", E4M3, "full", "tensor")
+
+    model = fast_model()
+    spec = StreamSpec(frame_shape=FRAME, frames_per_block=NFPB, window_frames=6)
+    g = torch.Generator().manual_seed(0)
+    starts = [0, 2, 6]
+    texts = [torch.randn(1, 5, 8, generator=g) for _ in starts]
+
+    def streams():
+        out = []
+        for text, start in zip(texts, starts):
+            s = model.open_stream(spec)
+            s.set_conditions(text)
+            for fs in range(0, start, NFPB):
+                s.commit(torch.randn(1, NFPB, *FRAME, generator=torch.Generator().manual_seed(fs)), 0.0, fs)
+            out.append(s)
+        return out
+
+    calls = [BlockCall("denoise", torch.randn(1, NFPB, *FRAME, generator=g), 700.0 - 100 * i, start, {})
+             for i, start in enumerate(starts)]
+    lone = [s.denoise(c.x, c.t, c.frame_start) for s, c in zip(streams(), calls)]
+    together = model.run_together(streams(), calls)
+    assert model._batchable(streams(), calls)
+    for i, (a, b) in enumerate(zip(lone, together)):
+        assert torch.equal(a, b), f"session {i}: max |diff| {(a - b).abs().max():.3g}"

@@ -82,6 +82,12 @@ class QuantizedRows:
     lead: tuple[int, ...]          # the leading shape to restore on the output
 
     @classmethod
+    def cat(cls, parts: list["QuantizedRows"]) -> "QuantizedRows":
+        """Rows of several [b_i, L] inputs stacked along the batch (every part's other lead dims equal)."""
+        lead = (sum(p.lead[0] for p in parts),) + tuple(parts[0].lead[1:])
+        return cls(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]), lead)
+
+    @classmethod
     def of(cls, x: torch.Tensor, quant=quantize_rows) -> "QuantizedRows":
         x8, s = quant(x.reshape(-1, x.shape[-1]))
         return cls(x8.contiguous(), s, tuple(x.shape[:-1]))     # _scaled_mm wants a row-major [M, K]

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .attention import attention
+from .fp8 import QuantizedRows
 from .kv_cache import BlockPlan, DeviceRows, SelfKVCache
 
 
@@ -51,14 +51,12 @@ class SessionRows:
         picks by batch size (time embedding, patch embedding, head), which would otherwise round differently."""
         return torch.cat([fn(*parts) for parts in zip(*(self.split(x) for x in xs))])
 
-    def self_attention(self, q, k, v, layer: int, backend: str) -> torch.Tensor:
-        """q/k/v [B, L, H, D] (post-RoPE) -> [B, L, H, D]: each session writes and attends its own cache."""
-        out = []
-        for p, qs, ks, vs in zip(self.parts, self.split(q), self.split(k), self.split(v)):
-            p.cache.write(layer, p.plan, ks, vs, p.device_rows)
-            kk, vv = p.cache.keys_values(layer, p.plan, p.device_rows)
-            out.append(attention(qs, kk, vv, backend))
-        return torch.cat(out)
+    def self_attention(self, q, k, v, attend: Callable) -> torch.Tensor | QuantizedRows:
+        """q/k/v [B, L, H, D] (post-RoPE): each session's rows through ``attend(q, k, v, part)``, the model's own
+        single-session call (it writes and attends that session's cache), concatenated in batch-row order. FP8
+        attention handing e4m3 rows on (QuantizedRows) is concatenated as such."""
+        out = [attend(qs, ks, vs, p) for p, qs, ks, vs in zip(self.parts, self.split(q), self.split(k), self.split(v))]
+        return QuantizedRows.cat(out) if isinstance(out[0], QuantizedRows) else torch.cat(out)
 
 
 def batch_bucket(n: int, buckets: tuple[int, ...] = (1, 2, 4, 8)) -> int:

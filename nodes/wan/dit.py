@@ -223,27 +223,32 @@ class SelfAttention(Projections):
         q = kern.norm_rope(self.q(h), _norm_weight(self.norm_q), self.eps, self.num_heads, *rope)
         k = kern.norm_rope(self.k(h), _norm_weight(self.norm_k), self.eps, self.num_heads, *rope)
         v = self.heads(self.v(h))
+        fa = ctx.fp8_attention
+        # e4m3 attention output straight into an FP8 o projection (no dequantise + requantise)
+        as_rows = fa is not None and fa.gives_rows and isinstance(self.o, Fp8Linear)
         if ctx.cp is not None:  # context parallel (nodes/common/sharding.py): cache + cross-rank attention
             y = ctx.cp.self_attention(q, k, v, self.layer, ctx.cache, ctx.plan, ctx.rows, ctx.backend)
-        elif ctx.sessions is not None:
-            y = ctx.sessions.self_attention(q, k, v, self.layer, ctx.backend)
+        elif ctx.sessions is not None:   # each session's rows through the very call it makes alone
+            y = ctx.sessions.self_attention(
+                q, k, v, lambda qs, ks, vs, part: self.attend(qs, ks, vs, part.cache, part.plan, part.device_rows,
+                                                               ctx, as_rows))
         else:
-            if ctx.cache is not None:
-                ctx.cache.write(self.layer, ctx.plan, k, v, ctx.rows)
-            fa = ctx.fp8_attention
-            # e4m3 attention output straight into an FP8 o projection (no dequantise + requantise)
-            as_rows = fa is not None and fa.gives_rows and isinstance(self.o, Fp8Linear)
-            if fa is not None and getattr(ctx.cache, "fp8", False):
-                # FP8 cache into FP8 attention: the stored rows are read as stored or rescaled, never dequantised
-                k8, ks, v8, vs = ctx.cache.quantized_values(self.layer, ctx.plan, ctx.rows)
-                y = fa(q, k8, v8, kern, kv_scales=(ks, vs), as_rows=as_rows)
-            else:
-                if ctx.cache is not None:
-                    k, v = ctx.cache.keys_values(self.layer, ctx.plan, ctx.rows)
-                y = attention(q, k, v, ctx.backend) if fa is None else fa(q, k, v, kern, as_rows=as_rows)
-            if as_rows:
-                return self.o(y)
-        return self.o(y.flatten(2))
+            y = self.attend(q, k, v, ctx.cache, ctx.plan, ctx.rows, ctx, as_rows)
+        return self.o(y if isinstance(y, QuantizedRows) else y.flatten(2))
+
+    def attend(self, q, k, v, cache: SelfKVCache | None, plan, rows, ctx: CallContext, as_rows: bool):
+        """Write this call's K/V into ``cache`` (if any) and attend to the window: [B, L, H, D], or the FP8
+        attention's e4m3 output as QuantizedRows (``as_rows``)."""
+        kern, fa = ctx.kernels, ctx.fp8_attention
+        if cache is not None:
+            cache.write(self.layer, plan, k, v, rows)
+        if fa is not None and getattr(cache, "fp8", False):
+            # FP8 cache into FP8 attention: the stored rows are read as stored or rescaled, never dequantised
+            k8, ks, v8, vs = cache.quantized_values(self.layer, plan, rows)
+            return fa(q, k8, v8, kern, kv_scales=(ks, vs), as_rows=as_rows)
+        if cache is not None:
+            k, v = cache.keys_values(self.layer, plan, rows)
+        return attention(q, k, v, ctx.backend) if fa is None else fa(q, k, v, kern, as_rows=as_rows)
 
 
 class CrossAttention(Projections):
