@@ -139,3 +139,29 @@ def test_demo_block3_stream(case, io, vae):
         assert_close(got, want, **_tol(case, "block3_stream_chunk"))
     expected = [list(s) for s in case["block3_zero_cache_shapes"]]
     assert [list(t.shape) for t in dec.cache] == expected
+
+
+def test_streams_resume_from_a_snapshot_in_their_memory_format(case, io, vae):
+    """Both streams' snapshots record each cache's memory format: values saved to a file come back contiguous,
+    and a channels-last stream resumed from them has its caches in the formats they had and continues bit for
+    bit (a contiguous cache changes the conv arithmetic). The encoder's restore lost the format before it
+    shared the decoder's snapshot code."""
+    import copy
+    cl = copy.deepcopy(vae).to_channels_last()
+    video, latent, step = io["video"], io["latent"], vae.temporal_factor
+    fmt = dict(memory_format=torch.channels_last_3d)
+    streams = ((StreamingEncoder, "encode_chunk", video[:, :, :1 + step], video[:, :, 1 + step:1 + 2 * step]),
+               (StreamingDecoder, "decode_chunk", latent[:, :, :2], latent[:, :, 2:4]))
+    layouts = []
+    for make, call, first, second in streams:
+        a = make(cl)
+        getattr(a, call)(first.contiguous(**fmt))
+        formats = [t.is_contiguous(**fmt) and not t.is_contiguous() for t in a.cache]
+        saved = {k: v.contiguous().clone() if torch.is_tensor(v) else v for k, v in a.state_tensors().items()}
+        want = getattr(a, call)(second.contiguous(**fmt))
+        b = make(cl)
+        b.load_state(saved)
+        assert [t.is_contiguous(**fmt) and not t.is_contiguous() for t in b.cache] == formats
+        assert torch.equal(getattr(b, call)(second.contiguous(**fmt)), want)
+        layouts += formats
+    assert any(layouts)                  # some cache was channels-last: the case the restore has to keep

@@ -136,7 +136,37 @@ def _vae_dim(sd: Mapping) -> int:
     raise FdError("not a Wan 2.1 VAE checkpoint (no encoder.conv1.weight / encoder.conv_in.weight)")
 
 
-class WanVAEDecodeNode(_WanVAENode):
+class _WanVAEStreamNode(_WanVAENode):
+    """A per-block node around one stream (vae_stream's StreamingDecoder / StreamingEncoder) kept in the session
+    state under ``stream_key``. A snapshot is the stream's own state; a restore waits for the first block,
+    which builds the stream on the VAE's device (``_open``)."""
+    stream_key = "stream"
+
+    def new_state(self):
+        return {self.stream_key: None}
+
+    def state_tensors(self, state) -> dict:
+        if state.get("restore"):            # restored, no block run since: the snapshot's values are the state
+            return dict(state["restore"])
+        stream = state[self.stream_key]
+        return {"started": False} if stream is None else {"started": True, **stream.state_tensors()}
+
+    def load_state(self, state, values: dict):
+        if values.get("started"):
+            state["restore"] = values
+        return state
+
+    def _open(self, state, make):
+        """The session's stream: ``make()``'s on the first block, with a pending restore applied."""
+        if state[self.stream_key] is None:
+            state[self.stream_key] = make()
+            values = state.pop("restore", None)
+            if values:
+                state[self.stream_key].load_state(values)
+        return state[self.stream_key]
+
+
+class WanVAEDecodeNode(_WanVAEStreamNode):
     type_name = "wan.vae_decode"
     doc = ("Streaming Wan 2.1 VAE decoder: each block's latents to frames, conv caches carried across blocks, so the "
            "stream equals one full decode (first block 1+4(f-1) frames, later 4f).")
@@ -151,46 +181,32 @@ class WanVAEDecodeNode(_WanVAENode):
     )
     capturable = True  # fixed-shape conv caches after the first block
 
+    stream_key = "decoder"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._latest = None  # the latest session's stream, for graph_status()
         self._fused_ops: dict[bool, object] = {}   # compile? -> FusedOps shared by every session's stream
 
-    def new_state(self):
-        return {"decoder": None}
-
     def graph_status(self) -> str:
         return self._latest.graph_status() if self._latest is not None else "eager"
 
-    def state_tensors(self, state) -> dict:
-        if state.get("restore"):            # restored, no block decoded since
-            return dict(state["restore"])
-        dec = state["decoder"]
-        return {"started": False} if dec is None else {"started": True, **dec.state_tensors()}
-
-    def load_state(self, state, values: dict):
-        """Deferred to the first block: the stream is built there, on the VAE's device."""
-        if values.get("started"):
-            state["restore"] = values
-        return state
-
-    def run(self, inputs, state, step):
+    def _new_stream(self, vae):
         from .vae_blocks import FusedOps
         from .vae_stream import StreamingDecoder
+        on_cuda = vae.conv2.weight.is_cuda
+        compile_glue = self.p.compile == "on" or (self.p.compile == "auto" and on_cuda)
+        if compile_glue not in self._fused_ops:
+            self._fused_ops[compile_glue] = FusedOps.make(compile_glue)
+        self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True, compile=compile_glue,
+                                        fused_ops=self._fused_ops[compile_glue],
+                                        graphs=self.p.graphs and on_cuda and self.ctx.capture)
+        return self._latest
+
+    def run(self, inputs, state, step):
         vae = self._vae()
-        if state["decoder"] is None:
-            on_cuda = vae.conv2.weight.is_cuda
-            compile_glue = self.p.compile == "on" or (self.p.compile == "auto" and on_cuda)
-            if compile_glue not in self._fused_ops:
-                self._fused_ops[compile_glue] = FusedOps.make(compile_glue)
-            fused = self._fused_ops[compile_glue]
-            state["decoder"] = self._latest = StreamingDecoder(vae, zero_init=self.p.mode == "demo", clamp=True,
-                                                               compile=compile_glue, fused_ops=fused,
-                                                               graphs=self.p.graphs and on_cuda and
-                                                               self.ctx.capture)
-            if state.get("restore"):
-                state["decoder"].load_state(state.pop("restore"))
-        frames = state["decoder"].decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
+        dec = self._open(state, lambda: self._new_stream(vae))
+        frames = dec.decode_chunk(self._layout(inputs["latent"].transpose(1, 2))).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames
         return {"pixels": frames.float().contiguous()}
@@ -228,7 +244,7 @@ class WanVAEEncodeNode(_WanVAENode):
         return {"latent": torch.cat([mask, z], dim=1).transpose(1, 2).contiguous()}
 
 
-class WanVAEStreamEncodeNode(_WanVAENode):
+class WanVAEStreamEncodeNode(_WanVAEStreamNode):
     """Per-block video encode with the Wan VAE's causal conv caches carried between blocks (OmniDreams encodes
     each chunk's HD-map frames this way, with LightVAE: the same network at a quarter of the width, read from
     the weights). Block 0 takes 1 + 4(f - 1) frames, every later block 4f, so f latent frames come out per
@@ -243,33 +259,13 @@ class WanVAEStreamEncodeNode(_WanVAENode):
               "1 + 4(f - 1) pixel frames, later blocks 4f", min=1),
     )
 
-    def new_state(self):
-        return {"encoder": None}
-
-    def state_tensors(self, state) -> dict:
-        if state.get("restore"):
-            return dict(state["restore"])
-        enc = state["encoder"]
-        if enc is None:
-            return {"started": False}
-        return {"started": True, "first": enc.first, **{f"cache.{i}": t for i, t in enumerate(enc.cache)}}
-
-    def load_state(self, state, values: dict):
-        if values.get("started"):
-            state["restore"] = values
-        return state
+    stream_key = "encoder"
 
     def run(self, inputs, state, step):
         from .vae_stream import StreamingEncoder
         vae = self._vae()
-        if state["encoder"] is None:
-            state["encoder"] = StreamingEncoder(vae)
-            values = state.pop("restore", None)
-            if values:
-                state["encoder"].cache = [values[f"cache.{i}"].to(vae.conv2.weight.device)
-                                          for i in range(len([k for k in values if k.startswith("cache.")]))]
-                state["encoder"].first = bool(values["first"])
-        enc, f, t = state["encoder"], self.p.latent_frames, vae.temporal_factor
+        enc = self._open(state, lambda: StreamingEncoder(vae))
+        f, t = self.p.latent_frames, vae.temporal_factor
         frames = inputs["frames"]
         want = 1 + t * (f - 1) if enc.first else t * f
         if frames.ndim != 5 or frames.shape[2] != 3 or frames.shape[1] != want:

@@ -50,7 +50,33 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-class StreamingDecoder:
+class _CacheState:
+    """A stream's session-snapshot state: its conv caches and first-chunk flag (memory formats recorded: a
+    channels-last cache restored contiguous would change the conv arithmetic). Shared by both streams."""
+    vae: nn.Module
+    cache: list[torch.Tensor]
+    first: bool
+
+    def state_tensors(self) -> dict:
+        out: dict = {"first": self.first, "channels_last": [_is_channels_last(t) for t in self.cache]}
+        out.update({f"cache.{i}": t for i, t in enumerate(self.cache)})
+        return out
+
+    def load_state(self, values: dict) -> None:
+        """The values of ``state_tensors`` (a snapshot without ``channels_last``, from before it was recorded,
+        restores each cache in the format it comes in)."""
+        device = next(self.vae.parameters()).device
+        n = len([k for k in values if k.startswith("cache.")])
+        caches = []
+        for i, cl in enumerate(values.get("channels_last") or [None] * n):
+            t = values[f"cache.{i}"].to(device, copy=True)
+            fmt = torch.channels_last_3d if cl else torch.contiguous_format
+            caches.append(t if cl is None else t.contiguous(memory_format=fmt))
+        self.cache[:] = caches
+        self.first = bool(values["first"])
+
+
+class StreamingDecoder(_CacheState):
     """Decode latent chunks of any size; outputs concatenate to the whole-clip decode."""
 
     def __init__(self, vae: nn.Module, zero_init: bool = False, clamp: bool = False,
@@ -91,19 +117,6 @@ class StreamingDecoder:
             t.zero_()
         self.first = not self.zero_init
 
-    def state_tensors(self) -> dict:
-        """The conv caches and the first-chunk flag, for a session snapshot (memory formats recorded: a
-        channels-last cache restored contiguous would change the conv arithmetic)."""
-        out: dict = {"first": self.first, "channels_last": [_is_channels_last(t) for t in self.cache]}
-        out.update({f"cache.{i}": t for i, t in enumerate(self.cache)})
-        return out
-
-    def load_state(self, values: dict) -> None:
-        device = next(self.vae.parameters()).device
-        fmt = {True: torch.channels_last_3d, False: torch.contiguous_format}
-        self.cache[:] = [values[f"cache.{i}"].to(device, copy=True).contiguous(memory_format=fmt[cl])
-                         for i, cl in enumerate(values["channels_last"])]
-        self.first = bool(values["first"])
 
     @torch.no_grad()
     def decode_chunk(self, latent: torch.Tensor) -> torch.Tensor:
@@ -128,7 +141,7 @@ class StreamingDecoder:
         return out
 
 
-class StreamingEncoder:
+class StreamingEncoder(_CacheState):
     """Encode a clip as frame 0 then chunks of 4k frames (first chunk may be 1+4k)."""
 
     def __init__(self, vae: nn.Module, cache: list[torch.Tensor] | None = None):
