@@ -165,7 +165,9 @@ def bench_decoder(decoder, model, variants, lats, reps, profile_names):
 # 2 of history) and the sub-pixel 2x2 upsample convs (4 phases stacked on cout)
 PROBE_SHAPES = ((384, 384, 5, 60, 104, (3, 3)), (384, 384, 8, 120, 208, (3, 3)), (192, 192, 14, 240, 416, (3, 3)),
                 (96, 96, 14, 480, 832, (3, 3)), (384, 768, 6, 60, 104, (1, 2)), (384, 768, 12, 120, 208, (1, 2)),
-                (192, 384, 12, 240, 416, (1, 2)), (96, 3, 14, 480, 832, (3, 3)), (96, 16, 14, 480, 832, (3, 3)))
+                (192, 384, 12, 240, 416, (1, 2)), (96, 3, 14, 480, 832, (3, 3)), (96, 16, 14, 480, 832, (3, 3)),
+                # the 96-channel stage with zero-padded channels (cuDNN tiles of 64/128 outputs; unmeasured so far)
+                (96, 128, 14, 480, 832, (3, 3)), (128, 128, 14, 480, 832, (3, 3)))
 
 
 def probe_convs():
