@@ -255,11 +255,12 @@ def test_viz_notes_say_what_runs_in_fp8_and_how_the_cache_is_kept():
     from engine.viz.model import build
     fast = ["nodes.dit.params.kv_dtype=fp8", "nodes.dit.params.attention_precision=fp8", "nodes.dit.device=cuda"]
     notes = build(load_plan("tiny_self_forcing", fast, cuda_devices=0, check_devices=False)).nodes["dit"].notes
-    assert "self-attention: e4m3 (cuDNN sdpa_fp8, tensor scales, fp8 output)" in notes
+    assert any(n.startswith("attention: self: cuDNN sdpa_fp8 (e4m3, tensor scales, fp8 output); cross: ")
+               for n in notes), notes
     assert "KV cache: e4m3, one running scale per layer, read by the FP8 attention as stored" in notes
     notes = build(load_plan("tiny_self_forcing", ["nodes.dit.params.kv_dtype=fp8"], cuda_devices=0)).nodes["dit"].notes
     assert "KV cache: e4m3, a float32 scale per (token, head)" in notes
-    assert not any(n.startswith("self-attention") for n in notes)
+    assert "attention: auto → torch SDPA on cpu" in notes
 
 
 def test_fp8_kv_cache_counted_in_the_memory_plan():

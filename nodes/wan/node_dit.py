@@ -223,14 +223,19 @@ class WanDiTNode(ModelNode):
         self.handle = WanDenoiser(module, module.cfg, self.dtype, self.p.attention, kv, self.p.context_pass,
                                   self.kv_scaling())
 
+    def attention_in_use(self) -> str | None:
+        """With ``attention_precision: fp8`` the self-attention is cuDNN's sdpa_fp8 and the backend param serves
+        the cross-attention only: fd bench's JSON and fd viz say both."""
+        base = super().attention_in_use()
+        if self.p.attention_precision != "fp8":
+            return base
+        return (f"self: cuDNN sdpa_fp8 (e4m3, {self.p.fp8_attention_scaling} scales, {self.p.fp8_attention_out} "
+                f"output); cross: {base}")
+
     def facts(self, sources) -> dict:
-        """fd viz: with the fast-mode choices, what runs in FP8 and how the KV cache is kept (the attention backend
-        note then concerns the cross-attention and any bf16 path only)."""
+        """fd viz: the attention note (above), and how an FP8 KV cache is kept."""
         out = super().facts(sources)
         notes = list(out.get("notes", []))
-        if self.p.attention_precision == "fp8":
-            notes.append(f"self-attention: e4m3 (cuDNN sdpa_fp8, {self.p.fp8_attention_scaling} scales, "
-                         f"{self.p.fp8_attention_out} output)")
         if self.p.kv_dtype == "fp8":
             notes.append("KV cache: e4m3, " + ("one running scale per layer, read by the FP8 attention as stored"
                                                if self.kv_scaling() == "tensor" else "a float32 scale per (token, head)"))
