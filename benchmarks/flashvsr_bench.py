@@ -38,25 +38,8 @@ def log(rec: dict, name: str) -> None:
 
 
 def timed(fn, device: str, warmup: int, iters: int) -> float:
-    import torch
-    for _ in range(warmup):
-        fn()
-    if device == "cpu":
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return median(ts)
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return median(ts)
+    from benchmarks.common import median_ms
+    return median_ms(fn, iters, warmup, cuda=device != "cpu")
 
 
 def reference(q, k, v, mask):
