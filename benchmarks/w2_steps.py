@@ -100,7 +100,7 @@ def main() -> None:
     from nodes.wan.vae_blocks import FusedOps
     f_lat = (shape["frames"] - 1) // 4 + 1
     z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
-    for convs in [c for c in args.decode.split(",") if c]:     # fast: the node's default (FAST_CONVS on CUDA); plain: without them
+    for convs in [c for c in args.decode.split(",") if c]:     # fast: the node's default (tap-sum head on CUDA); plain: without it
         vae = WanVAEDecodeNode("decoder", vae_p, dev)
         vae.load()
         glue = dev == "cuda"

@@ -82,7 +82,7 @@ def test_streaming_decode_any_chunking(case, io, vae):
 
 
 def test_streaming_decode_fast_convs_any_chunking(case, io, vae):
-    """The CUDA default's conv reformulation (vae_blocks.FAST_CONVS: the RGB head as a GEMM to its per-tap
+    """The CUDA default's conv reformulation (FusedOps.make's tap_head: the RGB head as a GEMM to its per-tap
     products and their shifted sum), here eager on the CPU: the upstream decode under any chunking."""
     from nodes.wan.vae_blocks import CausalConv3d
     latent, decoded = io["latent"], io["decoded"]

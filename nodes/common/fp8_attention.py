@@ -72,14 +72,12 @@ def requantize_qkv(q, k8, ks, v8, vs, scaling: str = "tensor") -> tuple:
     """As ``quantize_qkv`` for K/V that are already e4m3 with one scale per (token, head) (an FP8 KV cache:
     ks, vs [B, L, H, 1]): the tensor's (or head's) amax scale is the max of those scales, so each row is only
     rescaled by s_row / S <= 1 and rounded again, one pass over one byte per value instead of dequantising to
-    bf16 and quantising that. K/V with one scale each (a tensor-scaled cache, [1, 1, 1, 1]) go in as they are
-    under tensor scaling: only Q is quantised."""
+    bf16 and quantising that. K/V with one scale each (a tensor-scaled cache, [1, 1, 1, 1]) go in as they are."""
     def rescale(x8, s, dims):
+        if s.numel() == 1:                       # already at one scale (a tensor-scaled cache): as stored
+            return x8, s.reshape(1, 1, 1, 1)
         big = s.amax() if dims is None else s.amax(dim=dims, keepdim=True)
         return quantize(x8.float() * (s / big), torch.ones_like(big)), big
-    if scaling == "tensor" and ks.numel() == 1 and vs.numel() == 1:   # a tensor-scaled cache: read as stored
-        sq = amax_scale(q)
-        return quantize(q, sq), k8, v8, sq.reshape(1, 1, 1, 1), ks.reshape(1, 1, 1, 1), vs.reshape(1, 1, 1, 1), None
     if scaling == "tensor":
         sq = amax_scale(q)
         (k2, sk), (v2, sv) = rescale(k8, ks, None), rescale(v8, vs, None)
@@ -205,6 +203,14 @@ class CudnnFp8Attention:
         return o, scale_o
 
 
+def _quantized_inputs(q, k, v, scale, scaling, quant, kv_scales) -> tuple[QuantizedQKV, float]:
+    """Q/K/V in e4m3 for the kernel (K/V from an FP8 cache when ``kv_scales``), and the softmax scale."""
+    attn_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if kv_scales is None:
+        return quantized_qkv(q, k, v, scaling, quant or quantize_qkv), attn_scale
+    return QuantizedQKV(*(quant or requantize_qkv)(q, k, kv_scales[0], v, kv_scales[1], scaling)), attn_scale
+
+
 def fp8_attention(q, k, v, *, scale: float | None = None, scaling: str = "tensor",
                   runner: CudnnFp8Attention | None = None, out: str = "fp8", quant=None,
                   kv_scales: tuple | None = None) -> torch.Tensor:
@@ -212,11 +218,7 @@ def fp8_attention(q, k, v, *, scale: float | None = None, scaling: str = "tensor
     out in q's dtype. CUDA needs a ``runner`` (it holds the cuDNN plans); without one the float32
     emulation runs (CPU, tests). ``kv_scales`` = (ks, vs): k and v are already e4m3 with those per-(token,
     head) scales (an FP8 KV cache). ``quant``: quantize_qkv (requantize_qkv with kv_scales) or a compiled copy."""
-    attn_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if kv_scales is None:
-        qq = quantized_qkv(q, k, v, scaling, quant or quantize_qkv)
-    else:
-        qq = QuantizedQKV(*(quant or requantize_qkv)(q, k, kv_scales[0], v, kv_scales[1], scaling))
+    qq, attn_scale = _quantized_inputs(q, k, v, scale, scaling, quant, kv_scales)
     if runner is None:
         return emulate_sdpa_fp8(qq, attn_scale, out).to(q.dtype)
     if runner.out != out:
@@ -229,11 +231,7 @@ def fp8_attention_rows(q, k, v, *, scale: float | None = None, runner: CudnnFp8A
     """``fp8_attention`` (tensor scaling, e4m3 output) handed on as the kernel wrote it: the e4m3 output
     [B*Lq, H*D] with its one scale as a per-row scale, the input an Fp8Linear (the o projection) takes.
     Saves the dequantise + per-token requantise between them, and one rounding."""
-    attn_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if kv_scales is None:
-        qq = quantized_qkv(q, k, v, "tensor", quant or quantize_qkv)
-    else:
-        qq = QuantizedQKV(*(quant or requantize_qkv)(q, k, kv_scales[0], v, kv_scales[1], "tensor"))
+    qq, attn_scale = _quantized_inputs(q, k, v, scale, "tensor", quant, kv_scales)
     if runner is None:
         o8 = emulate_sdpa_fp8_units(qq, attn_scale, "fp8").to(E4M3)
     elif runner.out != "fp8":

@@ -13,7 +13,7 @@ one row per program held in registers: the row is read once. Inductor's kernel f
 in a graph, 4.6 ms of a 70 ms fast-mode forward (H100 profile, 2026-12-06), and ran at 196 us standalone; what
 limits both is the tanh (libdevice tanhf: 170-266 us whatever the warps), not memory. With the PTX
 ``tanh.approx.f32`` (one special-function op, ~2^-11 relative error, far below the bf16 rounding that follows)
-it is 95 us, and W1 fast mode went from 299.0 to 286.0 ms per steady block (BENCHMARKS.md). Otherwise the
+it is 95 us, and W1 fast mode went from 299.6 to 286.3 ms per steady block (BENCHMARKS.md, session 5). Otherwise the
 arithmetic of ``quantize_rows(F.gelu(x, approximate="tanh"))``: GELU in float32, rounded to x's dtype as
 F.gelu's output is, then amax / 448 and round-to-nearest e4m3.
 """

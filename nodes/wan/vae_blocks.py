@@ -121,12 +121,6 @@ def _window_eager(hist, x, gamma, bias):
     return xin
 
 
-# The conv reformulation FusedOps applies on CUDA: the tap-sum RGB head. (A time-folded conv2d for the 96-channel
-# stage, 513 vs 369 TFLOP/s for the conv alone in the H100 probe, lost it all to writing its 3x-wide input:
-# 110.1 vs 101.8 ms per block, 2026-12-06; not kept.)
-FAST_CONVS = dict(tap_head=True)
-
-
 def _residual(y, bias, h):
     return y + bias.view(1, -1, 1, 1, 1) + h
 
@@ -142,7 +136,9 @@ class FusedOps:
 
     ``tap_head``: a conv with fewer than 16 outputs (the RGB head, 96 -> 3: cuDNN runs it at ~20 TFLOP/s)
     becomes a 1x1 conv to its 27 per-tap products (a GEMM) and their shifted sum in one pointwise kernel:
-    the same sum in another order. ``StreamingDecoder`` turns it on with ``compile`` (``FAST_CONVS``).
+    the same sum in another order: 101.0 vs 102.9 ms per W1 block on an H100 (2026-12-06). ``StreamingDecoder``
+    turns it on with ``compile`` (``make``). A time-folded conv2d for the 96-channel stage (513 vs 369 TFLOP/s
+    for the conv alone in the probe) lost it all to writing its 3x-wide input, 110.1 vs 101.8 ms: not kept.
     """
 
     def __init__(self, compile: bool = False, mode: str | None = None, tap_head: bool = False):
@@ -154,8 +150,8 @@ class FusedOps:
 
     @classmethod
     def make(cls, compile: bool, fast_convs: bool | None = None) -> "FusedOps":
-        """The decoder's glue; ``fast_convs`` (default: with ``compile``, i.e. on CUDA) adds FAST_CONVS."""
-        return cls(compile=compile, **(FAST_CONVS if (compile if fast_convs is None else fast_convs) else {}))
+        """The decoder's glue; ``fast_convs`` (default: with ``compile``, i.e. on CUDA) adds the tap-sum head."""
+        return cls(compile=compile, tap_head=compile if fast_convs is None else fast_convs)
 
     def _get(self, fn, key):
         if not self.compiled:

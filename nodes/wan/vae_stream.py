@@ -19,7 +19,7 @@ Decoder modes:
 written straight into each conv's [history | new] window, nearest-x2 upsample + 3x3 conv as
 one sub-pixel 2x2 conv on the low-res input, and channels-last kept through the temporal
 upsample. ``compile=True`` also torch.compiles that pointwise glue (CUDA) and, unless ``fast_convs=False``, runs the
-RGB head as a GEMM + tap sum (``vae_blocks.FAST_CONVS``). ``fused=False`` is
+RGB head as a GEMM + tap sum (``vae_blocks.FusedOps.tap_head``). ``fused=False`` is
 the plain reference formulation (cat, interpolate, conv, bias) the fused path is checked
 against.
 
