@@ -110,6 +110,21 @@ def _tap_sum(p, cout: int, frames: int, pad_h: int, pad_w: int):
     return out
 
 
+def _tap_weights(conv: nn.Conv3d) -> torch.Tensor:
+    """[O, C, kt, kh, kw] -> [O*kt*kh*kw, C, 1, 1, 1] (channel o*27 + dt*9 + dh*3 + dw), zero rows appended up to a
+    multiple of 16 (81 outputs ran on an unaligned sm75 GEMM on the H100)."""
+    o, c, kt, kh, kw = conv.weight.shape
+    r = conv.weight.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c, 1, 1, 1)
+    r = torch.cat([r, r.new_zeros((-r.shape[0] % 16,) + r.shape[1:])])
+    return r.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _subpixel_3d(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The upsample conv's sub-pixel weights (nodes/common/conv.py) as a channels-last (1, 2, 2) conv3d kernel."""
+    w4, bias = subpixel_weights(conv)
+    return w4.unsqueeze(2).contiguous(memory_format=torch.channels_last_3d), bias
+
+
 def _window_eager(hist, x, gamma, bias):
     b, c, t, h, w = x.shape
     xin = _channels_last_like(x, (b, c, hist.shape[2] + t, h, w))
@@ -177,26 +192,21 @@ class FusedOps:
         xin = self.window(hist, x, gamma, bias)
         hist.copy_(xin[:, :, -HISTORY:])
         if self.tap_head and conv.out_channels < 16:
-            p = F.conv3d(xin, self._reshaped(conv, "taps"))
+            p = F.conv3d(xin, self.derived(conv, _tap_weights))
             key = ("taps", p.shape, p.stride(), p.dtype)
             y = self._get(_tap_sum, key)(p, conv.out_channels, x.shape[2], conv.padding[1], conv.padding[2])
             y = y if conv.bias is None else y + conv.bias.float().view(1, -1, 1, 1, 1)
             return y.to(x.dtype), None
         return self.conv(conv, xin)
 
-    def _reshaped(self, conv: nn.Conv3d, kind: str) -> torch.Tensor:
-        """conv's weight for a reformulation, rebuilt when the weight changes (load, dtype cast).
-        taps: [O, C, kt, kh, kw] -> [O*kt*kh*kw, C, 1, 1, 1] (channel o*27 + dt*9 + dh*3 + dw), zero rows
-        appended up to a multiple of 16 (81 outputs ran on an unaligned sm75 GEMM on the H100)."""
+    def derived(self, conv: nn.Module, build):
+        """``build(conv)``: weights a reformulation computes from conv's, kept until that weight changes (load,
+        dtype cast)."""
         w = conv.weight
-        key = (kind, id(conv))
-        stamp = (w.data_ptr(), w.dtype, w._version)
+        key, stamp = (build, id(conv)), (w.data_ptr(), w.dtype, w._version)
         hit = self._weights.get(key)
         if hit is None or hit[0] != stamp:
-            o, c, kt, kh, kw = w.shape
-            r = w.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c, 1, 1, 1)
-            r = torch.cat([r, r.new_zeros((-r.shape[0] % 16,) + r.shape[1:])])
-            hit = self._weights[key] = (stamp, r.contiguous(memory_format=torch.channels_last_3d))
+            hit = self._weights[key] = (stamp, build(conv))
         return hit[1]
 
     def conv(self, conv: nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -329,16 +339,6 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
-    def _subpixel(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The sub-pixel weights, rebuilt when the conv's weights change (load, dtype cast)."""
-        conv = self.resample[1]
-        key = (conv.weight.data_ptr(), conv.weight.dtype, conv.weight._version)
-        if getattr(self, "_subpixel_key", None) != key:
-            w4, bias = subpixel_weights(conv)
-            self._subpixel_cache = (w4.unsqueeze(2).contiguous(memory_format=torch.channels_last_3d), bias)
-            self._subpixel_key = key
-        return self._subpixel_cache
-
     def _time_up(self, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
         head = None
         if cache.first:
@@ -375,7 +375,7 @@ class Resample(nn.Module):
             x = self._time_up(x, cache)
         conv = self.resample[1]
         if self.mode.startswith("upsample") and cache.fused is not None:
-            x = upsample_conv_subpixel(conv, x, self._subpixel())
+            x = upsample_conv_subpixel(conv, x, cache.fused.derived(conv, _subpixel_3d))
         elif self.mode.startswith("upsample"):
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
             x = _conv2d_per_frame(conv, x)
