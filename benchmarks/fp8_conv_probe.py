@@ -150,3 +150,7 @@ def main():
             v = r.get(n)
             cells.append(f"{v['ms']:9.3f} {v.get('err_vs_fp32', '')[:5]:>5}" if isinstance(v, dict) else f"{str(v)[:15]:>15}")
         print(f"{str(r['shape']):24} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
