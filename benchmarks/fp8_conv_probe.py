@@ -87,7 +87,7 @@ def _best_plan(cudnn, handle, g, pack):
     return ms, f"{best}: {g.get_plan_name_at_index(best)}", [round(t[0], 3) for t in times[:5]]
 
 
-def probe_shape(cudnn, handle, cin, cout, t, h, w):
+def probe_shape(cudnn, handle, cin, cout, t, h, w, torch_only=False):
     to = t - 2
     flops = 2 * cout * cin * 27 * to * h * w
     gen = torch.Generator(device="cuda").manual_seed(cin * 7 + cout)
@@ -111,7 +111,7 @@ def probe_shape(cudnn, handle, cin, cout, t, h, w):
     rec["torch_bf16"] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9)}
     rec["torch_bf16_res"] = {"ms": round(ms_res, 3)}
     ref = F.conv3d(x.float(), wt.float(), None, padding=(0, 1, 1))
-    for name, (dt, fused) in VARIANTS.items():
+    for name, (dt, fused) in ({} if torch_only else VARIANTS).items():
         out = _cl(torch.empty(1, cout, to, h, w, device="cuda", dtype=torch.bfloat16))
         args = (x8, w8) if dt == "fp8" else (x, wt)
         kw = {"scale": scale if dt == "fp8" else None, "bias": bias if fused else None, "res": res if fused else None}
@@ -130,19 +130,32 @@ def probe_shape(cudnn, handle, cin, cout, t, h, w):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--benchmark-limit", type=int, default=None,
+                    help="torch.backends.cudnn.benchmark_limit for torch's conv (0: try every plan; torch's default 10)")
+    ap.add_argument("--torch-only", action="store_true", help="only torch's conv (e.g. to compare benchmark limits)")
+    ap.add_argument("--channels", default="", help="only shapes with these input channels, comma-separated")
+    args = ap.parse_args()
+    if args.benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.benchmark_limit
     import cudnn
-    log({"env": env(), "cudnn_frontend": cudnn.__version__, "cudnn_backend": cudnn.backend_version()},
+    log({"env": env(), "cudnn_frontend": cudnn.__version__, "cudnn_backend": cudnn.backend_version(),
+         "benchmark_limit": torch.backends.cudnn.benchmark_limit},
         "fp8_conv_probe.jsonl")
     handle = cudnn.create_handle()
     rows = []
+    keep = {int(c) for c in args.channels.split(",") if c}
     for shape in SHAPES:
+        if keep and shape[0] not in keep:
+            continue
         try:
-            rows.append(probe_shape(cudnn, handle, *shape))
+            rows.append(probe_shape(cudnn, handle, *shape, torch_only=args.torch_only))
         except Exception as e:  # noqa: BLE001
             rows.append({"shape": list(shape), "fp8": f"error {type(e).__name__}: {str(e)[:200]}"})
             log(rows[-1], "fp8_conv_probe.jsonl")
         torch.cuda.empty_cache()
-    names = ["torch_bf16", "torch_bf16_res", *VARIANTS]
+    names = ["torch_bf16", "torch_bf16_res", *([] if args.torch_only else VARIANTS)]
     print(f"{'shape':24} " + " ".join(f"{n:>15}" for n in names) + "   (ms; err of the graph variants vs fp32)")
     for r in rows:
         cells = []
