@@ -95,6 +95,31 @@ def test_streaming_decode_fast_convs_any_chunking(case, io, vae):
         assert any(build is _tap_weights for build, _ in dec.fused._weights) == want    # the tap-sum route ran
 
 
+def test_decoder_autotunes_every_cudnn_plan_only_while_decoding(case, io, vae, monkeypatch):
+    """cuDNN's fastest plan for the 96-channel conv lies past torch's first ten (nodes/common/conv.py): while a
+    chunk decodes, cudnn.benchmark is on with no plan limit; before and after, the caller's settings stand,
+    also when the decode raises; autotune=False leaves them alone."""
+    import torch.nn.functional as F
+    seen = []
+    real = F.conv3d
+
+    def spy(*a, **k):
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit))
+        return real(*a, **k)
+    monkeypatch.setattr(F, "conv3d", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 7)
+    StreamingDecoder(vae).decode_chunk(io["latent"][:, :, :1])
+    assert seen and set(seen) == {(True, 0)}
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit) == (False, 7)
+    seen.clear()
+    StreamingDecoder(vae, autotune=False).decode_chunk(io["latent"][:, :, :1])
+    assert set(seen) == {(False, 7)}
+    with pytest.raises(RuntimeError):
+        StreamingDecoder(vae).decode_chunk(io["latent"][:, :3, :1])          # wrong channel count
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit) == (False, 7)
+
+
 def test_streaming_decode_reset_reuses_cache(case, io, vae):
     latent = io["latent"]
     dec = StreamingDecoder(vae)

@@ -4,7 +4,7 @@ Both decoders upsample by nearest x2 followed by a 3x3 conv. Computed as written
 that conv reads an upsampled tensor four times the size of its input. The same
 function is one 2x2 conv on the low-res input with four output phases, which are
 then interleaved: 16 taps per low-res pixel instead of 36, and no upsampled tensor
-is ever written. Both decoders also let cuDNN time its conv algorithms on the first,
+is ever written. Both decoders also let cuDNN time all of its conv plans on the first,
 eager block before CUDA graphs replay the winner.
 """
 from __future__ import annotations
@@ -15,16 +15,26 @@ import torch
 from torch import nn
 
 
+# cuDNN plans torch times per conv shape under cudnn.benchmark; 0 = every plan cuDNN offers (torch's default is 10).
+# The decoders' 96-channel 3x3x3 conv (480x832) has its fastest plan past the first ten heuristic picks: on an H100
+# 4.76 ms with every plan tried vs 6.31 ms with ten (benchmarks/fp8_conv_probe.py, 2026-12-06); the search costs
+# a few seconds once per shape, on the first (eager) chunk, before CUDA graphs replay the winner.
+AUTOTUNE_PLAN_LIMIT = 0
+
+
 @contextlib.contextmanager
-def cudnn_autotune(enabled: bool = True):
-    """Scoped ``cudnn.benchmark``: cuDNN times its conv algorithms once per shape (the first,
-    eager chunk; graphs then replay the winner). Restores the caller's setting on exit."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before or enabled
+def cudnn_autotune(enabled: bool = True, plan_limit: int = AUTOTUNE_PLAN_LIMIT):
+    """Scoped ``cudnn.benchmark``: cuDNN times its conv plans once per shape (the first, eager chunk; graphs
+    then replay the winner), up to ``plan_limit`` of them (0: all). Restores the caller's settings on exit;
+    disabled, it leaves both as the caller set them."""
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit
+    if enabled:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark_limit = plan_limit
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = before
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit = before
 
 
 def subpixel_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
