@@ -27,7 +27,7 @@ for l in open('$OUT/vae_decode.jsonl'):
     r = json.loads(l)
     if 'profile' in r:
         print(r['kernel_ms'], r['by_category_ms']); [print(k) for k in r['top_kernels'][:10]]"
-    timeout 300 python3 -m benchmarks.w2_steps --variants "" --decode fast --out "$OUT/w2_decode.jsonl" \
+    timeout 400 python3 -m benchmarks.w2_steps --variants "" --decode fast --out "$OUT/w2_decode.jsonl" \
       > "$OUT/w2_decode.log" 2>&1 || tail -8 "$OUT/w2_decode.log"
     grep '^{' "$OUT/w2_decode.log" | cut -c1-300
     ;;

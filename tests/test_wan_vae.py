@@ -193,3 +193,32 @@ def test_streams_resume_from_a_snapshot_in_their_memory_format(case, io, vae):
         assert torch.equal(getattr(b, call)(second.contiguous(**fmt)), want)
         layouts += formats
     assert any(layouts)                  # some cache was channels-last: the case the restore has to keep
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_upsamples_match_the_plain_formulation(channels_last):
+    """FusedOps' spatial upsample (sub-pixel conv, then phases interleaved with the bias in one pass) against
+    nearest x2 + the 3x3 conv per frame, and its temporal one (conv without bias, then channels -> frames with the
+    bias) against the conv with bias and upstream's reshape; outputs channels-last whatever the input."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from nodes.wan.vae_blocks import CausalConv3d, ConvCache, FusedOps
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 3, 5, 7, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    conv = nn.Conv2d(6, 4, 3, padding=1).double()
+    ops = FusedOps()
+    got = ops.upsample(conv, x)
+    up = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    want = F.conv3d(up, conv.weight.unsqueeze(2), conv.bias, padding=(0, 1, 1))
+    assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+
+    tconv = CausalConv3d(6, 12, (3, 1, 1), padding=(1, 0, 0)).double()
+    got = ops.time_frames(tconv, x, ConvCache([], first=False))
+    y = F.conv3d(F.pad(x, (0, 0, 0, 0, 2, 0)), tconv.weight, tconv.bias)
+    want = y.view(1, 2, 6, 3, 5, 7).permute(0, 2, 3, 1, 4, 5).reshape(1, 6, 6, 5, 7)
+    assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nodes.common.conv import interleave_phases, subpixel_weights
+from nodes.common.conv import subpixel_weights
 
 HISTORY = 2  # frames of past input a temporal-kernel-3 causal conv needs
 
@@ -140,6 +140,28 @@ def _residual(y, bias, h):
     return y + bias.view(1, -1, 1, 1, 1) + h
 
 
+def _phases_to_pixels(y, bias, co: int, h: int, w: int):
+    """A sub-pixel conv's output [b, 4co, t, h+1, w+1] (phase blocks 2a+c, bias not yet added) as the upsampled
+    frames [b, co, t, 2h, 2w]: out pixel (2i+a, 2j+c) is phase 2a+c at (i+a, j+c), plus the conv's bias; one
+    pass, written channels-last."""
+    rows = [torch.stack([y[:, (2 * a + c) * co:(2 * a + c + 1) * co, :, a:a + h, c:c + w] for c in range(2)], -1)
+            for a in range(2)]                                       # each [b, co, t, h, w, 2 (c)]
+    out = torch.stack(rows, -3).flatten(5, 6).flatten(3, 4)         # [b, co, t, h, 2a, w, 2c] -> 2h, 2w
+    if bias is not None:                                             # the sub-pixel bias repeats it per phase
+        out = out.float() + bias[:co].float().view(1, co, 1, 1, 1)
+    return out.to(y.dtype).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _frames_from_channels(y, bias):
+    """The temporal upsample's conv output [b, 2c, t, h, w] (bias not yet added) as 2t frames of c channels:
+    frame 2i is channels :c of step i, frame 2i+1 channels c:, as upstream's reshape; one pass, channels-last."""
+    b, c2, t, h, w = y.shape
+    if bias is not None:
+        y = (y.float() + bias.float().view(1, c2, 1, 1, 1)).to(y.dtype)
+    out = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+    return out.contiguous(memory_format=torch.channels_last_3d)
+
+
 class FusedOps:
     """The pointwise glue of the fused decoder path: norm+SiLU written straight into the
     conv's [history | new frames] window (no separate cat), and bias + shortcut after a conv.
@@ -198,6 +220,23 @@ class FusedOps:
             y = y if conv.bias is None else y + conv.bias.float().view(1, -1, 1, 1, 1)
             return y.to(x.dtype), None
         return self.conv(conv, xin)
+
+    def upsample(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv(nearest_x2(x))`` per frame of [B,C,T,H,W] as one sub-pixel conv on the low-res input (no bias),
+        then the phases interleaved with the bias added in one pointwise pass (instead of four strided copies
+        and cuDNN's separate bias add)."""
+        w4, bias = self.derived(conv, _subpixel_3d)
+        b, _, t, h, w = x.shape
+        y = F.conv3d(x, w4, None, padding=(0, 1, 1))                     # [b, 4co, t, h+1, w+1]
+        key = ("phases", y.shape, y.stride(), y.dtype, bias is None)
+        return self._get(_phases_to_pixels, key)(y, bias, w4.shape[0] // 4, h, w)
+
+    def time_frames(self, conv: nn.Conv3d, x: torch.Tensor, cache: "ConvCache") -> torch.Tensor:
+        """The temporal upsample: conv over [history | x] (no bias), then its 2c channels as 2t frames with the
+        bias added, in one pointwise pass."""
+        y = F.conv3d(cache.extend(x, conv.history), conv.weight, None, conv.stride, conv.padding)
+        key = ("frames", y.shape, y.stride(), y.dtype, conv.bias is None)
+        return self._get(_frames_from_channels, key)(y, conv.bias)
 
     def derived(self, conv: nn.Module, build):
         """``build(conv)``: weights a reformulation computes from conv's, kept until that weight changes (load,
@@ -259,15 +298,6 @@ def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1) -> torc
     pad = conv.padding[0]
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride),
                     padding=(0, pad, pad))
-
-
-def upsample_conv_subpixel(conv: nn.Conv2d, x: torch.Tensor, weights=None) -> torch.Tensor:
-    """``conv(nearest_x2(x))`` per frame of [B,C,T,H,W], computed on the low-res input."""
-    w4, bias = subpixel_weights(conv) if weights is None else weights
-    b, _, t, h, w = x.shape
-    w4 = w4.unsqueeze(2) if w4.dim() == 4 else w4
-    y = F.conv3d(x, w4, bias, padding=(0, 1, 1))                         # [b, 4co, t, h+1, w+1]
-    return interleave_phases(y, _channels_last_like(x, (b, w4.shape[0] // 4, t, 2 * h, 2 * w)))
 
 
 class ResidualBlock(nn.Module):
@@ -347,13 +377,10 @@ class Resample(nn.Module):
             cache.slot(head, HISTORY)
             return head
         b, c, t, h, w = x.shape
-        y = self.time_conv(x, cache)
-        if cache.fused is not None:  # interleave straight into x's memory format (reshape would not)
-            out = _channels_last_like(x, (b, c, 2 * t, h, w))
-            out[:, :, 0::2] = y[:, :c]
-            out[:, :, 1::2] = y[:, c:]
-            y = out
+        if cache.fused is not None:  # conv, bias and interleave in x's memory format (reshape would not keep it)
+            y = cache.fused.time_frames(self.time_conv, x, cache)
         else:
+            y = self.time_conv(x, cache)
             y = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
         return y if head is None else torch.cat([head, y], dim=2)
 
@@ -375,7 +402,7 @@ class Resample(nn.Module):
             x = self._time_up(x, cache)
         conv = self.resample[1]
         if self.mode.startswith("upsample") and cache.fused is not None:
-            x = upsample_conv_subpixel(conv, x, cache.fused.derived(conv, _subpixel_3d))
+            x = cache.fused.upsample(conv, x)
         elif self.mode.startswith("upsample"):
             x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
             x = _conv2d_per_frame(conv, x)
