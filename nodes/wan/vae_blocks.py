@@ -164,7 +164,9 @@ def _frames_from_channels(y, bias):
 
 class FusedOps:
     """The pointwise glue of the fused decoder path: norm+SiLU written straight into the
-    conv's [history | new frames] window (no separate cat), and bias + shortcut after a conv.
+    conv's [history | new frames] window (no separate cat), bias + shortcut after a conv, and the
+    upsamplers' reshuffles (sub-pixel phases -> pixels, channels -> frames) with their conv's bias in
+    the same pass (four strided copies and a bias add before: 90.96 -> 87.72 ms per W1 block, H100).
 
     ``compile=True`` runs them through torch.compile so each is one kernel, and the convs
     then run without bias (the bias add is folded into the next pointwise kernel instead of
