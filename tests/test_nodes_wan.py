@@ -249,6 +249,27 @@ def test_vae_decode_stream_equals_the_full_decode():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_vae_decode_in_chunks_equals_the_whole_block(monkeypatch):
+    """``chunk``: a block's latents through the decoder a few frames per call give the one-call frames, in the
+    exact and the demo mode (whose first-block trim applies to the joined frames)."""
+    from nodes.wan.node_vae import WanVAEDecodeNode
+    from nodes.wan.vae_stream import StreamingDecoder
+    calls = []
+    real = StreamingDecoder.decode_chunk
+    monkeypatch.setattr(StreamingDecoder, "decode_chunk", lambda self, z: calls.append(z.shape[2]) or real(self, z))
+    z = torch.randn(1, 7, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    for mode in ("exact", "demo"):
+        whole, chunked = _vae_node(WanVAEDecodeNode, mode=mode), _vae_node(WanVAEDecodeNode, mode=mode, chunk=3)
+        chunked.vae.load_state_dict(whole.vae.state_dict())
+        states = whole.new_state(), chunked.new_state()
+        for i, (a, b) in enumerate([(0, 5), (5, 7)]):          # 5 latents = 3 + 2 per call, then 2 < 3
+            calls.clear()
+            want = whole.run({"latent": z[:, a:b]}, states[0], Step(i, {}))["pixels"]
+            got = chunked.run({"latent": z[:, a:b]}, states[1], Step(i, {}))["pixels"]
+            assert calls == [b - a] + ([3, 2] if b - a == 5 else [2])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_vae_decode_loads_a_native_checkpoint(tmp_path):
     from nodes.wan.node_vae import WanVAEDecodeNode
     src = _vae_node(WanVAEDecodeNode)
