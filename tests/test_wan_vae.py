@@ -97,7 +97,7 @@ def test_streaming_decode_fast_convs_any_chunking(case, io, vae):
 
 def test_decoder_autotunes_every_cudnn_plan_only_while_decoding(case, io, vae, monkeypatch):
     """cuDNN's fastest plan for the 96-channel conv lies past torch's first ten (nodes/common/conv.py): while a
-    streamed chunk decodes, cudnn.benchmark is on with no plan limit (a long one-shot chunk: torch's ten); before
+    streamed chunk decodes, cudnn.benchmark is on with no plan limit (a long one-shot chunk: the caller's); before
     and after, the caller's settings stand, also when the decode raises; autotune=False leaves them alone."""
     import torch.nn.functional as F
     seen = []
@@ -118,12 +118,12 @@ def test_decoder_autotunes_every_cudnn_plan_only_while_decoding(case, io, vae, m
     with pytest.raises(RuntimeError):
         StreamingDecoder(vae).decode_chunk(io["latent"][:, :3, :1])          # wrong channel count
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit) == (False, 7)
-    # a one-shot decode of a long clip keeps torch's ten plans (each of its shapes runs once per clip)
-    from nodes.wan.vae_stream import ALL_PLANS_MAX_LATENT_FRAMES, TORCH_PLAN_LIMIT
+    # a one-shot decode of a long clip keeps the caller's plan limit (each of its shapes runs once per clip)
+    from nodes.wan.vae_stream import ALL_PLANS_MAX_LATENT_FRAMES
     long = io["latent"][:, :, :1].repeat(1, 1, ALL_PLANS_MAX_LATENT_FRAMES + 1, 1, 1)
     seen.clear()
     StreamingDecoder(vae).decode_chunk(long)
-    assert set(seen) == {(True, TORCH_PLAN_LIMIT)}
+    assert set(seen) == {(True, 7)}
     seen.clear()
     StreamingDecoder(vae).decode_chunk(long[:, :, :ALL_PLANS_MAX_LATENT_FRAMES])
     assert set(seen) == {(True, 0)}

@@ -23,14 +23,15 @@ AUTOTUNE_PLAN_LIMIT = 0
 
 
 @contextlib.contextmanager
-def cudnn_autotune(enabled: bool = True, plan_limit: int = AUTOTUNE_PLAN_LIMIT):
+def cudnn_autotune(enabled: bool = True, plan_limit: int | None = AUTOTUNE_PLAN_LIMIT):
     """Scoped ``cudnn.benchmark``: cuDNN times its conv plans once per shape (the first, eager chunk; graphs
-    then replay the winner), up to ``plan_limit`` of them (0: all). Restores the caller's settings on exit;
-    disabled, it leaves both as the caller set them."""
+    then replay the winner), up to ``plan_limit`` of them (0: all; None: the caller's limit). Restores the
+    caller's settings on exit; disabled, it leaves both as the caller set them."""
     before = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit
     if enabled:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.benchmark_limit = plan_limit
+        if plan_limit is not None:
+            torch.backends.cudnn.benchmark_limit = plan_limit
     try:
         yield
     finally:

@@ -228,10 +228,9 @@ class FusedOps:
         then the phases interleaved with the bias added in one pointwise pass (instead of four strided copies
         and cuDNN's separate bias add)."""
         w4, bias = self.derived(conv, _subpixel_3d)
-        b, _, t, h, w = x.shape
         y = F.conv3d(x, w4, None, padding=(0, 1, 1))                     # [b, 4co, t, h+1, w+1]
         key = ("phases", y.shape, y.stride(), y.dtype, bias is None)
-        return self._get(_phases_to_pixels, key)(y, bias, w4.shape[0] // 4, h, w)
+        return self._get(_phases_to_pixels, key)(y, bias, w4.shape[0] // 4, *x.shape[-2:])
 
     def time_frames(self, conv: nn.Conv3d, x: torch.Tensor, cache: "ConvCache") -> torch.Tensor:
         """The temporal upsample: conv over [history | x] (no bias), then its 2c channels as 2t frames with the

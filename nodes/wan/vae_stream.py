@@ -43,10 +43,10 @@ from .vae_blocks import ConvCache, FusedOps
 
 # cuDNN tries every conv plan for chunks of up to this many latent frames (a streamed block: tuned once, replayed
 # every block; the 96-channel conv's fastest plan is past the first ten). A longer chunk (a one-shot decode of a
-# whole clip) keeps torch's first ten: with every plan, W2's 21-frame decode had not finished its first call
-# after 380 s on an H100 (2026-12-06), against 136 s with ten, and each of its shapes runs once per clip.
+# whole clip) keeps the caller's limit (torch's default: ten): with every plan, W2's 21-frame decode had not
+# finished its first call after 380 s on an H100 (2026-12-06), against 136 s with ten, and each of its shapes
+# runs once per clip.
 ALL_PLANS_MAX_LATENT_FRAMES = 4
-TORCH_PLAN_LIMIT = 10
 
 
 def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -133,7 +133,7 @@ class StreamingDecoder(_CacheState):
         in the default mode.
         """
         z = _to_bcthw(latent, self.layout)
-        plans = AUTOTUNE_PLAN_LIMIT if z.shape[2] <= ALL_PLANS_MAX_LATENT_FRAMES else TORCH_PLAN_LIMIT
+        plans = AUTOTUNE_PLAN_LIMIT if z.shape[2] <= ALL_PLANS_MAX_LATENT_FRAMES else None
         with cudnn_autotune(self.autotune, plans):
             out = self._decode(z)
         self.first = False
