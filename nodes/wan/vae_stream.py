@@ -44,7 +44,7 @@ from .vae_blocks import ConvCache, FusedOps
 # cuDNN tries every conv plan for chunks of up to this many latent frames (a streamed block: tuned once, replayed
 # every block; the 96-channel conv's fastest plan is past the first ten). A longer chunk (a one-shot decode of a
 # whole clip) keeps the caller's limit (torch's default: ten): with every plan, W2's 21-frame decode had not
-# finished its first call after 380 s on an H100 (2026-12-06), against 136 s with ten, and each of its shapes
+# finished its first call within 300 s on an H100 (2026-12-06), against 136 s with ten, and each of its shapes
 # runs once per clip.
 ALL_PLANS_MAX_LATENT_FRAMES = 4
 
