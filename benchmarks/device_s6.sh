@@ -2,7 +2,7 @@
 # Session-6 device calls (issue 19: the Wan VAE decoder with every cuDNN plan autotuned), one warm machine:
 #   vae       carry .whl        Wan VAE streamed block (W1 shapes, kernel profile) and W2's 21-frame decode
 #   w1        carry .baseline   fd bench W1 fast with the Wan VAE, beside the official Self-Forcing runner
-#   w2decode  carry .whl        W2 21-frame decode, one call vs 4 latent frames per call (chunk4) [not yet run]
+#   w2decode  carry .whl        W2 21-frame decode, 4 and 3 latent frames per decoder call (chunk4, chunk3)
 set -u
 stage=$1
 source benchmarks/device_env.sh
@@ -39,7 +39,7 @@ for l in open('$OUT/vae_decode.jsonl'):
     python3 -m benchmarks.summarize_fd_bench "$OUT/w1_fast_wanvae.json" --official "$OUT/official.jsonl"
     ;;
   w2decode)
-    timeout 560 python3 -m benchmarks.w2_steps --variants "" --decode chunk4,fast --out "$OUT/w2_decode.jsonl" \
+    timeout 560 python3 -m benchmarks.w2_steps --variants "" --decode chunk4,chunk3 --out "$OUT/w2_decode.jsonl" \
       > "$OUT/w2_decode.log" 2>&1 || tail -8 "$OUT/w2_decode.log"
     grep '^{' "$OUT/w2_decode.log" | cut -c1-300
     ;;

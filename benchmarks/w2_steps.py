@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "flash4" not in v))
     ap.add_argument("--steps", default="2,5", help="n1,n2 sampler steps of the two timed runs")
-    ap.add_argument("--decode", default="fast,plain", help="Wan VAE decode variants to time: fast, plain, chunk4 ('' for none)")
+    ap.add_argument("--decode", default="fast,plain", help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call; '' for none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = "cpu" if args.dry else "cuda"
@@ -100,9 +100,10 @@ def main() -> None:
     from nodes.wan.vae_blocks import FusedOps
     f_lat = (shape["frames"] - 1) // 4 + 1
     z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
-    # fast: the node's default (tap-sum head on CUDA); plain: without it; chunk4: fast, 4 latent frames per call
+    # fast: the node's default (tap-sum head on CUDA); plain: without it; chunkN: fast, N latent frames per call
     for convs in [c for c in args.decode.split(",") if c]:
-        vae = WanVAEDecodeNode("decoder", {**vae_p, "chunk": 4} if convs == "chunk4" else vae_p, dev)
+        chunk = int(convs[len("chunk"):]) if convs.startswith("chunk") else 0
+        vae = WanVAEDecodeNode("decoder", {**vae_p, "chunk": chunk}, dev)
         vae.load()
         glue = dev == "cuda"
         vae._fused_ops[glue] = FusedOps.make(glue, fast_convs=convs != "plain")
