@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
 
-from engine.node import Step
+from engine.node import NodeContext, Step
 
 VARIANTS = {   # name: (cfg, dit params)
     "bf16_separate": ("separate", {}),
@@ -49,7 +50,8 @@ def main() -> None:
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "flash4" not in v))
     ap.add_argument("--steps", default="2,5", help="n1,n2 sampler steps of the two timed runs")
-    ap.add_argument("--decode", default="fast,plain", help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call; '' for none)")
+    ap.add_argument("--decode", default="fast,plain", help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the first), chunkN_graphs (later calls replayed as CUDA graphs); '' for none")
+    ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = "cpu" if args.dry else "cuda"
@@ -102,8 +104,10 @@ def main() -> None:
     z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
     # fast: the node's default (tap-sum head on CUDA); plain: without it; chunkN: fast, N latent frames per call
     for convs in [c for c in args.decode.split(",") if c]:
-        chunk = int(convs[len("chunk"):]) if convs.startswith("chunk") else 0
-        vae = WanVAEDecodeNode("decoder", {**vae_p, "chunk": chunk}, dev)
+        name, _, graphs = convs.partition("_")    # chunkN_graphs: replay later chunks as CUDA graphs
+        chunk = int(name[len("chunk"):]) if name.startswith("chunk") else 0
+        vae = WanVAEDecodeNode("decoder", {**vae_p, "chunk": chunk},
+                               NodeContext(device=dev, capture=graphs == "graphs"))
         vae.load()
         glue = dev == "cuda"
         vae._fused_ops[glue] = FusedOps.make(glue, fast_convs=convs != "plain")
@@ -111,9 +115,10 @@ def main() -> None:
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         warm = timed(dec)
-        times = [timed(dec) for _ in range(3)]
+        times = [timed(dec) for _ in range(args.decode_runs)]
         emit({"w2": "wan_vae_decode", "convs": convs, "latent_frames": f_lat, "ms": round(min(times), 1),
-              "runs_ms": [round(t, 1) for t in times], "first_ms": round(warm, 1),
+              "median_ms": round(statistics.median(times), 1), "runs_ms": [round(t, 1) for t in times],
+              "first_ms": round(warm, 1), "graphs": vae.graph_status(),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None})
         del vae, dec
         if dev == "cuda":

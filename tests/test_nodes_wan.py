@@ -251,23 +251,46 @@ def test_vae_decode_stream_equals_the_full_decode():
 
 def test_vae_decode_in_chunks_equals_the_whole_block(monkeypatch):
     """``chunk``: a block's latents through the decoder a few frames per call give the one-call frames, in the
-    exact and the demo mode (whose first-block trim applies to the joined frames)."""
+    exact and the demo mode (whose first-block trim applies to the joined frames). In exact mode the clip's first
+    latent frame goes alone, so a clip of 1 + k*chunk latents makes every later call the same shape."""
     from nodes.wan.node_vae import WanVAEDecodeNode
     from nodes.wan.vae_stream import StreamingDecoder
     calls = []
     real = StreamingDecoder.decode_chunk
     monkeypatch.setattr(StreamingDecoder, "decode_chunk", lambda self, z: calls.append(z.shape[2]) or real(self, z))
-    z = torch.randn(1, 7, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, 9, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    blocks = [(0, 7), (7, 9)]
+    expected = {"exact": [[7], [1, 3, 3], [2], [2]],       # whole, chunked per block: 7 = 1 + 3 + 3, then 2 < 3
+                "demo": [[7], [3, 3, 1], [2], [2]]}        # demo streams have no first-frame decode
     for mode in ("exact", "demo"):
         whole, chunked = _vae_node(WanVAEDecodeNode, mode=mode), _vae_node(WanVAEDecodeNode, mode=mode, chunk=3)
         chunked.vae.load_state_dict(whole.vae.state_dict())
         states = whole.new_state(), chunked.new_state()
-        for i, (a, b) in enumerate([(0, 5), (5, 7)]):          # 5 latents = 3 + 2 per call, then 2 < 3
+        seen = []
+        for i, (a, b) in enumerate(blocks):
             calls.clear()
             want = whole.run({"latent": z[:, a:b]}, states[0], Step(i, {}))["pixels"]
+            seen.append(list(calls))
+            calls.clear()
             got = chunked.run({"latent": z[:, a:b]}, states[1], Step(i, {}))["pixels"]
-            assert calls == [b - a] + ([3, 2] if b - a == 5 else [2])
+            seen.append(list(calls))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert seen == expected[mode]
+
+
+def test_decoder_chunk_sizes_cover_the_block():
+    from nodes.wan.vae_stream import StreamingDecoder
+    dec = StreamingDecoder.__new__(StreamingDecoder)
+    for first in (True, False):
+        dec.first = first
+        for frames in range(1, 23):
+            for size in range(0, 6):
+                sizes = dec.chunk_sizes(frames, size)
+                assert sum(sizes) == frames and all(0 < n for n in sizes)
+                assert sizes[0] == 1 if first and size else True
+                assert all(n <= size for n in sizes) if size else sizes == [frames]
+    dec.first = True
+    assert dec.chunk_sizes(21, 4) == [1, 4, 4, 4, 4, 4]    # W2's clip: one shape after the first frame
 
 
 def test_vae_decode_loads_a_native_checkpoint(tmp_path):

@@ -178,9 +178,10 @@ class WanVAEDecodeNode(_WanVAEStreamNode):
         Param("graphs", bool, True, "on CUDA, replay every block after the first as a CUDA graph"),
         Param("compile", str, "auto", "torch.compile the pointwise glue between convs (auto = on CUDA; ~10 s of "
               "cold start, ~1.4x faster decode)", choices=("auto", "on", "off")),
-        Param("chunk", int, 0, "latent frames per decoder call within a block (0: the whole block at once); the "
-              "frames are the same. A whole clip decoded in chunks of <= 4 gets every cuDNN plan tried "
-              "(vae_stream.ALL_PLANS_MAX_LATENT_FRAMES) at a fraction of the one-shot memory", min=0),
+        Param("chunk", int, 0, "latent frames per decoder call within a block (0: the whole block at once), after "
+              "the clip's first latent frame, which goes alone; the frames are the same. A whole clip decoded in "
+              "chunks of <= 4 gets every cuDNN plan tried (vae_stream.ALL_PLANS_MAX_LATENT_FRAMES) at a fraction "
+              "of the one-shot memory", min=0),
     )
     capturable = True  # fixed-shape conv caches after the first block
 
@@ -210,9 +211,7 @@ class WanVAEDecodeNode(_WanVAEStreamNode):
         vae = self._vae()
         dec = self._open(state, lambda: self._new_stream(vae))
         z = self._layout(inputs["latent"].transpose(1, 2))
-        size = self.p.chunk or z.shape[2]
-        parts = [dec.decode_chunk(z[:, :, a:a + size]) for a in range(0, z.shape[2], size)]
-        frames = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).transpose(1, 2)
+        frames = dec.decode_in_chunks(z, self.p.chunk).transpose(1, 2)
         if self.p.mode == "demo" and step.block == 0:
             frames = frames[:, vae.temporal_factor - 1:]  # the demo drops the first latent's extra frames
         return {"pixels": frames.float().contiguous()}

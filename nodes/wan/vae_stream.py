@@ -139,6 +139,24 @@ class StreamingDecoder(_CacheState):
         self.first = False
         return _to_bcthw(out, self.layout)
 
+    def chunk_sizes(self, frames: int, size: int) -> list[int]:
+        """How ``decode_in_chunks`` splits ``frames`` latent frames, ``size`` (0: all) at a time.
+
+        The clip's first latent frame goes alone: it decodes to one pixel frame through shapes of its own, so
+        every later call of a clip of 1 + k*size latents has one shape: one cuDNN autotune, one CUDA graph.
+        """
+        if not size or size >= frames and not self.first:
+            return [frames]
+        head = [1] if self.first else []
+        rest = frames - len(head)
+        return head + [size] * (rest // size) + ([rest % size] if rest % size else [])
+
+    def decode_in_chunks(self, latent: torch.Tensor, size: int) -> torch.Tensor:
+        """``decode_chunk`` over the ``chunk_sizes`` pieces of a latent; the same frames as one call."""
+        axis = 1 if self.layout == "btchw" else 2
+        parts = [self.decode_chunk(piece) for piece in latent.split(self.chunk_sizes(latent.shape[axis], size), axis)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.first or not self.cache:  # the caches are created by this call: never captured
             out = self.vae.decode_step(z, ConvCache(self.cache, first=self.first, fused=self.fused))

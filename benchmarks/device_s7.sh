@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Session-7 device calls (issue 19: W2's 21-frame Wan VAE decode), one warm machine:
+#   w2decode  carry .whl, .baseline/self_forcing, .baseline/harness
+#             W2 decode as the first latent frame then 4 per call (eager, and later calls as CUDA graphs),
+#             then the official Wan 2.1 forward + decode in the same call
+#   w1        carry .baseline/self_forcing, .baseline/harness (after w2decode on the same machine)
+#             fd bench W1 fast with the Wan VAE beside the official Self-Forcing runner
+set -u
+stage=$1
+source benchmarks/device_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export TORCHINDUCTOR_CACHE_DIR=/tmp/fd_inductor_cache
+nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
+case $stage in
+  w2decode)
+    timeout 330 python3 -m benchmarks.w2_steps --variants "" --decode chunk4,chunk4_graphs --decode-runs 10 \
+      --out "$OUT/w2_decode.jsonl" > "$OUT/w2_decode.log" 2>&1 || tail -8 "$OUT/w2_decode.log"
+    grep '^{' "$OUT/w2_decode.log" | cut -c1-400
+    SF_ROOT=$PWD/.baseline/self_forcing timeout 150 python3 .baseline/harness/official_wan_bench.py \
+      > "$OUT/official_w2.jsonl" 2> "$OUT/official_w2.err" || tail -5 "$OUT/official_w2.err"
+    cat "$OUT/official_w2.jsonl"
+    ;;
+  w1)
+    W1="inputs.num_blocks=12 nodes.sampler.params.window_frames=21 --warmup 2 --blocks 10 --report-block 5 --json"
+    FAST="nodes.dit.params.precision=fp8 nodes.dit.params.attention_precision=fp8 nodes.dit.params.kv_dtype=fp8 \
+nodes.dit.params.context_pass=reuse"
+    timeout 240 python3 -m flashdreams_cli.main bench bench_self_forcing $W1 $FAST > "$OUT/w1_fast_wanvae.json" \
+      2> "$OUT/w1_fast_wanvae.err" || tail -15 "$OUT/w1_fast_wanvae.err"
+    SF_ROOT=$PWD/.baseline/self_forcing timeout 240 python3 .baseline/harness/official_selfforcing_bench.py \
+      > "$OUT/official.jsonl" 2> "$OUT/official.err" || tail -5 "$OUT/official.err"
+    python3 -m benchmarks.summarize_fd_bench "$OUT/w1_fast_wanvae.json" --official "$OUT/official.jsonl"
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
