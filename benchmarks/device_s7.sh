@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Session-7 device calls (issue 19: W2's 21-frame Wan VAE decode), one warm machine:
-#   w2decode  carry .whl, .baseline/self_forcing, .baseline/harness
-#             W2 decode as the first latent frame then 4 per call (eager, and later calls as CUDA graphs),
-#             then the official Wan 2.1 forward + decode in the same call
+#   w2decode  carry .whl
+#             W2 decode as the first latent frame then 5 or 4 per call (eager, and later calls as CUDA graphs)
+#   official_w2  carry .baseline/self_forcing, .baseline/harness: the official Wan 2.1 forward + decode
 #   w1        carry .baseline/self_forcing, .baseline/harness (after w2decode on the same machine)
 #             fd bench W1 fast with the Wan VAE beside the official Self-Forcing runner
 set -u
@@ -13,9 +13,11 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/fd_inductor_cache
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 case $stage in
   w2decode)
-    timeout 330 python3 -m benchmarks.w2_steps --variants "" --decode chunk4,chunk4_graphs --decode-runs 10 \
+    timeout 420 python3 -m benchmarks.w2_steps --variants "" --decode chunk5_graphs,chunk5,chunk4_graphs,chunk4 --decode-runs 10 \
       --out "$OUT/w2_decode.jsonl" > "$OUT/w2_decode.log" 2>&1 || tail -8 "$OUT/w2_decode.log"
     grep '^{' "$OUT/w2_decode.log" | cut -c1-400
+    ;;
+  official_w2)
     SF_ROOT=$PWD/.baseline/self_forcing timeout 150 python3 .baseline/harness/official_wan_bench.py \
       > "$OUT/official_w2.jsonl" 2> "$OUT/official_w2.err" || tail -5 "$OUT/official_w2.err"
     cat "$OUT/official_w2.jsonl"

@@ -25,9 +25,16 @@ allocate tensors it keeps between calls. Tensors it reads through its closure
 (weights, a KV cache, static cross-attention buffers) must keep their addresses:
 write new values into them with ``copy_`` (``StaticTensors`` helps) instead of
 rebinding.
+
+A bound method ``fn`` is held weakly: the object that owns the cache usually passes
+its own method, and a strong reference would make a cycle that keeps the captured
+graphs' memory pools (gigabytes for a decoder chunk) alive after the session drops
+its object, until Python's cyclic collector happens to run.
 """
 from __future__ import annotations
 
+import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
@@ -140,7 +147,7 @@ class GraphCache:
     def __init__(self, fn: Callable[..., Outputs], device: str | torch.device = "cpu", *,
                  enabled: bool = True, warmup: int = 1, clone_outputs: bool = True,
                  backend: Any = None, name: str = ""):
-        self.fn = fn
+        self._fn = weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
         self.name = name
         self.warmup = warmup
         self.clone_outputs = clone_outputs
@@ -150,6 +157,13 @@ class GraphCache:
         self.entries: dict[Hashable, _Entry] = {}
         self.warm_calls: dict[Hashable, int] = {}
         self.stats = GraphStats()
+
+    @property
+    def fn(self) -> Callable[..., Outputs]:
+        fn = self._fn()
+        if fn is None:
+            raise RuntimeError(f"graph cache {self.name!r}: the object whose method it runs was freed")
+        return fn
 
     @property
     def enabled(self) -> bool:

@@ -180,7 +180,7 @@ class WanVAEDecodeNode(_WanVAEStreamNode):
               "cold start, ~1.4x faster decode)", choices=("auto", "on", "off")),
         Param("chunk", int, 0, "latent frames per decoder call within a block (0: the whole block at once), after "
               "the clip's first latent frame, which goes alone; the frames are the same. A whole clip decoded in "
-              "chunks of <= 4 gets every cuDNN plan tried (vae_stream.ALL_PLANS_MAX_LATENT_FRAMES) at a fraction "
+              "chunks of <= 5 gets every cuDNN plan tried (vae_stream.ALL_PLANS_MAX_LATENT_FRAMES) at a fraction "
               "of the one-shot memory", min=0),
     )
     capturable = True  # fixed-shape conv caches after the first block

@@ -41,12 +41,12 @@ from nodes.common.conv import AUTOTUNE_PLAN_LIMIT, cudnn_autotune
 
 from .vae_blocks import ConvCache, FusedOps
 
-# cuDNN tries every conv plan for chunks of up to this many latent frames (a streamed block: tuned once, replayed
-# every block; the 96-channel conv's fastest plan is past the first ten). A longer chunk (a one-shot decode of a
-# whole clip) keeps the caller's limit (torch's default: ten): with every plan, W2's 21-frame decode had not
-# finished its first call within 300 s on an H100 (2026-12-06), against 136 s with ten, and each of its shapes
-# runs once per clip.
-ALL_PLANS_MAX_LATENT_FRAMES = 4
+# cuDNN tries every conv plan for chunks of up to this many latent frames (a streamed block, or a whole clip
+# decoded a few frames per call: each shape tuned once, then run every block; the 96-channel conv's fastest plan
+# is past the first ten). A longer chunk (a one-shot decode of a whole clip) keeps the caller's limit (torch's
+# default: ten): with every plan, W2's 21-frame one-shot decode had not finished its first call within 300 s on an
+# H100 (2026-12-06), against 136 s with ten.
+ALL_PLANS_MAX_LATENT_FRAMES = 5
 
 
 def _to_bcthw(x: torch.Tensor, layout: str) -> torch.Tensor:
