@@ -2,6 +2,7 @@
 # Session-7 device calls (issue 19: W2's 21-frame Wan VAE decode), one warm machine:
 #   w2decode  carry .whl
 #             W2 decode as the first latent frame then 5 or 4 per call (eager, and later calls as CUDA graphs)
+#   spec_w2decode  carry .whl: W2 decode with the decoder settings of specs/wan21_t2v_1.3b.yaml, 20 runs
 #   official_w2  carry .baseline/self_forcing, .baseline/harness: the official Wan 2.1 forward + decode
 #   w1        carry .baseline/self_forcing, .baseline/harness (after w2decode on the same machine)
 #             fd bench W1 fast with the Wan VAE beside the official Self-Forcing runner
@@ -17,6 +18,11 @@ case $stage in
       --out "$OUT/w2_decode.jsonl" > "$OUT/w2_decode.log" 2>&1 || tail -8 "$OUT/w2_decode.log"
     grep '^{' "$OUT/w2_decode.log" | cut -c1-400
     ;;
+  spec_w2decode)
+    timeout 240 python3 -m benchmarks.w2_steps --variants "" --decode spec --decode-runs 20 \
+      --out "$OUT/w2_decode_spec.jsonl" > "$OUT/w2_decode_spec.log" 2>&1 || tail -8 "$OUT/w2_decode_spec.log"
+    grep '^{' "$OUT/w2_decode_spec.log" | cut -c1-600
+    ;;
   official_w2)
     SF_ROOT=$PWD/.baseline/self_forcing timeout 150 python3 .baseline/harness/official_wan_bench.py \
       > "$OUT/official_w2.jsonl" 2> "$OUT/official_w2.err" || tail -5 "$OUT/official_w2.err"
@@ -26,9 +32,9 @@ case $stage in
     W1="inputs.num_blocks=12 nodes.sampler.params.window_frames=21 --warmup 2 --blocks 10 --report-block 5 --json"
     FAST="nodes.dit.params.precision=fp8 nodes.dit.params.attention_precision=fp8 nodes.dit.params.kv_dtype=fp8 \
 nodes.dit.params.context_pass=reuse"
-    timeout 240 python3 -m flashdreams_cli.main bench bench_self_forcing $W1 $FAST > "$OUT/w1_fast_wanvae.json" \
+    timeout 200 python3 -m flashdreams_cli.main bench bench_self_forcing $W1 $FAST > "$OUT/w1_fast_wanvae.json" \
       2> "$OUT/w1_fast_wanvae.err" || tail -15 "$OUT/w1_fast_wanvae.err"
-    SF_ROOT=$PWD/.baseline/self_forcing timeout 240 python3 .baseline/harness/official_selfforcing_bench.py \
+    SF_ROOT=$PWD/.baseline/self_forcing timeout 150 python3 .baseline/harness/official_selfforcing_bench.py \
       > "$OUT/official.jsonl" 2> "$OUT/official.err" || tail -5 "$OUT/official.err"
     python3 -m benchmarks.summarize_fd_bench "$OUT/w1_fast_wanvae.json" --official "$OUT/official.jsonl"
     ;;

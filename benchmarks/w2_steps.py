@@ -19,6 +19,7 @@ import time
 import torch
 
 from engine.node import NodeContext, Step
+from engine.spec import load_spec
 
 VARIANTS = {   # name: (cfg, dit params)
     "bf16_separate": ("separate", {}),
@@ -50,7 +51,10 @@ def main() -> None:
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "flash4" not in v))
     ap.add_argument("--steps", default="2,5", help="n1,n2 sampler steps of the two timed runs")
-    ap.add_argument("--decode", default="fast,plain", help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the first), chunkN_graphs (later calls replayed as CUDA graphs); '' for none")
+    ap.add_argument("--decode", default="fast,plain",
+                    help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the "
+                         "first), chunkN_graphs (later calls replayed as CUDA graphs), spec (as "
+                         "specs/wan21_t2v_1.3b.yaml sets it); '' for none")
     ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -105,9 +109,14 @@ def main() -> None:
     # fast: the node's default (tap-sum head on CUDA); plain: without it; chunkN: fast, N latent frames per call
     for convs in [c for c in args.decode.split(",") if c]:
         name, _, graphs = convs.partition("_")    # chunkN_graphs: replay later chunks as CUDA graphs
-        chunk = int(name[len("chunk"):]) if name.startswith("chunk") else 0
-        vae = WanVAEDecodeNode("decoder", {**vae_p, "chunk": chunk},
-                               NodeContext(device=dev, capture=graphs == "graphs"))
+        if name == "spec":                        # the decoder as specs/wan21_t2v_1.3b.yaml configures it
+            node_spec = load_spec("wan21_t2v_1.3b").nodes["decoder"]
+            params = {**node_spec.params, **vae_p}
+            capture = node_spec.capture is not False and dev == "cuda"
+        else:
+            params = {**vae_p, "chunk": int(name[len("chunk"):]) if name.startswith("chunk") else 0}
+            capture = graphs == "graphs"
+        vae = WanVAEDecodeNode("decoder", params, NodeContext(device=dev, capture=capture))
         vae.load()
         glue = dev == "cuda"
         vae._fused_ops[glue] = FusedOps.make(glue, fast_convs=convs != "plain")
