@@ -43,6 +43,40 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def gpu_timeline(fn) -> dict:
+    """One call of ``fn`` under the profiler: how long the GPU was busy (the union of kernel intervals) against the
+    span from the call's start, so host-side time the GPU waits on (launch-bound stretches) shows as idle."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.vae_decode import _category
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:   # CUDA only: no host-side profiling overhead
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    if not kernels:
+        return {"wall_ms": round(wall, 1), "error": "the profiler saw no kernels"}
+    per_cat = defaultdict(float)
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for a, b, name in kernels:
+        per_cat[_category(name)] += (b - a) / 1e3
+        if a > end:
+            gaps.append(((a - end) / 1e3, (end - kernels[0][0]) / 1e3))
+        busy += max(0.0, b - max(a, end)) / 1e3
+        end = max(end, b)
+    span = (end - kernels[0][0]) / 1e3
+    return {"wall_ms": round(wall, 1), "kernel_span_ms": round(span, 1), "gpu_busy_ms": round(busy, 1),
+            "gpu_idle_ms": round(span - busy, 1), "kernels": len(kernels),
+            "idle_in_first_50ms": round(sum(g for g, at in gaps if at < 50), 1),
+            "longest_gaps_ms_at_ms": [[round(g, 2), round(at, 1)] for g, at in sorted(gaps, reverse=True)[:8]],
+            "by_category_ms": {k: round(v, 1) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])}}
+
+
 def main() -> None:
     from nodes.wan.node_dit import WanDiTNode
     from nodes.wan.node_t2v import WanT2VSamplerNode
@@ -56,6 +90,9 @@ def main() -> None:
                          "first), chunkN_graphs (later calls replayed as CUDA graphs), spec (as "
                          "specs/wan21_t2v_1.3b.yaml sets it); '' for none")
     ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
+    ap.add_argument("--decode-profile", action="store_true",
+                    help="after timing each decode variant, profile one more decode: GPU busy vs idle time, the "
+                         "longest idle gaps, kernel time by category")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = "cpu" if args.dry else "cuda"
@@ -129,6 +166,8 @@ def main() -> None:
               "median_ms": round(statistics.median(times), 1), "runs_ms": [round(t, 1) for t in times],
               "first_ms": round(warm, 1), "graphs": vae.graph_status(),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None})
+        if args.decode_profile and dev == "cuda":
+            emit({"w2": "wan_vae_decode_profile", "convs": convs, **gpu_timeline(dec)})
         del vae, dec
         if dev == "cuda":
             torch.cuda.empty_cache()
