@@ -19,7 +19,7 @@ case $stage in
     grep '^{' "$OUT/w2_decode.log" | cut -c1-400
     ;;
   spec_w2decode)
-    timeout 240 python3 -m benchmarks.w2_steps --variants "" --decode spec --decode-runs ${RUNS:-20} ${PROFILE:-} \
+    timeout ${LIMIT:-240} python3 -m benchmarks.w2_steps --variants "" --decode ${DECODE:-spec} --decode-runs ${RUNS:-20} ${PROFILE:-} \
       --out "$OUT/w2_decode_spec.jsonl" > "$OUT/w2_decode_spec.log" 2>&1 || tail -8 "$OUT/w2_decode_spec.log"
     grep '^{' "$OUT/w2_decode_spec.log" | cut -c1-600
     ;;

@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--decode", default="fast,plain",
                     help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the "
                          "first), chunkN_graphs (later calls replayed as CUDA graphs), spec (as "
-                         "specs/wan21_t2v_1.3b.yaml sets it); '' for none")
+                         "specs/wan21_t2v_1.3b.yaml sets it); suffix _maxat: the glue compiled with Inductor's "
+                         "max-autotune; '' for none")
     ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
     ap.add_argument("--decode-profile", action="store_true",
                     help="after timing each decode variant, profile one more decode: GPU busy vs idle time, the "
@@ -145,18 +146,20 @@ def main() -> None:
     z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
     # fast: the node's default (tap-sum head on CUDA); plain: without it; chunkN: fast, N latent frames per call
     for convs in [c for c in args.decode.split(",") if c]:
-        name, _, graphs = convs.partition("_")    # chunkN_graphs: replay later chunks as CUDA graphs
+        name, *flags = convs.split("_")   # _graphs: later chunks replayed as CUDA graphs; _maxat: Inductor
+        #                                   max-autotune (with coordinate-descent tuning) for the pointwise glue
         if name == "spec":                        # the decoder as specs/wan21_t2v_1.3b.yaml configures it
             node_spec = load_spec("wan21_t2v_1.3b").nodes["decoder"]
             params = {**node_spec.params, **vae_p}
             capture = node_spec.capture is not False and dev == "cuda"
         else:
             params = {**vae_p, "chunk": int(name[len("chunk"):]) if name.startswith("chunk") else 0}
-            capture = graphs == "graphs"
+            capture = "graphs" in flags
         vae = WanVAEDecodeNode("decoder", params, NodeContext(device=dev, capture=capture))
         vae.load()
         glue = dev == "cuda"
-        vae._fused_ops[glue] = FusedOps.make(glue, fast_convs=convs != "plain")
+        vae._fused_ops[glue] = FusedOps(compile=glue, tap_head=glue and name != "plain",
+                                        mode="max-autotune-no-cudagraphs" if "maxat" in flags else None)
         dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
