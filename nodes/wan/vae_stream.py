@@ -145,7 +145,7 @@ class StreamingDecoder(_CacheState):
         The clip's first latent frame goes alone: it decodes to one pixel frame through shapes of its own, so
         every later call of a clip of 1 + k*size latents has one shape: one cuDNN autotune, one CUDA graph.
         """
-        if not size or size >= frames and not self.first:
+        if not size or (size >= frames and not self.first):
             return [frames]
         head = [1] if self.first else []
         rest = frames - len(head)
