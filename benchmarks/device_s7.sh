@@ -4,8 +4,8 @@
 #             W2 decode as the first latent frame then 5 or 4 per call (eager, and later calls as CUDA graphs)
 #   spec_w2decode  carry .whl: W2 decode with the decoder settings of specs/wan21_t2v_1.3b.yaml, 20 runs
 #   official_w2  carry .baseline/self_forcing, .baseline/harness: the official Wan 2.1 forward + decode
-#   w1        carry .baseline/self_forcing, .baseline/harness (after w2decode on the same machine)
-#             fd bench W1 fast with the Wan VAE beside the official Self-Forcing runner
+#   w1        carry .whl, .baseline/self_forcing, .baseline/harness
+#             fd bench W1 fast with the Wan VAE beside the official Self-Forcing runner (device_s6.sh w1)
 set -u
 stage=$1
 source benchmarks/device_env.sh
@@ -28,15 +28,8 @@ case $stage in
       > "$OUT/official_w2.jsonl" 2> "$OUT/official_w2.err" || tail -5 "$OUT/official_w2.err"
     cat "$OUT/official_w2.jsonl"
     ;;
-  w1)
-    W1="inputs.num_blocks=12 nodes.sampler.params.window_frames=21 --warmup 2 --blocks 10 --report-block 5 --json"
-    FAST="nodes.dit.params.precision=fp8 nodes.dit.params.attention_precision=fp8 nodes.dit.params.kv_dtype=fp8 \
-nodes.dit.params.context_pass=reuse"
-    timeout 200 python3 -m flashdreams_cli.main bench bench_self_forcing $W1 $FAST > "$OUT/w1_fast_wanvae.json" \
-      2> "$OUT/w1_fast_wanvae.err" || tail -15 "$OUT/w1_fast_wanvae.err"
-    SF_ROOT=$PWD/.baseline/self_forcing timeout 150 python3 .baseline/harness/official_selfforcing_bench.py \
-      > "$OUT/official.jsonl" 2> "$OUT/official.err" || tail -5 "$OUT/official.err"
-    python3 -m benchmarks.summarize_fd_bench "$OUT/w1_fast_wanvae.json" --official "$OUT/official.jsonl"
+  w1)  # session 6's W1 stage (fd bench W1 fast with the Wan VAE beside the official runner); call 4 ran its copy
+    bash benchmarks/device_s6.sh w1
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
