@@ -89,7 +89,7 @@ def main() -> None:
                     help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the "
                          "first), chunkN_graphs (later calls replayed as CUDA graphs), spec (as "
                          "specs/wan21_t2v_1.3b.yaml sets it); suffix _maxat: the glue compiled with Inductor's "
-                         "max-autotune; '' for none")
+                         "max-autotune, _nofold: residual sums written out first, _sdpa: SDPA attention; '' for none")
     ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
     ap.add_argument("--decode-profile", action="store_true",
                     help="after timing each decode variant, profile one more decode: GPU busy vs idle time, the "
@@ -145,9 +145,12 @@ def main() -> None:
     f_lat = (shape["frames"] - 1) // 4 + 1
     z = torch.randn(1, f_lat, 16, shape["latent_height"], shape["latent_width"], device=dev)
     # fast: the node's default (tap-sum head on CUDA); plain: without it; chunkN: fast, N latent frames per call
+    reference = None
     for convs in [c for c in args.decode.split(",") if c]:
         name, *flags = convs.split("_")   # _graphs: later chunks replayed as CUDA graphs; _maxat: Inductor
-        #                                   max-autotune (with coordinate-descent tuning) for the pointwise glue
+        #                                   max-autotune (with coordinate-descent tuning) for the pointwise glue;
+        #                                   _nofold: residual sums written, not added in the next norm window;
+        #                                   _sdpa: the VAE attention on SDPA at every head dim
         if name == "spec":                        # the decoder as specs/wan21_t2v_1.3b.yaml configures it
             node_spec = load_spec("wan21_t2v_1.3b").nodes["decoder"]
             params = {**node_spec.params, **vae_p}
@@ -159,13 +162,20 @@ def main() -> None:
         vae.load()
         glue = dev == "cuda"
         vae._fused_ops[glue] = FusedOps(compile=glue, tap_head=glue and name != "plain",
-                                        mode="max-autotune-no-cudagraphs" if "maxat" in flags else None)
+                                        mode="max-autotune-no-cudagraphs" if "maxat" in flags else None,
+                                        fold_residuals="nofold" not in flags,
+                                        **({"matmul_attention_min_dim": 1 << 30} if "sdpa" in flags else {}))
         dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         warm = timed(dec)
         times = [timed(dec) for _ in range(args.decode_runs)]
+        pixels = dec()["pixels"]
+        if reference is None:                     # every variant's frames against the first variant's
+            reference = (convs, pixels)
+        diff = (pixels - reference[1]).abs()
         emit({"w2": "wan_vae_decode", "convs": convs, "latent_frames": f_lat, "ms": round(min(times), 1),
+              "vs": reference[0], "max_abs_diff": round(diff.max().item(), 5), "mean_abs_diff": diff.mean().item(),
               "median_ms": round(statistics.median(times), 1), "runs_ms": [round(t, 1) for t in times],
               "first_ms": round(warm, 1), "graphs": vae.graph_status(),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None})

@@ -231,3 +231,51 @@ def test_fused_upsamples_match_the_plain_formulation(channels_last):
     want = y.view(1, 2, 6, 3, 5, 7).permute(0, 2, 3, 1, 4, 5).reshape(1, 6, 6, 5, 7)
     assert_close(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+class _GlueUncompiled:
+    """FusedOps as on CUDA (compiled glue: convs without bias, biases and residual sums folded into the pointwise
+    functions; without the tap-sum head, which adds its bias itself: test_streaming_decode_fast_convs_*) but with each function run as plain torch ops, so the CPU checks the formulas Inductor compiles;
+    records which functions ran."""
+
+    def __new__(cls, **kw):
+        from nodes.wan.vae_blocks import FusedOps
+
+        class Ops(FusedOps):
+            def _get(self, fn, key):
+                self.ran.append(key[:2])
+                return fn
+        ops = Ops(compile=True, **kw)
+        ops.ran = []
+        return ops
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_compiled_glue_formulas_match_upstream_any_chunking(case, io, vae, fold):
+    """The CUDA decode path's formulas: every residual sum added inside the next norm window (fold) or written
+    first, attention as two GEMMs and one softmax (every head dim here): the upstream decode
+    under any chunking; with fold, the windows read the sums and the RGB head's one never writes its sum."""
+    latent, decoded = io["latent"], io["decoded"]
+    for ranges in _chunkings(case, latent.shape[2]):
+        ops = _GlueUncompiled(fold_residuals=fold, matmul_attention_min_dim=0)
+        dec = StreamingDecoder(vae, fused_ops=ops)
+        pixels = [dec.decode_chunk(latent[:, :, a:b]) for a, b in ranges]
+        assert_close(torch.cat(pixels, dim=2), decoded, **_tol(case, "decoded"))
+        kinds = {k[0] if k[0] != "res_window" else k for k in ops.ran}
+        assert "softmax" in kinds
+        assert (("res_window", True) in kinds, ("res_window", False) in kinds) == (fold, fold)
+        assert ("residual" in kinds) is True        # before attention and the upsamplers a sum is written
+
+
+def test_matmul_attention_matches_sdpa_in_groups():
+    """FusedOps.attention's GEMM + softmax form against SDPA, with the frames split over several score groups."""
+    import torch.nn.functional as F
+
+    from nodes.wan.vae_blocks import FusedOps
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(5, 1, 24, 40, generator=g, dtype=torch.float64) for _ in range(3))
+    ops = FusedOps(matmul_attention_min_dim=33)
+    ops.scores_per_group = 2 * 24 * 24                   # groups of 2, 2, 1 frames
+    assert_close(ops.attention(q, k, v).double(), F.scaled_dot_product_attention(q, k, v))
+    small = q[..., :32], k[..., :32], v[..., :32]       # under the threshold: SDPA itself
+    assert torch.equal(ops.attention(*small), F.scaled_dot_product_attention(*small))

@@ -15,6 +15,8 @@ temporal conv also passes it through); ``ConvCache.first`` marks that chunk.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,8 @@ from torch import nn
 from nodes.common.conv import subpixel_weights
 
 HISTORY = 2  # frames of past input a temporal-kernel-3 causal conv needs
+# cuBLAS bf16 x bf16 -> float32 batched GEMM (torch.bmm's out_dtype); without it the attention stays on SDPA
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
 
 def _zeros_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -61,11 +65,21 @@ class ConvCache:
         hist.copy_(xin[:, :, -frames:])
         return xin
 
-    def norm_conv(self, conv: nn.Conv3d, x: torch.Tensor, gamma: torch.Tensor,
-                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def norm_conv(self, conv: nn.Conv3d, x: "torch.Tensor | PendingSum", gamma: torch.Tensor,
+                  bias: torch.Tensor | None, keep_input: bool = False):
         """conv([history | silu(rms_norm(x + bias))]) on the fused path, rolling the history; returns
-        (output, bias still to add), as ``FusedOps.conv``."""
-        return self.fused.norm_conv(conv, self.slot(x, HISTORY), x, gamma, bias)
+        (output, bias still to add), as ``FusedOps.norm_conv`` (``x`` may be a block's ``PendingSum``)."""
+        like = x.h if isinstance(x, PendingSum) else x
+        return self.fused.norm_conv(conv, self.slot(like, HISTORY), x, gamma, bias, keep_input)
+
+
+class PendingSum(NamedTuple):
+    """A residual block's output not yet written: conv output ``y`` + its ``bias`` + the shortcut ``h``. The next
+    block's norm window adds it as it reads (``FusedOps.residual_window``), which saves reading the sum back: one
+    full pass over the block's output, the largest tensors of the decoder."""
+    y: torch.Tensor
+    bias: torch.Tensor | None
+    h: torch.Tensor
 
 
 def _channels_last_like(x: torch.Tensor, shape) -> torch.Tensor:
@@ -137,7 +151,30 @@ def _window_eager(hist, x, gamma, bias):
 
 
 def _residual(y, bias, h):
-    return y + bias.view(1, -1, 1, 1, 1) + h
+    return (y if bias is None else y + bias.view(1, -1, 1, 1, 1)) + h
+
+
+def _residual_window(hist, y, bias, h, gamma):
+    """The block output (rounded to its dtype, as when it is written) and the next conv's window from it."""
+    x = _residual(y, bias, h)
+    return _window_compiled(hist, x, gamma, None), x
+
+
+def _residual_window_only(hist, y, bias, h, gamma):
+    """As ``_residual_window`` for a consumer that needs only the window (the RGB head): the sum is never written."""
+    return _window_compiled(hist, _residual(y, bias, h), gamma, None)
+
+
+def _scaled_softmax(s, scale: float, dtype: torch.dtype):
+    return torch.softmax(s * scale, dim=-1).to(dtype)
+
+
+def _scores(q, k):
+    """q @ k^T in float32 or wider: bf16 / fp16 inputs on CUDA keep cuBLAS's float32 accumulator (out_dtype)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    if q.is_cuda and q.dtype != wide:
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=wide)
+    return torch.bmm(q.to(wide), k.to(wide).transpose(1, 2))
 
 
 def _phases_to_pixels(y, bias, co: int, h: int, w: int):
@@ -180,10 +217,14 @@ class FusedOps:
     for the conv alone in the probe) lost it all to writing its 3x-wide input, 110.1 vs 101.8 ms: not kept.
     """
 
-    def __init__(self, compile: bool = False, mode: str | None = None, tap_head: bool = False):
+    def __init__(self, compile: bool = False, mode: str | None = None, tap_head: bool = False,
+                 fold_residuals: bool = True, matmul_attention_min_dim: int = 257):
         self.compiled = compile
         self.mode = mode
         self.tap_head = tap_head
+        self.fold_residuals = fold_residuals
+        self.matmul_attention_min_dim = matmul_attention_min_dim
+        self.scores_per_group = 1 << 28      # float32 attention scores at a time (1 GiB)
         self._fns: dict = {}
         self._weights: dict = {}
 
@@ -205,22 +246,72 @@ class FusedOps:
         fn = _window_compiled if self.compiled else _window_eager
         return self._get(fn, ("window", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
 
-    def residual(self, y, bias, h):
-        if bias is None:
-            return y.add_(h)
-        return self._get(_residual, ("residual", y.shape, y.stride(), h.stride(), y.dtype))(y, bias, h)
+    def residual(self, y, bias, h) -> "torch.Tensor | PendingSum":
+        """A residual block's output: with ``fold_residuals`` a ``PendingSum`` the next norm window adds (``dense``
+        writes it for any other consumer), else the sum."""
+        if self.fold_residuals:
+            return PendingSum(y, bias, h)
+        return self.dense(PendingSum(y, bias, h))
 
-    def norm_conv(self, conv: nn.Conv3d, hist: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor,
-                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """conv([hist | silu(rms_norm(x + bias))]) -> (output, bias still to add); ``hist`` rolls in place."""
-        xin = self.window(hist, x, gamma, bias)
+    def dense(self, x: "torch.Tensor | PendingSum") -> torch.Tensor:
+        """``x`` as a tensor: a ``PendingSum`` written out (one pointwise pass)."""
+        if not isinstance(x, PendingSum):
+            return x
+        y, bias, h = x
+        if bias is None and not self.compiled:
+            return y.add_(h)
+        return self._get(_residual, ("residual", y.shape, y.stride(), h.stride(), y.dtype, bias is None))(y, bias, h)
+
+    def residual_window(self, hist, pending: PendingSum, gamma, keep: bool):
+        """The window of ``window`` over a ``PendingSum``, and (``keep``) the written sum, from one read of its
+        parts: (window, sum or None)."""
+        y, bias, h = pending
+        if not self.compiled:
+            x = self.dense(pending)
+            return _window_eager(hist, x, gamma, None), x
+        key = ("res_window", keep, y.shape, y.stride(), h.stride(), y.dtype, bias is None)
+        if keep:
+            return self._get(_residual_window, key)(hist, y, bias, h, gamma)
+        return self._get(_residual_window_only, key)(hist, y, bias, h, gamma), None
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Single-head attention [n, 1, L, d]. SDPA, except for head dims of ``matmul_attention_min_dim`` and up
+        (the VAE's 384: past the 256 that flash / cuDNN take, SDPA fell to its memory-efficient kernel, 10 ms of
+        a W2 decode on an H100): two GEMMs with float32 scores and one softmax pass, a few frames at a time."""
+        d = q.shape[-1]
+        if d < self.matmul_attention_min_dim or (q.is_cuda and not _BMM_OUT_DTYPE):
+            return F.scaled_dot_product_attention(q, k, v)
+        n, _, L, _ = q.shape
+        q3, k3, v3 = (t.reshape(n, L, d) for t in (q, k, v))
+        out = torch.empty_like(q3)
+        group = max(1, self.scores_per_group // (L * L))
+        for a in range(0, n, group):
+            s = _scores(q3[a:a + group], k3[a:a + group])
+            p = self._get(_scaled_softmax, ("softmax", s.shape, q.dtype))(s, d ** -0.5, q.dtype)
+            torch.bmm(p, v3[a:a + group], out=out[a:a + group])
+        return out.view(n, 1, L, d)
+
+    def norm_conv(self, conv: nn.Conv3d, hist: torch.Tensor, x: "torch.Tensor | PendingSum", gamma: torch.Tensor,
+                  bias: torch.Tensor | None, keep_input: bool = False):
+        """conv([hist | silu(rms_norm(x + bias))]) -> (output, bias still to add); ``hist`` rolls in place.
+        ``x`` may be a ``PendingSum`` (then ``bias`` is None); ``keep_input`` also returns x written as a tensor
+        (a block's shortcut reads it): (output, bias, x)."""
+        if isinstance(x, PendingSum):
+            xin, x = self.residual_window(hist, x, gamma, keep_input)
+        else:
+            xin = self.window(hist, x, gamma, bias)
+        out = self._conv_window(conv, xin, hist)
+        return out + (x,) if keep_input else out
+
+    def _conv_window(self, conv, xin, hist):
         hist.copy_(xin[:, :, -HISTORY:])
         if self.tap_head and conv.out_channels < 16:
             p = F.conv3d(xin, self.derived(conv, _tap_weights))
             key = ("taps", p.shape, p.stride(), p.dtype)
-            y = self._get(_tap_sum, key)(p, conv.out_channels, x.shape[2], conv.padding[1], conv.padding[2])
+            frames = xin.shape[2] - HISTORY
+            y = self._get(_tap_sum, key)(p, conv.out_channels, frames, conv.padding[1], conv.padding[2])
             y = y if conv.bias is None else y + conv.bias.float().view(1, -1, 1, 1, 1)
-            return y.to(x.dtype), None
+            return y.to(xin.dtype), None
         return self.conv(conv, xin)
 
     def upsample(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -316,11 +407,12 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
         r = self.residual
-        h = self.shortcut(x)
-        if cache is not None and cache.fused is not None:
-            y, bias = cache.norm_conv(r[2], x, r[0].gamma, None)
+        if cache is not None and cache.fused is not None:   # x may be the previous block's PendingSum
+            y, bias, x = cache.norm_conv(r[2], x, r[0].gamma, None, keep_input=True)
+            h = self.shortcut(x)
             y, bias = cache.norm_conv(r[6], y, r[3].gamma, bias)
             return cache.fused.residual(y, bias, h)
+        h = self.shortcut(x)
         x = r[2](F.silu(r[0](x), inplace=True), cache)
         x = r[6](F.silu(r[3](x), inplace=True), cache)
         return x + h
@@ -340,7 +432,10 @@ class AttentionBlock(nn.Module):
         qkv = _conv2d_per_frame(self.to_qkv, self.norm(x))            # [b, 3c, t, h, w]
         qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v)                     # [bt, 1, hw, c]
+        if cache is not None and cache.fused is not None:
+            y = cache.fused.attention(q, k, v)                          # [bt, 1, hw, c]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
         y = y.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
         return _conv2d_per_frame(self.proj, y) + x
 
@@ -414,8 +509,12 @@ class Resample(nn.Module):
         return x
 
 
-def _run(layers, x: torch.Tensor, cache: ConvCache) -> torch.Tensor:
+def _run(layers, x: "torch.Tensor | PendingSum", cache: ConvCache) -> "torch.Tensor | PendingSum":
+    """The layers in order; a residual block's ``PendingSum`` goes on only into another residual block (whose norm
+    window adds it), and is written out for any other layer."""
     for layer in layers:
+        if isinstance(x, PendingSum) and not isinstance(layer, ResidualBlock):
+            x = cache.fused.dense(x)
         x = layer(x, cache)
     return x
 
