@@ -43,7 +43,7 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def gpu_timeline(fn) -> dict:
+def gpu_timeline(fn, top: int = 40) -> dict:
     """One call of ``fn`` under the profiler: how long the GPU was busy (the union of kernel intervals) against the
     span from the call's start, so host-side time the GPU waits on (launch-bound stretches) shows as idle."""
     from collections import defaultdict
@@ -61,10 +61,12 @@ def gpu_timeline(fn) -> dict:
                      if ev.device_type == torch.autograd.DeviceType.CUDA)
     if not kernels:
         return {"wall_ms": round(wall, 1), "error": "the profiler saw no kernels"}
-    per_cat = defaultdict(float)
+    per_cat, per_kernel = defaultdict(float), defaultdict(lambda: [0.0, 0])
     busy, gaps, end = 0.0, [], kernels[0][0]
     for a, b, name in kernels:
         per_cat[_category(name)] += (b - a) / 1e3
+        per_kernel[name][0] += (b - a) / 1e3
+        per_kernel[name][1] += 1
         if a > end:
             gaps.append(((a - end) / 1e3, (end - kernels[0][0]) / 1e3))
         busy += max(0.0, b - max(a, end)) / 1e3
@@ -74,7 +76,9 @@ def gpu_timeline(fn) -> dict:
             "gpu_idle_ms": round(span - busy, 1), "kernels": len(kernels),
             "idle_in_first_50ms": round(sum(g for g, at in gaps if at < 50), 1),
             "longest_gaps_ms_at_ms": [[round(g, 2), round(at, 1)] for g, at in sorted(gaps, reverse=True)[:8]],
-            "by_category_ms": {k: round(v, 1) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])}}
+            "by_category_ms": {k: round(v, 1) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_count": [[n[:110], round(t, 2), c] for n, (t, c) in
+                                     sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
 def main() -> None:
@@ -89,7 +93,8 @@ def main() -> None:
                     help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the "
                          "first), chunkN_graphs (later calls replayed as CUDA graphs), spec (as "
                          "specs/wan21_t2v_1.3b.yaml sets it); suffix _maxat: the glue compiled with Inductor's "
-                         "max-autotune, _nofold: residual sums written out first, _sdpa: SDPA attention; '' for none")
+                         "max-autotune, _nofold: residual sums written out first, _sdpa: SDPA attention, _noroll: "
+                         "histories rolled by a copy after each window; '' for none")
     ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
     ap.add_argument("--decode-profile", action="store_true",
                     help="after timing each decode variant, profile one more decode: GPU busy vs idle time, the "
@@ -150,7 +155,8 @@ def main() -> None:
         name, *flags = convs.split("_")   # _graphs: later chunks replayed as CUDA graphs; _maxat: Inductor
         #                                   max-autotune (with coordinate-descent tuning) for the pointwise glue;
         #                                   _nofold: residual sums written, not added in the next norm window;
-        #                                   _sdpa: the VAE attention on SDPA at every head dim
+        #                                   _sdpa: the VAE attention on SDPA at every head dim;
+        #                                   _noroll: conv histories rolled by a device copy after each window
         if name == "spec":                        # the decoder as specs/wan21_t2v_1.3b.yaml configures it
             node_spec = load_spec("wan21_t2v_1.3b").nodes["decoder"]
             params = {**node_spec.params, **vae_p}
@@ -161,10 +167,11 @@ def main() -> None:
         vae = WanVAEDecodeNode("decoder", params, NodeContext(device=dev, capture=capture))
         vae.load()
         glue = dev == "cuda"
-        vae._fused_ops[glue] = FusedOps(compile=glue, tap_head=glue and name != "plain",
-                                        mode="max-autotune-no-cudagraphs" if "maxat" in flags else None,
-                                        fold_residuals="nofold" not in flags,
-                                        **({"matmul_attention_min_dim": 1 << 30} if "sdpa" in flags else {}))
+        ops = vae._fused_ops[glue] = FusedOps(compile=glue, tap_head=glue and name != "plain",
+                                              mode="max-autotune-no-cudagraphs" if "maxat" in flags else None,
+                                              fold_residuals="nofold" not in flags,
+                                              **({"matmul_attention_min_dim": 1 << 30} if "sdpa" in flags else {}))
+        ops.roll_history_in_kernel = "noroll" not in flags
         dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -81,11 +81,18 @@ def test_streaming_decode_any_chunking(case, io, vae):
         assert_close(torch.cat(pixels, dim=2), decoded, **_tol(case, "decoded"))
 
 
-def test_streaming_decode_fast_convs_any_chunking(case, io, vae):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_streaming_decode_fast_convs_any_chunking(case, io, vae, channels_last):
     """The CUDA default's conv reformulation (FusedOps.make's tap_head: the RGB head as a GEMM to its per-tap
-    products and their shifted sum), here eager on the CPU: the upstream decode under any chunking."""
+    products and their shifted sum), here eager on the CPU, in both memory formats (the GEMM reads the window as
+    it lies): the upstream decode under any chunking."""
+    import copy
+
     from nodes.wan.vae_blocks import CausalConv3d, _tap_weights
     latent, decoded = io["latent"], io["decoded"]
+    if channels_last:
+        vae = copy.deepcopy(vae).to_channels_last()
+        latent = latent.contiguous(memory_format=torch.channels_last_3d)
     convs = [m for m in vae.decoder.modules() if isinstance(m, CausalConv3d) and m.kernel_size[0] == 3]
     want = any(c.out_channels < 16 for c in convs)
     for ranges in _chunkings(case, latent.shape[2]):
@@ -234,37 +241,41 @@ def test_fused_upsamples_match_the_plain_formulation(channels_last):
 
 
 class _GlueUncompiled:
-    """FusedOps as on CUDA (compiled glue: convs without bias, biases and residual sums folded into the pointwise
-    functions; without the tap-sum head, which adds its bias itself: test_streaming_decode_fast_convs_*) but with each function run as plain torch ops, so the CPU checks the formulas Inductor compiles;
-    records which functions ran."""
+    """FusedOps as on CUDA (compiled glue: convs without bias, biases, residual sums and the history roll folded
+    into the pointwise functions; without the tap-sum head, which adds its bias itself:
+    test_streaming_decode_fast_convs_*) but with each function run as plain torch ops, so the CPU checks the
+    formulas Inductor compiles; records the names of the functions that ran."""
 
-    def __new__(cls, **kw):
+    def __new__(cls, roll: bool, **kw):
         from nodes.wan.vae_blocks import FusedOps
 
         class Ops(FusedOps):
             def _get(self, fn, key):
-                self.ran.append(key[:2])
+                self.ran.add(fn.__name__)
                 return fn
         ops = Ops(compile=True, **kw)
-        ops.ran = []
+        ops.roll_history_in_kernel = roll
+        ops.ran = set()
         return ops
 
 
 @pytest.mark.parametrize("fold", [True, False])
-def test_compiled_glue_formulas_match_upstream_any_chunking(case, io, vae, fold):
+@pytest.mark.parametrize("roll", [True, False])
+def test_compiled_glue_formulas_match_upstream_any_chunking(case, io, vae, fold, roll):
     """The CUDA decode path's formulas: every residual sum added inside the next norm window (fold) or written
-    first, attention as two GEMMs and one softmax (every head dim here): the upstream decode
-    under any chunking; with fold, the windows read the sums and the RGB head's one never writes its sum."""
+    first, the history rolled inside the window function (roll) or copied after it, attention as two GEMMs and
+    one softmax (every head dim here): the upstream decode under any chunking."""
     latent, decoded = io["latent"], io["decoded"]
     for ranges in _chunkings(case, latent.shape[2]):
-        ops = _GlueUncompiled(fold_residuals=fold, matmul_attention_min_dim=0)
+        ops = _GlueUncompiled(roll, fold_residuals=fold, matmul_attention_min_dim=0)
         dec = StreamingDecoder(vae, fused_ops=ops)
         pixels = [dec.decode_chunk(latent[:, :, a:b]) for a, b in ranges]
         assert_close(torch.cat(pixels, dim=2), decoded, **_tol(case, "decoded"))
-        kinds = {k[0] if k[0] != "res_window" else k for k in ops.ran}
-        assert "softmax" in kinds
-        assert (("res_window", True) in kinds, ("res_window", False) in kinds) == (fold, fold)
-        assert ("residual" in kinds) is True        # before attention and the upsamplers a sum is written
+        suffix = "_rolling" if roll else ""
+        windows = {"_window" + ("_rolling" if roll else "_compiled")} | ({"_residual_window" + suffix} if fold
+                                                                          else set())
+        assert {n for n in ops.ran if "window" in n} == windows
+        assert {"_scaled_softmax", "_residual"} <= ops.ran     # before attention and upsamplers a sum is written
 
 
 def test_matmul_attention_matches_sdpa_in_groups():

@@ -29,12 +29,10 @@ _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
 
 def _zeros_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """Zero history shaped like ``x`` with ``frames`` time steps, in x's memory format."""
+    """Zero history shaped like ``x`` with ``frames`` time steps, allocated in x's memory format (zeros made
+    contiguous then converted cost a permuting copy per cache: 5.2 ms of a W2 decode on an H100)."""
     b, c, _, h, w = x.shape
-    z = x.new_zeros((b, c, frames, h, w))
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        z = z.contiguous(memory_format=torch.channels_last_3d)
-    return z
+    return _channels_last_like(x, (b, c, frames, h, w)).zero_()
 
 
 class ConvCache:
@@ -106,14 +104,13 @@ def _window_compiled(hist, x, gamma, bias):
     return xin
 
 
-def _tap_sum(p, cout: int, frames: int, pad_h: int, pad_w: int):
-    """The 3x3x3 conv from its per-tap products: p [B, cout*27, T+2, H, W] holds x . W[o, :, dt, dh, dw] at every
-    window pixel (channel o*27 + dt*9 + dh*3 + dw); out[o, t, h, w] = sum of the 27 shifted taps (zero padded
-    in space), in float32."""
+def _tap_sum(p, bias, cout: int, frames: int, pad_h: int, pad_w: int, dtype: torch.dtype):
+    """The 3x3x3 conv from its per-tap products: p [B, cout*27, T+2, H, W] (tap-major, each tap a contiguous plane,
+    so every read below is coalesced) holds x . W[o, :, dt, dh, dw] at every window pixel (plane o*27 + dt*9 + dh*3
+    + dw); out[o, t, h, w] = sum of the 27 shifted taps (zero padded in space) + bias, summed in float32."""
     b, _, tt, h, w = p.shape
     kt = tt - frames + 1
     kh, kw = 2 * pad_h + 1, 2 * pad_w + 1
-    p = p[:, :cout * kt * kh * kw]                       # past them: the zero rows that align the GEMM
     pv = F.pad(p.float(), (pad_w, pad_w, pad_h, pad_h)).unflatten(1, (cout, kt, kh, kw))
     out = None
     for dt in range(kt):
@@ -121,16 +118,22 @@ def _tap_sum(p, cout: int, frames: int, pad_h: int, pad_w: int):
             for dw in range(kw):
                 tap = pv[:, :, dt, dh, dw, dt:dt + frames, dh:dh + h, dw:dw + w]
                 out = tap if out is None else out + tap
-    return out
+    if bias is not None:
+        out = out + bias.float().view(1, cout, 1, 1, 1)
+    return out.to(dtype)
 
 
 def _tap_weights(conv: nn.Conv3d) -> torch.Tensor:
-    """[O, C, kt, kh, kw] -> [O*kt*kh*kw, C, 1, 1, 1] (channel o*27 + dt*9 + dh*3 + dw), zero rows appended up to a
-    multiple of 16 (81 outputs ran on an unaligned sm75 GEMM on the H100)."""
+    """[O, C, kt, kh, kw] -> [O*kt*kh*kw, C] (row o*27 + dt*9 + dh*3 + dw), the left operand of the taps GEMM."""
     o, c, kt, kh, kw = conv.weight.shape
-    r = conv.weight.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c, 1, 1, 1)
-    r = torch.cat([r, r.new_zeros((-r.shape[0] % 16,) + r.shape[1:])])
-    return r.contiguous(memory_format=torch.channels_last_3d)
+    return conv.weight.permute(0, 2, 3, 4, 1).reshape(o * kt * kh * kw, c).contiguous()
+
+
+def _tap_products(w: torch.Tensor, xin: torch.Tensor) -> torch.Tensor:
+    """W_taps @ x per batch: [B, C, T, H, W] (channels-last or not: flatten(2) is a view either way, read by the
+    GEMM as it lies) -> [B, rows, T, H, W], contiguous: one plane per tap."""
+    b, _, t, h, wd = xin.shape
+    return torch.bmm(w.expand(b, -1, -1), xin.flatten(2)).view(b, w.shape[0], t, h, wd)
 
 
 def _subpixel_3d(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -155,14 +158,26 @@ def _residual(y, bias, h):
 
 
 def _residual_window(hist, y, bias, h, gamma):
-    """The block output (rounded to its dtype, as when it is written) and the next conv's window from it."""
+    """The block output (rounded to its dtype, as when it is written) and the next conv's window from it.
+
+    Also for the RGB head, which needs only the window: without the sum as an output, Inductor split the kernel in
+    two (the norm's statistics, then the window), reading both parts twice."""
     x = _residual(y, bias, h)
     return _window_compiled(hist, x, gamma, None), x
 
 
-def _residual_window_only(hist, y, bias, h, gamma):
-    """As ``_residual_window`` for a consumer that needs only the window (the RGB head): the sum is never written."""
-    return _window_compiled(hist, _residual(y, bias, h), gamma, None)
+def _window_rolling(hist, x, gamma, bias):
+    """``_window_compiled``, and the history rolled to the window's last frames inside the compiled function (no
+    separate device copy reading them back)."""
+    xin = _window_compiled(hist, x, gamma, bias)
+    hist.copy_(xin[:, :, -HISTORY:])
+    return xin
+
+
+def _residual_window_rolling(hist, y, bias, h, gamma):
+    xin, x = _residual_window(hist, y, bias, h, gamma)
+    hist.copy_(xin[:, :, -HISTORY:])
+    return xin, x
 
 
 def _scaled_softmax(s, scale: float, dtype: torch.dtype):
@@ -225,6 +240,7 @@ class FusedOps:
         self.fold_residuals = fold_residuals
         self.matmul_attention_min_dim = matmul_attention_min_dim
         self.scores_per_group = 1 << 28      # float32 attention scores at a time (1 GiB)
+        self.roll_history_in_kernel = True
         self._fns: dict = {}
         self._weights: dict = {}
 
@@ -242,9 +258,18 @@ class FusedOps:
             f = self._fns[key] = torch.compile(clone, dynamic=False, fullgraph=True, mode=self.mode)
         return f
 
+    def _rolls_in_kernel(self) -> bool:
+        return self.compiled and self.roll_history_in_kernel
+
     def window(self, hist, x, gamma, bias):
+        """[hist | silu(rms_norm(x + bias))] along time; ``hist`` rolls to its last frames."""
+        if self._rolls_in_kernel():
+            return self._get(_window_rolling, ("window", x.shape, x.stride(), x.dtype, bias is None))(
+                hist, x, gamma, bias)
         fn = _window_compiled if self.compiled else _window_eager
-        return self._get(fn, ("window", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
+        xin = self._get(fn, ("window", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
+        hist.copy_(xin[:, :, -HISTORY:])
+        return xin
 
     def residual(self, y, bias, h) -> "torch.Tensor | PendingSum":
         """A residual block's output: with ``fold_residuals`` a ``PendingSum`` the next norm window adds (``dense``
@@ -262,17 +287,19 @@ class FusedOps:
             return y.add_(h)
         return self._get(_residual, ("residual", y.shape, y.stride(), h.stride(), y.dtype, bias is None))(y, bias, h)
 
-    def residual_window(self, hist, pending: PendingSum, gamma, keep: bool):
-        """The window of ``window`` over a ``PendingSum``, and (``keep``) the written sum, from one read of its
-        parts: (window, sum or None)."""
+    def residual_window(self, hist, pending: PendingSum, gamma):
+        """The window of ``window`` over a ``PendingSum`` and the sum written, from one read of its parts:
+        (window, sum); ``hist`` rolls."""
         y, bias, h = pending
         if not self.compiled:
             x = self.dense(pending)
-            return _window_eager(hist, x, gamma, None), x
-        key = ("res_window", keep, y.shape, y.stride(), h.stride(), y.dtype, bias is None)
-        if keep:
-            return self._get(_residual_window, key)(hist, y, bias, h, gamma)
-        return self._get(_residual_window_only, key)(hist, y, bias, h, gamma), None
+            return self.window(hist, x, gamma, None), x
+        key = ("res_window", y.shape, y.stride(), h.stride(), y.dtype, bias is None)
+        if self._rolls_in_kernel():
+            return self._get(_residual_window_rolling, key)(hist, y, bias, h, gamma)
+        xin, x = self._get(_residual_window, key)(hist, y, bias, h, gamma)
+        hist.copy_(xin[:, :, -HISTORY:])
+        return xin, x
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Single-head attention [n, 1, L, d]. SDPA, except for head dims of ``matmul_attention_min_dim`` and up
@@ -297,21 +324,19 @@ class FusedOps:
         ``x`` may be a ``PendingSum`` (then ``bias`` is None); ``keep_input`` also returns x written as a tensor
         (a block's shortcut reads it): (output, bias, x)."""
         if isinstance(x, PendingSum):
-            xin, x = self.residual_window(hist, x, gamma, keep_input)
+            xin, x = self.residual_window(hist, x, gamma)
         else:
             xin = self.window(hist, x, gamma, bias)
-        out = self._conv_window(conv, xin, hist)
+        out = self._conv_window(conv, xin)
         return out + (x,) if keep_input else out
 
-    def _conv_window(self, conv, xin, hist):
-        hist.copy_(xin[:, :, -HISTORY:])
+    def _conv_window(self, conv, xin):
         if self.tap_head and conv.out_channels < 16:
-            p = F.conv3d(xin, self.derived(conv, _tap_weights))
-            key = ("taps", p.shape, p.stride(), p.dtype)
+            p = _tap_products(self.derived(conv, _tap_weights), xin)
+            key = ("taps", p.shape, p.stride(), p.dtype, conv.bias is None)
             frames = xin.shape[2] - HISTORY
-            y = self._get(_tap_sum, key)(p, conv.out_channels, frames, conv.padding[1], conv.padding[2])
-            y = y if conv.bias is None else y + conv.bias.float().view(1, -1, 1, 1, 1)
-            return y.to(xin.dtype), None
+            return self._get(_tap_sum, key)(p, conv.bias, conv.out_channels, frames, conv.padding[1],
+                                            conv.padding[2], xin.dtype), None
         return self.conv(conv, xin)
 
     def upsample(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
