@@ -93,8 +93,7 @@ def main() -> None:
                     help="Wan VAE decode variants to time: fast, plain, chunkN (N latent frames per call after the "
                          "first), chunkN_graphs (later calls replayed as CUDA graphs), spec (as "
                          "specs/wan21_t2v_1.3b.yaml sets it); suffix _maxat: the glue compiled with Inductor's "
-                         "max-autotune, _nofold: residual sums written out first, _sdpa: SDPA attention, _noroll: "
-                         "histories rolled by a copy after each window; '' for none")
+                         "max-autotune, _nofold: residual sums written out first, _sdpa: SDPA attention; '' for none")
     ap.add_argument("--decode-runs", type=int, default=3, help="timed decodes per variant after the first")
     ap.add_argument("--decode-profile", action="store_true",
                     help="after timing each decode variant, profile one more decode: GPU busy vs idle time, the "
@@ -155,8 +154,7 @@ def main() -> None:
         name, *flags = convs.split("_")   # _graphs: later chunks replayed as CUDA graphs; _maxat: Inductor
         #                                   max-autotune (with coordinate-descent tuning) for the pointwise glue;
         #                                   _nofold: residual sums written, not added in the next norm window;
-        #                                   _sdpa: the VAE attention on SDPA at every head dim;
-        #                                   _noroll: conv histories rolled by a device copy after each window
+        #                                   _sdpa: the VAE attention on SDPA at every head dim
         if name == "spec":                        # the decoder as specs/wan21_t2v_1.3b.yaml configures it
             node_spec = load_spec("wan21_t2v_1.3b").nodes["decoder"]
             params = {**node_spec.params, **vae_p}
@@ -167,11 +165,10 @@ def main() -> None:
         vae = WanVAEDecodeNode("decoder", params, NodeContext(device=dev, capture=capture))
         vae.load()
         glue = dev == "cuda"
-        ops = vae._fused_ops[glue] = FusedOps(compile=glue, tap_head=glue and name != "plain",
-                                              mode="max-autotune-no-cudagraphs" if "maxat" in flags else None,
-                                              fold_residuals="nofold" not in flags,
-                                              **({"matmul_attention_min_dim": 1 << 30} if "sdpa" in flags else {}))
-        ops.roll_history_in_kernel = "noroll" not in flags
+        vae._fused_ops[glue] = FusedOps(compile=glue, tap_head=glue and name != "plain",
+                                        mode="max-autotune-no-cudagraphs" if "maxat" in flags else None,
+                                        fold_residuals="nofold" not in flags,
+                                        **({"matmul_attention_min_dim": 1 << 30} if "sdpa" in flags else {}))
         dec = lambda: vae.run({"latent": z}, vae.new_state(), Step(0, {}))  # noqa: E731
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()

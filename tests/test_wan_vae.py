@@ -241,12 +241,12 @@ def test_fused_upsamples_match_the_plain_formulation(channels_last):
 
 
 class _GlueUncompiled:
-    """FusedOps as on CUDA (compiled glue: convs without bias, biases, residual sums and the history roll folded
-    into the pointwise functions; without the tap-sum head, which adds its bias itself:
-    test_streaming_decode_fast_convs_*) but with each function run as plain torch ops, so the CPU checks the
-    formulas Inductor compiles; records the names of the functions that ran."""
+    """FusedOps as on CUDA (compiled glue: convs without bias, biases and residual sums folded into the pointwise
+    functions; without the tap-sum head, which adds its bias itself: test_streaming_decode_fast_convs_*) but with
+    each function run as plain torch ops, so the CPU checks the formulas Inductor compiles; records the names of
+    the functions that ran."""
 
-    def __new__(cls, roll: bool, **kw):
+    def __new__(cls, **kw):
         from nodes.wan.vae_blocks import FusedOps
 
         class Ops(FusedOps):
@@ -254,27 +254,22 @@ class _GlueUncompiled:
                 self.ran.add(fn.__name__)
                 return fn
         ops = Ops(compile=True, **kw)
-        ops.roll_history_in_kernel = roll
         ops.ran = set()
         return ops
 
 
 @pytest.mark.parametrize("fold", [True, False])
-@pytest.mark.parametrize("roll", [True, False])
-def test_compiled_glue_formulas_match_upstream_any_chunking(case, io, vae, fold, roll):
+def test_compiled_glue_formulas_match_upstream_any_chunking(case, io, vae, fold):
     """The CUDA decode path's formulas: every residual sum added inside the next norm window (fold) or written
-    first, the history rolled inside the window function (roll) or copied after it, attention as two GEMMs and
-    one softmax (every head dim here): the upstream decode under any chunking."""
+    first, attention as two GEMMs and one softmax (every head dim here): the upstream decode under any chunking."""
     latent, decoded = io["latent"], io["decoded"]
     for ranges in _chunkings(case, latent.shape[2]):
-        ops = _GlueUncompiled(roll, fold_residuals=fold, matmul_attention_min_dim=0)
+        ops = _GlueUncompiled(fold_residuals=fold, matmul_attention_min_dim=0)
         dec = StreamingDecoder(vae, fused_ops=ops)
         pixels = [dec.decode_chunk(latent[:, :, a:b]) for a, b in ranges]
         assert_close(torch.cat(pixels, dim=2), decoded, **_tol(case, "decoded"))
-        suffix = "_rolling" if roll else ""
-        windows = {"_window" + ("_rolling" if roll else "_compiled")} | ({"_residual_window" + suffix} if fold
-                                                                          else set())
-        assert {n for n in ops.ran if "window" in n} == windows
+        assert {n for n in ops.ran if "window" in n} == ({"_window_compiled", "_residual_window"} if fold
+                                                        else {"_window_compiled"})
         assert {"_scaled_softmax", "_residual"} <= ops.ran     # before attention and upsamplers a sum is written
 
 

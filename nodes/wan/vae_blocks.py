@@ -166,20 +166,6 @@ def _residual_window(hist, y, bias, h, gamma):
     return _window_compiled(hist, x, gamma, None), x
 
 
-def _window_rolling(hist, x, gamma, bias):
-    """``_window_compiled``, and the history rolled to the window's last frames inside the compiled function (no
-    separate device copy reading them back)."""
-    xin = _window_compiled(hist, x, gamma, bias)
-    hist.copy_(xin[:, :, -HISTORY:])
-    return xin
-
-
-def _residual_window_rolling(hist, y, bias, h, gamma):
-    xin, x = _residual_window(hist, y, bias, h, gamma)
-    hist.copy_(xin[:, :, -HISTORY:])
-    return xin, x
-
-
 def _scaled_softmax(s, scale: float, dtype: torch.dtype):
     return torch.softmax(s * scale, dim=-1).to(dtype)
 
@@ -240,7 +226,6 @@ class FusedOps:
         self.fold_residuals = fold_residuals
         self.matmul_attention_min_dim = matmul_attention_min_dim
         self.scores_per_group = 1 << 28      # float32 attention scores at a time (1 GiB)
-        self.roll_history_in_kernel = True
         self._fns: dict = {}
         self._weights: dict = {}
 
@@ -258,14 +243,10 @@ class FusedOps:
             f = self._fns[key] = torch.compile(clone, dynamic=False, fullgraph=True, mode=self.mode)
         return f
 
-    def _rolls_in_kernel(self) -> bool:
-        return self.compiled and self.roll_history_in_kernel
-
     def window(self, hist, x, gamma, bias):
-        """[hist | silu(rms_norm(x + bias))] along time; ``hist`` rolls to its last frames."""
-        if self._rolls_in_kernel():
-            return self._get(_window_rolling, ("window", x.shape, x.stride(), x.dtype, bias is None))(
-                hist, x, gamma, bias)
+        """[hist | silu(rms_norm(x + bias))] along time; ``hist`` rolls to its last frames (by a device copy: the
+        same copy inside the compiled function became a kernel of its own, no faster: 573.6 vs 573.3 / 576.9 ms per
+        W2 decode, H100, 2026-12-06)."""
         fn = _window_compiled if self.compiled else _window_eager
         xin = self._get(fn, ("window", x.shape, x.stride(), x.dtype, bias is None))(hist, x, gamma, bias)
         hist.copy_(xin[:, :, -HISTORY:])
@@ -295,8 +276,6 @@ class FusedOps:
             x = self.dense(pending)
             return self.window(hist, x, gamma, None), x
         key = ("res_window", y.shape, y.stride(), h.stride(), y.dtype, bias is None)
-        if self._rolls_in_kernel():
-            return self._get(_residual_window_rolling, key)(hist, y, bias, h, gamma)
         xin, x = self._get(_residual_window, key)(hist, y, bias, h, gamma)
         hist.copy_(xin[:, :, -HISTORY:])
         return xin, x
