@@ -211,9 +211,13 @@ class FusedOps:
     cuDNN's separate pass). Dynamo's recompile limit is per code object, and one decoder
     has ~10 distinct shapes, so every shape gets its own copy of the function's code.
 
+    ``fold_residuals``: a residual block hands on a ``PendingSum`` and the next block's (or the head's) norm window
+    adds it as it reads; ``matmul_attention_min_dim``: head dims from which attention is two GEMMs and a softmax.
+
     ``tap_head``: a conv with fewer than 16 outputs (the RGB head, 96 -> 3: cuDNN runs it at ~20 TFLOP/s)
-    becomes a 1x1 conv to its 27 per-tap products (a GEMM) and their shifted sum in one pointwise kernel:
-    the same sum in another order: 101.0 vs 102.9 ms per W1 block on an H100 (2026-12-06). ``StreamingDecoder``
+    becomes a GEMM to its 27 per-tap products, written tap-major, and their shifted sum in one pointwise kernel:
+    the same sum in another order: 101.0 vs 102.9 ms per W1 block on an H100 (2026-12-06); tap-major instead of
+    channels-last products took the W2 sum from 10.0 to 1.9 ms (its reads coalesce). ``StreamingDecoder``
     turns it on with ``compile`` (``make``). A time-folded conv2d for the 96-channel stage (513 vs 369 TFLOP/s
     for the conv alone in the probe) lost it all to writing its 3x-wide input, 110.1 vs 101.8 ms: not kept.
     """
