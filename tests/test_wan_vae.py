@@ -240,22 +240,20 @@ def test_fused_upsamples_match_the_plain_formulation(channels_last):
     assert got.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-class _GlueUncompiled:
+def _glue_uncompiled(**kw):
     """FusedOps as on CUDA (compiled glue: convs without bias, biases and residual sums folded into the pointwise
     functions; without the tap-sum head, which adds its bias itself: test_streaming_decode_fast_convs_*) but with
-    each function run as plain torch ops, so the CPU checks the formulas Inductor compiles; records the names of
-    the functions that ran."""
+    each function run as plain torch ops, so the CPU checks the formulas Inductor compiles; ``ran`` records the
+    names of the functions that ran."""
+    from nodes.wan.vae_blocks import FusedOps
 
-    def __new__(cls, **kw):
-        from nodes.wan.vae_blocks import FusedOps
-
-        class Ops(FusedOps):
-            def _get(self, fn, key):
-                self.ran.add(fn.__name__)
-                return fn
-        ops = Ops(compile=True, **kw)
-        ops.ran = set()
-        return ops
+    class Ops(FusedOps):
+        def _get(self, fn, key):
+            self.ran.add(fn.__name__)
+            return fn
+    ops = Ops(compile=True, **kw)
+    ops.ran = set()
+    return ops
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -264,7 +262,7 @@ def test_compiled_glue_formulas_match_upstream_any_chunking(case, io, vae, fold)
     first, attention as two GEMMs and one softmax (every head dim here): the upstream decode under any chunking."""
     latent, decoded = io["latent"], io["decoded"]
     for ranges in _chunkings(case, latent.shape[2]):
-        ops = _GlueUncompiled(fold_residuals=fold, matmul_attention_min_dim=0)
+        ops = _glue_uncompiled(fold_residuals=fold, matmul_attention_min_dim=0)
         dec = StreamingDecoder(vae, fused_ops=ops)
         pixels = [dec.decode_chunk(latent[:, :, a:b]) for a, b in ranges]
         assert_close(torch.cat(pixels, dim=2), decoded, **_tol(case, "decoded"))
